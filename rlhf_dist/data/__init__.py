@@ -1,0 +1,1 @@
+"""Arrow batch schema and helpers: the one batch type that passes between roles."""
