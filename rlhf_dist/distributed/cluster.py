@@ -1,0 +1,37 @@
+"""Connecting to Ray: the embedded local instance by default (bound to loopback), or a cluster by address."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+
+
+def worker_env() -> dict[str, str]:
+    # DS_ACCELERATOR is decided on each worker (rlhf_dist.workers.common): the driver may have no GPU where they do.
+    return {"TOKENIZERS_PARALLELISM": "false"}
+
+
+@contextmanager
+def ray_session(cfg, min_cpus: float = 0):
+    """Yields with Ray connected; shuts down only what it started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if cfg.ray.address is None:
+        # A laptop run opens no port to the network: local Ray binds 127.0.0.1 with this set.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(min_cpus + 0.999))
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": worker_env()},
+        )
+    else:
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": worker_env()})
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,55 @@
+"""Start every role's actors from the plan, and wire the learners' process groups."""
+from __future__ import annotations
+
+import ray
+
+from rlhf_dist.distributed.cluster import worker_env
+from rlhf_dist.distributed.placement import ROLES, bundles_by_owner, check_fits, plan
+from rlhf_dist.distributed.role_group import Bundles, RoleGroup, reserve
+
+LEARNERS = ("policy", "critic")
+
+
+def role_classes() -> dict[str, type]:
+    from rlhf_dist.workers.critic import CriticWorker
+    from rlhf_dist.workers.policy import PolicyWorker
+    from rlhf_dist.workers.reference import ReferenceWorker
+    from rlhf_dist.workers.reward import RewardWorker
+    from rlhf_dist.workers.rollout import RolloutWorker
+
+    return {
+        "rollout": RolloutWorker,
+        "reward": RewardWorker,
+        "reference": ReferenceWorker,
+        "policy": PolicyWorker,
+        "critic": CriticWorker,
+    }
+
+
+def launch_roles(cfg) -> dict[str, RoleGroup]:
+    """Reserve placement groups, start the actors, and form each learner role's data-parallel group."""
+    plans = plan(cfg)
+    check_fits(plans, ray.cluster_resources())
+    timeout = cfg.ray.actor_timeout_s
+    pgs = {
+        owner: reserve(owner, n, bundle["CPU"], bundle.get("GPU", 0.0), plans[owner].placement.upper(), timeout)
+        for owner, (n, bundle) in bundles_by_owner(plans).items()
+    }
+    classes = role_classes()
+    groups: dict[str, RoleGroup] = {}
+    for role in ROLES:
+        if role not in plans:
+            continue
+        p = plans[role]
+        owner_n = plans[p.bundle_owner].num_actors
+        bundles = Bundles(pgs[p.bundle_owner], [i % owner_n for i in range(p.num_actors)], p.num_cpus, p.num_gpus)
+        if role in LEARNERS:
+            make_args = lambda rank, n=p.num_actors: ((cfg, rank, n), {})
+        else:
+            make_args = lambda rank: ((cfg, rank), {})
+        groups[role] = RoleGroup(role, classes[role], bundles, make_args, timeout, env_vars=worker_env())
+    for role in LEARNERS:
+        if role in groups:
+            addr, port = groups[role].call_rank(0, "rendezvous_address").get()[0]
+            groups[role].call("init_group", addr, port).get()
+    return groups

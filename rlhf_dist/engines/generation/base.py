@@ -1,0 +1,46 @@
+"""The generation-engine interface: the rollout role holds one and never asks which."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+    greedy: bool = False
+
+
+@dataclass
+class Generation:
+    """One response per prompt, in prompt order. ``logprobs[i][t]`` is the log-prob of ``response_ids[i][t]`` under
+    ``log_softmax(logits / temperature)`` (no top-k/top-p truncation), so it is comparable with the learner's."""
+
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]
+
+
+class GenerationEngine(ABC):
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> Generation: ...
+
+    @abstractmethod
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy weights, named as in the Hugging Face model, into the engine."""
+
+    def sleep(self) -> None:
+        """Free memory between phases (colocated roles); a no-op where it means nothing."""
+
+    def wake_up(self) -> None:
+        """Reclaim what ``sleep`` freed."""
+
+    @abstractmethod
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The engine's current weights, for checks that a sync really arrived."""

@@ -1,0 +1,55 @@
+"""Per-iteration metrics: one JSON line each, a console line, and a plot at the end."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: Path, resume: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        if resume and self.path.exists():
+            self.rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        elif self.path.exists():
+            self.path.unlink()
+
+    def log(self, row: dict) -> None:
+        row = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in row.items()}
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def console_line(row: dict, keys: tuple[str, ...]) -> str:
+    parts = []
+    for k in keys:
+        v = row.get(k)
+        if isinstance(v, float) and not math.isnan(v):
+            parts.append(f"{k.split('/')[-1]}={v:.4g}")
+    return " ".join(parts)
+
+
+def plot(rows: list[dict], path: Path, keys: tuple[str, ...]) -> Path | None:
+    """One panel per metric against the iteration; skipped quietly when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = tuple(k for k in keys if any(k in r for r in rows))
+    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.2 * len(keys)), sharex=True, squeeze=False)
+    for ax, k in zip(axes[:, 0], keys):
+        xs = [r["iteration"] for r in rows if k in r]
+        ax.plot(xs, [r[k] for r in rows if k in r], marker=".")
+        ax.set_ylabel(k, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

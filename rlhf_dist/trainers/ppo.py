@@ -1,0 +1,205 @@
+"""The PPO driver (and the critic-free family): it holds the algorithm; the actors hold the models."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rlhf_dist.algo import AdaptiveKLController, FixedKLController
+from rlhf_dist.data import schema as S
+from rlhf_dist.metrics import MetricsLog, console_line, plot
+from rlhf_dist.trainers.experience import compute_advantages
+
+CONSOLE_KEYS = ("reward_mean", "gold_reward_mean", "kl", "policy/clip_frac", "critic/value_loss", "response_len", "time/iteration")
+PLOT_KEYS = ("reward_mean", "gold_reward_mean", "kl")
+
+
+def merge_columns(batch: pa.RecordBatch, *parts: pa.RecordBatch) -> pa.RecordBatch:
+    for part in parts:
+        for name in part.schema.names:
+            batch = batch.append_column(part.schema.field(name), part.column(name))
+    return batch
+
+
+def prepare(cfg):
+    """Everything that can fail without a cluster fails here, before any actor starts."""
+    from rlhf_dist.config import check_imports
+    from rlhf_dist.data.prompts import PromptSampler, read_prompt_texts, tokenize_prompts
+    from rlhf_dist.models.load import load_tokenizer
+
+    if cfg.model.build_tiny_if_missing and not (Path(cfg.model.policy) / "config.json").exists():
+        from rlhf_dist.models.tiny import build_tiny
+
+        build_tiny(cfg.model.policy, seed=cfg.seed)
+    check_imports(cfg)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
+    table = tokenize_prompts(read_prompt_texts(cfg), tokenizer, cfg.data.max_prompt_tokens)
+    return PromptSampler(table, cfg.train.prompts_per_iteration, cfg.generation.samples_per_prompt, cfg.seed)
+
+
+def run(cfg) -> dict:
+    """Runs ``cfg.train.iterations`` iterations; returns a summary (paths, first/last metrics)."""
+    from rlhf_dist.distributed.cluster import ray_session
+    from rlhf_dist.distributed.launch import launch_roles
+    from rlhf_dist.distributed.placement import plan, required_resources
+    from rlhf_dist.distributed.weight_sync import make_weight_sync
+
+    sampler = prepare(cfg)
+    out = Path(cfg.output_dir)
+    log = MetricsLog(out / cfg.logging.metrics_file)
+    a = cfg.algo
+    kl_ctl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else FixedKLController(a.kl_coef)
+    with ray_session(cfg, min_cpus=required_resources(plan(cfg))["CPU"]):
+        t0 = time.perf_counter()
+        groups = launch_roles(cfg)
+        startup_s = time.perf_counter() - t0
+        sync = make_weight_sync(cfg, groups["policy"], groups["rollout"])
+        version = 0
+        progress = _progress(cfg)
+        for it in range(cfg.train.iterations):
+            row = iteration(cfg, groups, sampler, kl_ctl, it, version)
+            version += 1
+            row.update(sync.push(version))
+            row["time/iteration"] = sum(v for k, v in row.items() if k.startswith("time/"))
+            log.log(row)
+            progress(it, row)
+        final = None
+        if cfg.checkpoint.save_final:
+            final = str(out / "policy")
+            groups["policy"].call("save_hf", final).get()
+    summary = summarize(log.rows, startup_s)
+    summary.update(policy_path=final, metrics_path=str(log.path))
+    if cfg.logging.plot and log.rows:
+        summary["plot_path"] = str(plot(log.rows, out / "reward_kl.png", PLOT_KEYS))
+    return summary
+
+
+def iteration(cfg, groups, sampler, kl_ctl, it: int, version: int) -> dict:
+    """One PPO iteration: generate, score in parallel, advantages, train, and report."""
+    timer = _Timer()
+    prompts = sampler.next_batch()
+    with timer("generate"):
+        batch = groups["rollout"].scatter("generate", prompts, it).batch()
+    with timer("score"):  # reward, reference, critic and the learner's own log-probs, all in flight at once
+        pending = {
+            "reward": groups["reward"].scatter("score", batch),
+            "reference": groups["reference"].scatter("logprobs", batch),
+            "policy": groups["policy"].scatter("logprobs", batch),
+        }
+        if "critic" in groups:
+            pending["critic"] = groups["critic"].scatter("values", batch)
+        batch = merge_columns(batch, *(p.batch() for p in pending.values()))
+    with timer("advantages"):
+        batch, adv_stats = compute_advantages(batch, cfg.algo, kl_ctl.value)
+    with timer("train"):
+        trains = [groups["policy"].scatter("train", batch)]
+        if "critic" in groups:
+            trains.append(groups["critic"].scatter("train", batch))
+        train_stats = {}
+        for t in trains:
+            train_stats.update(_mean_dicts(t.get()))
+    kl_ctl.update(adv_stats["kl"], len(batch))
+    stats = _batch_stats(batch)
+    check_fresh_weights(batch, version, stats["logprob_mismatch"], cfg.sync.max_logprob_mismatch)
+    return {
+        "iteration": it,
+        "policy_version": version,
+        **stats,
+        **adv_stats,
+        **train_stats,
+        **timer.times,
+    }
+
+
+def check_fresh_weights(batch: pa.RecordBatch, version: int, mismatch: float, limit: float) -> None:
+    """Stale weights are an error, not a curiosity (TRL #5312): every sample must come from the current version,
+    and the engine's log-probs must agree with the learner's for the same tokens."""
+    versions = set(batch.column(S.POLICY_VERSION).to_pylist())
+    if versions != {version}:
+        raise RuntimeError(f"samples carry policy versions {sorted(versions)}, expected only {version}: a rollout "
+                           f"actor missed a weight sync")
+    if mismatch > limit:
+        raise RuntimeError(
+            f"rollout and learner log-probs differ by {mismatch:.4f} per token on average (limit "
+            f"sync.max_logprob_mismatch={limit}): the rollout engine is not running the learner's weights"
+        )
+
+
+def _batch_stats(batch: pa.RecordBatch) -> dict[str, float]:
+    from rlhf_dist.data.batch import to_padded
+
+    reward = batch.column(S.REWARD).to_numpy(zero_copy_only=False)
+    gold = batch.column(S.GOLD_REWARD).to_numpy(zero_copy_only=False)
+    rollout, mask = to_padded(batch, S.ROLLOUT_LOGPROBS, dtype=torch.float32)
+    learner, _ = to_padded(batch, S.OLD_LOGPROBS, dtype=torch.float32)
+    n_tokens = int(mask.sum())
+    # Stale-weight guard: right after a sync the engine and the learner must agree on every token's log-prob.
+    mismatch = float(((rollout - learner).abs() * mask).sum() / max(1, n_tokens))
+    return {
+        "reward_mean": float(np.mean(reward)),
+        "reward_std": float(np.std(reward)),
+        "gold_reward_mean": float(np.nanmean(gold)) if not np.all(np.isnan(gold)) else math.nan,
+        "response_len": n_tokens / max(1, len(batch)),
+        "generated_tokens": n_tokens,
+        "logprob_mismatch": mismatch,
+    }
+
+
+def _mean_dicts(dicts: list[dict]) -> dict[str, float]:
+    keys = dicts[0].keys()
+    return {k: float(np.mean([d[k] for d in dicts])) for k in keys}
+
+
+class _Timer:
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[f"time/{name}"] = time.perf_counter() - self.t
+
+        return _Span()
+
+
+def _progress(cfg):
+    bar = None
+    if cfg.logging.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.iterations, desc="ppo", unit="it")
+
+    def update(it: int, row: dict) -> None:
+        line = f"iter {it}: " + console_line(row, CONSOLE_KEYS)
+        if bar is not None:
+            bar.write(line)
+            bar.update(1)
+        else:
+            print(line, flush=True)
+
+    return update
+
+
+def summarize(rows: list[dict], startup_s: float) -> dict:
+    """Start and end of the run, each averaged over a few iterations, so one lucky batch does not decide it."""
+    k = max(1, min(3, len(rows) // 3))
+    avg = lambda rs, key: float(np.mean([r[key] for r in rs])) if rs else math.nan
+    return {
+        "iterations": len(rows),
+        "startup_s": startup_s,
+        "gold_reward_first": avg(rows[:k], "gold_reward_mean"),
+        "gold_reward_last": avg(rows[-k:], "gold_reward_mean"),
+        "reward_first": avg(rows[:k], "reward_mean"),
+        "reward_last": avg(rows[-k:], "reward_mean"),
+        "kl_last": avg(rows[-k:], "kl"),
+        "seconds_per_iteration": avg(rows, "time/iteration"),
+    }

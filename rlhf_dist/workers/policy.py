@@ -1,0 +1,66 @@
+"""The policy learner: PPO's clipped objective on its shard of the experience, and the weights the rollout needs."""
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from rlhf_dist.algo import kl_estimate, masked_mean, ppo_policy_loss, truncated_is_weights
+from rlhf_dist.data import schema as S
+from rlhf_dist.data.batch import make_batch
+from rlhf_dist.workers.learner import Learner
+from rlhf_dist.workers.reference import chunk_logprobs
+
+
+class PolicyWorker(Learner):
+    role = "policy"
+
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1):
+        super().__init__(cfg, rank, world_size, role_seed=4)
+
+    def build_model(self) -> torch.nn.Module:
+        from rlhf_dist.models.load import load_causal_lm
+
+        return load_causal_lm(self.cfg.model.policy, dtype=self.cfg.model.dtype)
+
+    def learning_rate(self) -> float:
+        return self.cfg.train.policy_lr
+
+    @torch.no_grad()
+    def logprobs(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """``old_logprobs``: the learner's view of the sampled tokens before this iteration's update."""
+        self.engine.eval()
+        lp = chunk_logprobs(
+            self.engine, self.inference_chunks(batch), self.tokenizer.pad_token_id, self.cfg.generation.temperature
+        )
+        return make_batch({S.OLD_LOGPROBS: lp})
+
+    def train(self, batch: pa.RecordBatch) -> dict[str, float]:
+        from rlhf_dist.models.logprobs import response_logprobs
+
+        self.engine.train()
+        a, g = self.cfg.algo, self.cfg.generation
+        columns = (S.ADVANTAGES, S.OLD_LOGPROBS, S.REF_LOGPROBS, S.ROLLOUT_LOGPROBS)
+
+        def loss_fn(micro: pa.RecordBatch):
+            x = self.tensors(micro, columns)
+            logprobs, entropy = response_logprobs(
+                self.engine, x["input_ids"], x["attention_mask"], x["position_ids"], x["response_index"],
+                x["response_ids"], temperature=g.temperature, return_entropy=True,
+            )
+            advantages = x[S.ADVANTAGES]
+            if a.tis_cap is not None:  # correct for the gap between the rollout engine and the learner
+                advantages = advantages * truncated_is_weights(x[S.OLD_LOGPROBS], x[S.ROLLOUT_LOGPROBS], x["mask"], a.tis_cap)
+            loss, stats = ppo_policy_loss(
+                logprobs, x[S.OLD_LOGPROBS], advantages, x["mask"], clip_eps=a.clip_eps, dual_clip=a.dual_clip
+            )
+            ent = masked_mean(entropy, x["mask"])
+            if a.entropy_coef:
+                loss = loss - a.entropy_coef * ent
+            kl = masked_mean(kl_estimate(logprobs, x[S.REF_LOGPROBS], x["mask"], a.kl_estimator), x["mask"])
+            if a.kl_mode == "loss":  # GRPO-style leash in the loss instead of the reward
+                loss = loss + a.kl_coef * kl
+            stats = {f"policy/{k}": v for k, v in stats.items()}
+            stats.update({"policy/loss": loss.detach(), "policy/entropy": ent.detach(), "policy/kl_to_ref": kl.detach()})
+            return loss, stats
+
+        return self.fit(batch, loss_fn)

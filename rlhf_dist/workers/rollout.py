@@ -1,0 +1,86 @@
+"""The rollout role: turns prompts into responses with their log-probs, and takes new weights every iteration."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from rlhf_dist.data import schema as S
+from rlhf_dist.data.batch import add_column
+from rlhf_dist.engines.generation.base import GenerationEngine, SamplingConfig
+from rlhf_dist.engines.weight_sync.buckets import bucket_from_numpy, unpack_bucket
+from rlhf_dist.workers.common import derive_seed, device, setup_process
+
+
+def make_generation_engine(cfg, tokenizer) -> GenerationEngine:
+    gen = cfg.generation
+    if gen.engine == "vllm":
+        from rlhf_dist.engines.generation.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            model_path=cfg.model.policy,
+            dtype=cfg.model.dtype,
+            tensor_parallel_size=gen.tensor_parallel_size,
+            gpu_memory_utilization=gen.gpu_memory_utilization,
+            seed=cfg.seed,
+            enable_sleep=gen.enable_sleep,
+            max_model_len=cfg.data.max_prompt_tokens + gen.max_new_tokens,
+        )
+    from rlhf_dist.engines.generation.hf import HFGenerationEngine
+    from rlhf_dist.models.load import load_causal_lm
+
+    model = load_causal_lm(cfg.model.policy, dtype=cfg.model.dtype, device=device())
+    return HFGenerationEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size=gen.batch_size)
+
+
+class RolloutWorker:
+    def __init__(self, cfg, rank: int = 0):
+        from rlhf_dist.models.load import load_tokenizer
+
+        setup_process(derive_seed(cfg.seed, 1, rank), cfg.roles.rollout.num_cpus)
+        self.cfg, self.rank = cfg, rank
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
+        self.engine = make_generation_engine(cfg, self.tokenizer)
+        self.version = 0
+
+    def generate(self, prompts: pa.RecordBatch, iteration: int, greedy: bool = False) -> pa.RecordBatch:
+        """Adds response_ids, rollout_logprobs, response_text and policy_version to a batch of prompts."""
+        gen = self.cfg.generation
+        sampling = SamplingConfig(
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            top_k=gen.top_k,
+            seed=derive_seed(self.cfg.seed, iteration, self.rank),
+            greedy=greedy,
+        )
+        out = self.engine.generate(prompts.column(S.PROMPT_IDS).to_pylist(), sampling)
+        texts = self.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
+        batch = add_column(prompts, S.RESPONSE_IDS, pa.array(out.response_ids, S.TOKENS))
+        batch = add_column(batch, S.ROLLOUT_LOGPROBS, pa.array(out.logprobs, S.PER_TOKEN))
+        batch = add_column(batch, S.RESPONSE_TEXT, pa.array(texts, pa.string()))
+        return add_column(batch, S.POLICY_VERSION, pa.array(np.full(len(texts), self.version, np.int64)))
+
+    def load_weights(self, payload: list, version: int) -> int:
+        """Object-store transport: ``payload`` is learner rank 0's list of numpy buckets, fetched once per node."""
+        self.engine.wake_up()
+        for item in payload:
+            self.engine.load_weights(unpack_bucket(bucket_from_numpy(item)))
+        self.version = version
+        return version
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
+    def weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The engine's weights (for checks that a sync arrived)."""
+        return {
+            n: t.detach().float().cpu().numpy()
+            for n, t in self.engine.named_parameters()
+            if names is None or n in names
+        }
+
+    def get_version(self) -> int:
+        return self.version
