@@ -84,3 +84,21 @@ def test_grpo_runs_without_critic(tiny_cfg, local_ray):
     rows = [json.loads(line) for line in open(summary["metrics_path"])]
     assert len(rows) == 2 and "critic/value_loss" not in rows[0]
     assert all(np.isfinite(r["policy/loss"]) for r in rows)
+
+
+def test_default_job_learns(tiny_model, tmp_path, capsys):
+    """The embedded default through the CLI, shortened: it starts its own local Ray and the gold reward rises."""
+    from rlhf_dist.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "configs/tiny_cpu.yaml", f"model.policy={tiny_model}", f"output_dir={out}",
+               "train.iterations=30", "logging.progress_bar=false"])
+    assert rc == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    first = np.mean([r["gold_reward_mean"] for r in rows[:5]])
+    last = np.mean([r["gold_reward_mean"] for r in rows[-5:]])
+    assert last > first + 0.15, (first, last)
+    assert (out / "reward_kl.png").stat().st_size > 0
+    assert (out / "policy" / "config.json").exists()
+    printed = capsys.readouterr().out
+    assert "gold reward:" in printed and str(out / "policy") in printed

@@ -75,7 +75,26 @@ def run(cfg) -> dict:
     summary.update(policy_path=final, metrics_path=str(log.path))
     if cfg.logging.plot and log.rows:
         summary["plot_path"] = str(plot(log.rows, out / "reward_kl.png", PLOT_KEYS))
+    print(report(summary), flush=True)
     return summary
+
+
+def report(summary: dict) -> str:
+    k = summary["average_over"]
+    lines = [
+        f"done: {summary['iterations']} iterations, {summary['seconds_per_iteration']:.2f} s each "
+        f"(+{summary['startup_s']:.1f} s to start the actors)",
+        f"gold reward: {summary['gold_reward_first']:.3f} (first {k} iterations) -> "
+        f"{summary['gold_reward_last']:.3f} (last {k})",
+        f"reward:      {summary['reward_first']:.3f} -> {summary['reward_last']:.3f}; KL to reference at the end "
+        f"{summary['kl_last']:.4f}",
+        f"metrics: {summary['metrics_path']}",
+    ]
+    if summary.get("plot_path"):
+        lines.append(f"plot:    {summary['plot_path']}")
+    if summary.get("policy_path"):
+        lines.append(f"policy:  {summary['policy_path']} (Hugging Face format)")
+    return "\n".join(lines)
 
 
 def iteration(cfg, groups, sampler, kl_ctl, it: int, version: int) -> dict:
@@ -191,10 +210,11 @@ def _progress(cfg):
 
 def summarize(rows: list[dict], startup_s: float) -> dict:
     """Start and end of the run, each averaged over a few iterations, so one lucky batch does not decide it."""
-    k = max(1, min(3, len(rows) // 3))
+    k = max(1, min(5, len(rows) // 4))
     avg = lambda rs, key: float(np.mean([r[key] for r in rs])) if rs else math.nan
     return {
         "iterations": len(rows),
+        "average_over": k,
         "startup_s": startup_s,
         "gold_reward_first": avg(rows[:k], "gold_reward_mean"),
         "gold_reward_last": avg(rows[-k:], "gold_reward_mean"),

@@ -117,7 +117,7 @@ class Learner:
             w = _response_tokens(micro) / n_tokens
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * w
-        totals.update(self.engine.step())
+        totals.update({f"{self.role}/{k}": float(v) for k, v in self.engine.step().items()})
         return totals
 
     # -- weights out ----------------------------------------------------------------------------------------
