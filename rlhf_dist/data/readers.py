@@ -1,0 +1,241 @@
+"""Streaming readers for JSONL, Parquet and `datasets.save_to_disk` folders, straight to Arrow record batches.
+
+Every reader yields `SourceBatch(file, row_offset, batch)`: a record batch holding only the requested source columns
+(under their names in the file), the file it came from and the 0-based index of its first row within that file, so
+an error anywhere downstream can name the file and the row. Nothing here builds a whole set in memory: JSONL goes
+through pyarrow's block-wise JSON reader, Parquet through `ParquetFile.iter_batches`, Hugging Face Arrow files through
+a memory-mapped IPC reader. The `datasets` library is never imported; its on-disk layout is read as documented by
+its `save_to_disk`: `state.json` lists the `data-*.arrow` shards (Arrow IPC streams) in order, and a `DatasetDict`
+folder holds `dataset_dict.json` (`{"splits": [...]}`) and one such folder per split.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import pyarrow as pa
+import pyarrow.json as pj
+import pyarrow.parquet as pq
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+HF_STATE = "state.json"
+HF_DICT = "dataset_dict.json"
+_JSON_ERROR = re.compile(r"Column\((?P<col>[^)]*)\) (?P<what>.*?) in row (?P<row>\d+)")
+_JSON_ROW = re.compile(r"^(?P<what>.*) in row (?P<row>\d+)$")
+
+
+class DataError(ValueError):
+    """Bad input data. The message is one line naming the file, the row (0-based) and the column, and the fix."""
+
+
+class SourceBatch(NamedTuple):
+    file: Path
+    row_offset: int          # 0-based index, within `file`, of the batch's first row
+    batch: pa.RecordBatch    # only the requested source columns, named as in the file
+
+
+def describe(column: str, canonical: str) -> str:
+    """`'question' (the prompt column)` when renamed, `'prompt'` otherwise: the user sees the name in their file."""
+    return f"{column!r}" if column == canonical else f"{column!r} (the {canonical} column)"
+
+
+def missing_column(file: Path, canonical: str, source: str, present: list[str]) -> DataError:
+    return DataError(
+        f"{file}: row 0, column {describe(source, canonical)}: no such column; the file has columns "
+        f"{', '.join(map(repr, present)) or '(none)'}; set columns={{{canonical!r}: '<one of those>'}} in the data spec"
+    )
+
+
+def iter_source(path: Path, wanted: dict[str, str], *, split: str | None, batch_size: int,
+                json_block_bytes: int) -> Iterator[SourceBatch]:
+    """Batches of at most `batch_size` rows holding the source columns `wanted` ({canonical: source}), file by file.
+
+    `path` is a JSONL or Parquet file, a folder of such shards (read in name order), a `save_to_disk` folder, or a
+    `DatasetDict` folder (pick the split with `split`). A missing column is a `DataError` before any row is read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder; point the data spec's path at a .jsonl or .parquet "
+                                f"file, or a folder written by datasets' save_to_disk")
+    hf_files = _hf_files(path, split)
+    if hf_files is not None:
+        for file in hf_files:
+            yield from _rechunk(_read_arrow(file, wanted), batch_size)
+        return
+    if split is not None:
+        raise ValueError(f"{path}: split={split!r} applies only to a DatasetDict folder (with {HF_DICT}); "
+                         f"this is not one, so remove split from the data spec")
+    for file in _shards(path):
+        if file.name.endswith(PARQUET_SUFFIXES):
+            reader = _read_parquet(file, wanted, batch_size)
+        else:
+            reader = _read_jsonl(file, wanted, json_block_bytes)
+        yield from _rechunk(reader, batch_size)
+
+
+def _rechunk(reader: Iterator[SourceBatch], batch_size: int) -> Iterator[SourceBatch]:
+    # Readers return batches of their own size (a JSON block, a 1000-row HF batch); zero-copy slices bound the rows
+    # that tokenisation and validation hold at once, whatever the format.
+    for item in reader:
+        for start in range(0, item.batch.num_rows, batch_size):
+            yield SourceBatch(item.file, item.row_offset + start, item.batch.slice(start, batch_size))
+
+
+def _shards(path: Path) -> list[Path]:
+    if path.is_file():
+        if not path.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
+            raise ValueError(f"{path}: unknown format {''.join(path.suffixes)!r}; use JSON Lines "
+                             f"({', '.join(JSONL_SUFFIXES)}), Parquet ({', '.join(PARQUET_SUFFIXES)}) or a "
+                             f"save_to_disk folder")
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES))
+    kinds = {p.name.endswith(PARQUET_SUFFIXES) for p in files}
+    if not files:
+        raise ValueError(f"{path}: folder has no .jsonl or .parquet files and no {HF_STATE} or {HF_DICT}; point the "
+                         f"data spec at a data file or a folder written by datasets' save_to_disk")
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: folder mixes JSON Lines and Parquet shards; keep one format per folder")
+    return files
+
+
+# --- Hugging Face save_to_disk -------------------------------------------------------------------------------------
+
+def _hf_files(path: Path, split: str | None) -> list[Path] | None:
+    """The Arrow shards of a save_to_disk folder in order, or None when `path` is not one."""
+    if not path.is_dir():
+        return None
+    if (path / HF_DICT).is_file():
+        splits = _load_json(path / HF_DICT).get("splits") or sorted(
+            p.name for p in path.iterdir() if (p / HF_STATE).is_file())
+        if split is None:
+            if len(splits) != 1:
+                raise ValueError(f"{path}: DatasetDict with splits {splits}; set split to one of them in the data spec")
+            split = splits[0]
+        if split not in splits or not (path / split / HF_STATE).is_file():
+            raise ValueError(f"{path}: no split {split!r}; the splits are {splits}; set split to one of them")
+        return _hf_files(path / split, None)
+    if not (path / HF_STATE).is_file():
+        return None
+    state = _load_json(path / HF_STATE)
+    if split is not None and state.get("_split") not in (None, split):
+        raise ValueError(f"{path}: this folder holds split {state['_split']!r}, not {split!r}; "
+                         f"remove split from the data spec or point path at the DatasetDict folder")
+    if state.get("_indices_data_files"):
+        # Old `datasets` saved shuffles/selections as an indices file over the full table; reading the table raw
+        # would silently return the wrong rows.
+        raise ValueError(f"{path / HF_STATE}: the set was saved with an indices mapping; re-save it with a recent "
+                         f"`datasets` (or call .flatten_indices() before save_to_disk)")
+    names = [entry["filename"] for entry in state.get("_data_files") or []]
+    if not names:
+        raise ValueError(f"{path / HF_STATE}: lists no _data_files; re-save the set with datasets' save_to_disk")
+    files = []
+    for name in names:
+        if Path(name).name != name:
+            raise ValueError(f"{path / HF_STATE}: shard name {name!r} is not a plain file name; fix state.json")
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / HF_STATE}: lists shard {name!r}, which is missing; restore it or re-save")
+        files.append(path / name)
+    return files
+
+
+def _load_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: cannot read ({e}); re-save the set with datasets' save_to_disk") from e
+
+
+def _read_arrow(file: Path, wanted: dict[str, str]) -> Iterator[SourceBatch]:
+    source = pa.memory_map(str(file))   # batches reference the mapped file: no copy into process memory
+    # `datasets` writes IPC streams; accept the IPC file format too (it starts with the magic "ARROW1").
+    reader = pa.ipc.open_file(source) if source.read(6) == b"ARROW1" else None
+    source.seek(0)
+    if reader is None:
+        reader = pa.ipc.open_stream(source)
+        batches = iter(reader)
+    else:
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    columns = _select(file, reader.schema.names, wanted)
+    row = 0
+    for batch in batches:
+        yield SourceBatch(file, row, batch.select(columns))
+        row += batch.num_rows
+
+
+def _select(file: Path, present: list[str], wanted: dict[str, str]) -> list[str]:
+    for canonical, source in wanted.items():
+        if source not in present:
+            raise missing_column(file, canonical, source, present)
+    return list(wanted.values())
+
+
+# --- Parquet -------------------------------------------------------------------------------------------------------
+
+def _read_parquet(file: Path, wanted: dict[str, str], batch_size: int) -> Iterator[SourceBatch]:
+    parquet = pq.ParquetFile(file)
+    columns = _select(file, parquet.schema_arrow.names, wanted)
+    row = 0
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+        yield SourceBatch(file, row, batch)
+        row += batch.num_rows
+
+
+# --- JSON Lines ----------------------------------------------------------------------------------------------------
+
+def _read_jsonl(file: Path, wanted: dict[str, str], block_bytes: int) -> Iterator[SourceBatch]:
+    first = _first_record(file)
+    if first is None:
+        return   # an empty file adds no rows
+    _select(file, list(first), wanted)
+    # An explicit string schema for the wanted columns keeps a null-only first block from fixing the type to null;
+    # other fields are ignored, so a key that first appears late cannot break the block-wise type inference.
+    schema = pa.schema([pa.field(source, pa.string()) for source in wanted.values()])
+    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    row = 0
+    try:
+        for batch in pj.open_json(file, read_options=pj.ReadOptions(block_size=block_bytes), parse_options=options):
+            yield SourceBatch(file, row, batch.select(list(wanted.values())))
+            row += batch.num_rows
+    except pa.ArrowInvalid as e:
+        raise _json_error(file, row, str(e), wanted, block_bytes) from e
+
+
+def _first_record(file: Path) -> dict | None:
+    """The first object of the file, read with the json module: only one line, for the missing-column check."""
+    opener = gzip.open if file.name.endswith(".gz") else open
+    with opener(file, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{file}: row 0: not valid JSON ({e}); the file must be JSON Lines, one object "
+                                    f"per line") from e
+                if not isinstance(record, dict):
+                    raise DataError(f"{file}: row 0: a JSON {type(record).__name__}, not an object; the file must be "
+                                    f"JSON Lines, one object per line (convert a JSON array with `jq -c '.[]'`)")
+                return record
+    return None
+
+
+def _json_error(file: Path, block_start: int, message: str, wanted: dict[str, str], block_bytes: int) -> DataError:
+    # pyarrow counts rows from the start of the failing block; the block starts right after the rows yielded so far.
+    names = {source: canonical for canonical, source in wanted.items()}
+    if "straddles" in message:
+        return DataError(f"{file}: row {block_start} or later: one row is longer than the JSON block of {block_bytes} "
+                         f"bytes; raise json_block_bytes in the data spec")
+    m = _JSON_ERROR.search(message)
+    if m:
+        source = m["col"].lstrip("/")
+        column = describe(source, names.get(source, source))
+        return DataError(f"{file}: row {block_start + int(m['row'])}, column {column}: {m['what']}, expected text; "
+                         f"store the column as JSON strings")
+    m = _JSON_ROW.search(message.strip())
+    if m:
+        return DataError(f"{file}: row {block_start + int(m['row'])}: {m['what']}; fix that line (one JSON object "
+                         f"per line)")
+    return DataError(f"{file}: row {block_start} or later: {message}; fix the file (one JSON object per line)")
