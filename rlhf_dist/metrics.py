@@ -16,6 +16,15 @@ class MetricsLog:
         elif self.path.exists():
             self.path.unlink()
 
+    def truncate(self, next_iteration: int) -> None:
+        """Forget rows from iterations a resumed run will redo (they came after its checkpoint)."""
+        kept = [r for r in self.rows if r.get("iteration", 0) < next_iteration]
+        if len(kept) != len(self.rows) or not self.path.exists():
+            self.rows = kept
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
+
     def log(self, row: dict) -> None:
         row = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in row.items()}
         self.rows.append(row)

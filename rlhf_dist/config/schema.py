@@ -170,6 +170,7 @@ class LoggingConfig:
 class CheckpointConfig:
     save_every: int = option(0, "save every N iterations; 0 = only the final one (if save_final)", ge=0)
     resume: bool = option(False, "resume from the latest checkpoint under output_dir")
+    keep: int = option(2, "complete checkpoints kept under output_dir/checkpoints; older ones are deleted", ge=1)
     save_final: bool = option(True, "save after the last iteration")
 
 

@@ -1,7 +1,10 @@
 """Start every role's actors from the plan, and wire the learners' process groups."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import ray
+from ray.util.placement_group import remove_placement_group
 
 from rlhf_dist.distributed.cluster import worker_env
 from rlhf_dist.distributed.placement import ROLES, bundles_by_owner, check_fits, plan
@@ -26,7 +29,28 @@ def role_classes() -> dict[str, type]:
     }
 
 
-def launch_roles(cfg) -> dict[str, RoleGroup]:
+@contextmanager
+def running_roles(cfg):
+    """``launch_roles`` whose actors and placement groups are gone afterwards, also after an error, so one Ray
+    session can run several jobs (tests, the pipeline) one after another."""
+    groups: dict[str, RoleGroup] = {}
+    try:
+        groups = launch_roles(cfg, started=groups)
+        yield groups
+    finally:
+        stop_roles(groups)
+
+
+def stop_roles(groups: dict[str, RoleGroup]) -> None:
+    pgs = {id(g.bundles.pg): g.bundles.pg for g in groups.values()}
+    for g in groups.values():
+        for actor in g.actors:
+            ray.kill(actor)
+    for pg in pgs.values():
+        remove_placement_group(pg)
+
+
+def launch_roles(cfg, started: dict[str, RoleGroup] | None = None) -> dict[str, RoleGroup]:
     """Reserve placement groups, start the actors, and form each learner role's data-parallel group."""
     plans = plan(cfg)
     check_fits(plans, ray.cluster_resources())
@@ -36,7 +60,7 @@ def launch_roles(cfg) -> dict[str, RoleGroup]:
         for owner, (n, bundle) in bundles_by_owner(plans).items()
     }
     classes = role_classes()
-    groups: dict[str, RoleGroup] = {}
+    groups: dict[str, RoleGroup] = {} if started is None else started
     for role in ROLES:
         if role not in plans:
             continue

@@ -4,6 +4,11 @@ The roles themselves are plain classes; this is the only place that turns them i
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import resource
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -40,7 +45,7 @@ def reserve(name: str, n: int, num_cpus: float, num_gpus: float, strategy: str, 
     bundle = {"CPU": float(num_cpus)}
     if num_gpus:
         bundle["GPU"] = float(num_gpus)
-    pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy, name=f"rlhf_dist:{name}")
+    pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
@@ -49,6 +54,130 @@ def reserve(name: str, n: int, num_cpus: float, num_gpus: float, strategy: str, 
             f"the cluster has {ray.cluster_resources()}: lower roles.{name}.num_actors / num_cpus / num_gpus"
         )
     return pg
+
+
+# -- compute accounting: every actor times its own role methods ---------------------------------------------------
+# The driver sees an iteration's wall time; each actor sees the time spent inside its role's methods. The difference
+# is orchestration (scheduling, serialisation, object transfer, waiting): rlhf_dist.trainers.timing does the sums.
+STATS_METHOD = "compute_stats"
+
+
+class ComputeLedger:
+    """Seconds and calls per role method since the last reset, and the process's peak memory over the same span.
+
+    Only the outermost role method is timed (``fit`` calling ``step`` counts once, as ``train``): what the actor was
+    asked to do through Ray, not how it is built inside. Peak RSS is per span where Linux lets a process reset its
+    high-water mark (/proc/self/clear_refs), else since the process started (``ru_maxrss``); say which in the stats.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._depth = threading.local()
+        self.peak_scope = "span" if _reset_peak_rss() else "process"
+
+    def enter(self) -> bool:
+        depth = getattr(self._depth, "n", 0)
+        self._depth.n = depth + 1
+        return depth == 0
+
+    def leave(self, method: str, outermost: bool, seconds: float) -> None:
+        self._depth.n -= 1
+        if outermost:
+            self.seconds[method] = self.seconds.get(method, 0.0) + seconds
+            self.calls[method] = self.calls.get(method, 0) + 1
+
+    def report(self, reset: bool) -> dict:
+        out = {
+            "seconds": dict(self.seconds),
+            "calls": dict(self.calls),
+            "peak_rss_mb": _peak_rss_bytes() / 2**20,
+            "peak_rss_scope": self.peak_scope,
+            **_gpu_memory_mb(reset),
+        }
+        if reset:
+            self.seconds.clear()
+            self.calls.clear()
+            if self.peak_scope == "span":
+                _reset_peak_rss()
+        return out
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _gpu_memory_mb(reset: bool) -> dict[str, float]:
+    """The torch allocator's peak on this actor's GPU; torch is not imported here if the role did not import it."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    out = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20, "gpu_used_mb": (total - free) / 2**20}
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def _ledger(obj) -> ComputeLedger:
+    ledger = obj.__dict__.get("_rlhf_compute_ledger")
+    if ledger is None:
+        ledger = obj.__dict__["_rlhf_compute_ledger"] = ComputeLedger()
+    return ledger
+
+
+def _timed(name: str, fn: Callable) -> Callable:
+    @functools.wraps(fn)  # keeps the signature Ray checks calls against
+    def method(self, *args, **kwargs):
+        ledger = _ledger(self)
+        outermost = ledger.enter()
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            ledger.leave(name, outermost, time.perf_counter() - t0)
+
+    return method
+
+
+def _compute_stats(self, reset: bool = True) -> dict:
+    """Seconds per role method and peak memory since the last reset (by default, resets)."""
+    return _ledger(self).report(reset)
+
+
+def timed_role(role_cls: type) -> type:
+    """A subclass of ``role_cls`` whose public methods record their wall time, plus ``compute_stats(reset=True)``.
+
+    The role stays a plain class; this is applied only where it becomes an actor. Static and class methods, async
+    methods and names starting with ``_`` are left alone.
+    """
+    namespace: dict[str, Any] = {"__doc__": role_cls.__doc__, STATS_METHOD: _compute_stats}
+    for name in dir(role_cls):
+        if name.startswith("_") or name == STATS_METHOD:
+            continue
+        attr = inspect.getattr_static(role_cls, name)
+        if not inspect.isfunction(attr) or inspect.iscoroutinefunction(attr):
+            continue
+        namespace[name] = _timed(name, attr)
+    cls = type(role_cls.__name__, (role_cls,), namespace)
+    cls.__qualname__ = role_cls.__qualname__
+    return cls
 
 
 class RoleGroup:
@@ -64,8 +193,9 @@ class RoleGroup:
         env_vars: dict[str, str] | None = None,
     ):
         self.name = name
+        self.bundles = bundles
         self.timeout_s = timeout_s
-        remote_cls = ray.remote(role_cls)
+        remote_cls = ray.remote(timed_role(role_cls))
         self.actors = []
         for rank, bundle_index in enumerate(bundles.indices):
             args, kwargs = make_args(rank)
@@ -89,6 +219,10 @@ class RoleGroup:
         """The same call on every actor, all in flight at once."""
         refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
         return Pending(self, method, refs)
+
+    def compute_stats(self, reset: bool = True) -> "Pending":
+        """Every actor's seconds per role method and peak memory since the last reset (see ``ComputeLedger``)."""
+        return self.call(STATS_METHOD, reset)
 
     def call_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> "Pending":
         return Pending(self, method, [getattr(self.actors[rank], method).remote(*args, **kwargs)], ranks=[rank])
@@ -133,3 +267,9 @@ class Pending:
     def batch(self) -> pa.RecordBatch:
         parts = self.get()
         return concat_in_order(parts, self.index) if self.index is not None else parts[0]
+
+
+def collect_compute_stats(groups: dict[str, RoleGroup], reset: bool = True) -> dict[str, list[dict]]:
+    """``{role: [stats of actor 0, actor 1, ...]}`` for every group, all calls in flight at once."""
+    pending = {role: g.compute_stats(reset) for role, g in groups.items()}
+    return {role: p.get() for role, p in pending.items()}

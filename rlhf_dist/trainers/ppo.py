@@ -16,6 +16,7 @@ from rlhf_dist.trainers.experience import compute_advantages
 
 CONSOLE_KEYS = ("reward_mean", "gold_reward_mean", "kl", "policy/clip_frac", "critic/value_loss", "response_len", "time/iteration")
 PLOT_KEYS = ("reward_mean", "gold_reward_mean", "kl")
+LEARNER_ROLES = ("policy", "critic")
 
 
 def merge_columns(batch: pa.RecordBatch, *parts: pa.RecordBatch) -> pa.RecordBatch:
@@ -44,33 +45,19 @@ def prepare(cfg):
 def run(cfg) -> dict:
     """Runs ``cfg.train.iterations`` iterations; returns a summary (paths, first/last metrics)."""
     from rlhf_dist.distributed.cluster import ray_session
-    from rlhf_dist.distributed.launch import launch_roles
+    from rlhf_dist.distributed.launch import running_roles
     from rlhf_dist.distributed.placement import plan, required_resources
-    from rlhf_dist.distributed.weight_sync import make_weight_sync
 
     sampler = prepare(cfg)
     out = Path(cfg.output_dir)
-    log = MetricsLog(out / cfg.logging.metrics_file)
+    log = MetricsLog(out / cfg.logging.metrics_file, resume=cfg.checkpoint.resume)
     a = cfg.algo
     kl_ctl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else FixedKLController(a.kl_coef)
     with ray_session(cfg, min_cpus=required_resources(plan(cfg))["CPU"]):
         t0 = time.perf_counter()
-        groups = launch_roles(cfg)
-        startup_s = time.perf_counter() - t0
-        sync = make_weight_sync(cfg, groups["policy"], groups["rollout"])
-        version = 0
-        progress = _progress(cfg)
-        for it in range(cfg.train.iterations):
-            row = iteration(cfg, groups, sampler, kl_ctl, it, version)
-            version += 1
-            row.update(sync.push(version))
-            row["time/iteration"] = sum(v for k, v in row.items() if k.startswith("time/"))
-            log.log(row)
-            progress(it, row)
-        final = None
-        if cfg.checkpoint.save_final:
-            final = str(out / "policy")
-            groups["policy"].call("save_hf", final).get()
+        with running_roles(cfg) as groups:
+            startup_s = time.perf_counter() - t0
+            final = train(cfg, groups, sampler, kl_ctl, log)
     summary = summarize(log.rows, startup_s)
     summary.update(policy_path=final, metrics_path=str(log.path))
     if cfg.logging.plot and log.rows:
@@ -95,6 +82,77 @@ def report(summary: dict) -> str:
     if summary.get("policy_path"):
         lines.append(f"policy:  {summary['policy_path']} (Hugging Face format)")
     return "\n".join(lines)
+
+
+def train(cfg, groups, sampler, kl_ctl, log: MetricsLog) -> str | None:
+    """The loop; returns where the final policy was saved."""
+    from rlhf_dist.distributed.weight_sync import make_weight_sync
+
+    sync = make_weight_sync(cfg, groups["policy"], groups["rollout"])
+    start, version = resume(cfg, groups, sampler, kl_ctl, sync) if cfg.checkpoint.resume else (0, 0)
+    log.truncate(start)
+    progress = _progress(cfg)
+    compute_columns(groups)  # clears the actors' compute ledgers: start-up is not part of the first iteration
+    for it in range(start, cfg.train.iterations):
+        t_it = time.perf_counter()
+        row = iteration(cfg, groups, sampler, kl_ctl, it, version)
+        version += 1
+        row.update(sync.push(version))
+        row["time/iteration"] = sum(v for k, v in row.items() if k.startswith("time/"))
+        row.update(compute_columns(groups, row, time.perf_counter() - t_it))
+        log.log(row)
+        progress(it, row)
+        if cfg.checkpoint.save_every and (it + 1) % cfg.checkpoint.save_every == 0:
+            save_checkpoint(cfg, groups, sampler, kl_ctl, it + 1, version)
+    if not cfg.checkpoint.save_final:
+        return None
+    final = str(Path(cfg.output_dir) / "policy")
+    groups["policy"].call("save_hf", final).get()
+    return final
+
+
+def compute_columns(groups, row: dict | None = None, wall_s: float = 0.0) -> dict:
+    """Actor-side compute, peak memory and orchestration overhead of the iteration just done (trainers/timing.py).
+    One call per group, all in flight at once, after the iteration's clock stopped; it resets the actors' ledgers."""
+    from rlhf_dist.distributed.role_group import collect_compute_stats
+    from rlhf_dist.trainers import timing
+
+    stats = collect_compute_stats(groups)
+    if row is None:
+        return {}
+    return timing.iteration_metrics(stats, wall_s, {p: row[f"time/{p}"] for p in timing.DRIVER_PHASES})
+
+
+def save_checkpoint(cfg, groups, sampler, kl_ctl, next_iteration: int, version: int) -> None:
+    """Learner states first, the driver's state last: only a checkpoint with driver.json is complete."""
+    from rlhf_dist.checkpoint import checkpoint_root, prune, save_driver_state
+
+    path = checkpoint_root(cfg.output_dir) / f"iter_{next_iteration}"
+    for role in LEARNER_ROLES:
+        if role in groups:
+            groups[role].call("save_checkpoint", str(path / role)).get()
+    state = {"next_iteration": next_iteration, "version": version, "sampler": sampler.state_dict(), "kl_coef": kl_ctl.value}
+    save_driver_state(path, state)
+    prune(cfg.output_dir, keep=cfg.checkpoint.keep)
+
+
+def resume(cfg, groups, sampler, kl_ctl, sync) -> tuple[int, int]:
+    """Restores the newest complete checkpoint and pushes its weights to the rollout; (0, 0) when there is none."""
+    from rlhf_dist.checkpoint import latest_checkpoint, load_driver_state
+
+    path = latest_checkpoint(cfg.output_dir)
+    if path is None:
+        print(f"checkpoint.resume: no checkpoint under {cfg.output_dir}/checkpoints; starting from iteration 0")
+        return 0, 0
+    for role in LEARNER_ROLES:
+        if role in groups:
+            groups[role].call("load_checkpoint", str(path / role)).get()
+    state = load_driver_state(path)
+    sampler.load_state_dict(state["sampler"])
+    kl_ctl.value = state["kl_coef"]
+    sync.push(state["version"])
+    print(f"resumed from {path}: next iteration {state['next_iteration']}, policy version {state['version']}")
+    return state["next_iteration"], state["version"]
 
 
 def iteration(cfg, groups, sampler, kl_ctl, it: int, version: int) -> dict:

@@ -137,10 +137,12 @@ class Learner:
         return path
 
     def save_checkpoint(self, path: str) -> None:
-        self.engine.save_checkpoint(path)
+        self.engine.save_checkpoint(path, client_state={"torch_rng": torch.get_rng_state()})
 
     def load_checkpoint(self, path: str) -> None:
-        self.engine.load_checkpoint(path)
+        state = self.engine.load_checkpoint(path) or {}
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
 
 
 def _response_tokens(batch: pa.RecordBatch) -> int:

