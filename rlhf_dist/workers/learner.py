@@ -132,6 +132,36 @@ class Learner:
             return None
         return [bucket_to_numpy(b) for b in pack_buckets(named, bucket_mb * 2**20)]
 
+    # GPU transports (see rlhf_dist.engines.weight_sync.senders; UNTESTED here: no GPU)
+    def weight_bucket_plan(self, bucket_mb: int) -> list:
+        from rlhf_dist.engines.weight_sync.senders import bucket_plan
+
+        return bucket_plan(self.engine.full_parameter_shapes(), bucket_mb * 2**20)
+
+    def init_weight_broadcast(self, master_address: str, master_port: int, world_size: int) -> None:
+        """Rank 0 joins the broadcast group with the rollout engines' workers; the other ranks have no part in it."""
+        from rlhf_dist.engines.weight_sync.senders import BroadcastSender
+
+        if self.rank == 0:
+            self.broadcaster = BroadcastSender(master_address, master_port, world_size, self.engine.device)
+
+    def broadcast_weights(self, bucket_mb: int) -> int:
+        """Collective over the learners (ZeRO-3 gathers); rank 0 broadcasts. Returns the bytes sent."""
+        named = self.engine.named_full_parameters(device=self.engine.device)
+        if self.rank != 0:
+            for _ in named:
+                pass
+            return 0
+        return self.broadcaster.send(named, bucket_mb * 2**20)
+
+    def ipc_weight_handles(self, bucket_mb: int) -> list | None:
+        """Collective; every rank shares its full copy by CUDA IPC handles; rank 0 returns them merged."""
+        from rlhf_dist.engines.weight_sync.senders import ipc_handles
+
+        self._ipc_keep_alive: list = []  # the previous push's buffers are released here, after their receivers loaded
+        named = self.engine.named_full_parameters(device=self.engine.device, rank0_only=False)
+        return ipc_handles(named, bucket_mb * 2**20, self._ipc_keep_alive)
+
     def save_hf(self, path: str) -> str:
         self.engine.save_hf(path, tokenizer=self.tokenizer)
         return path

@@ -68,6 +68,20 @@ class RolloutWorker:
         self.version = version
         return version
 
+    # GPU transports (vLLM engine only; UNTESTED here: no GPU)
+    def init_weight_broadcast(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        self.engine.init_weight_update_group(master_address, master_port, rank_offset, world_size)
+
+    def receive_weight_broadcast(self, bucket_plan: list, version: int) -> int:
+        self.engine.receive_broadcast(bucket_plan)
+        self.version = version
+        return version
+
+    def receive_weight_ipc(self, handles: list, version: int) -> int:
+        self.engine.receive_ipc(handles)
+        self.version = version
+        return version
+
     def sleep(self) -> None:
         self.engine.sleep()
 

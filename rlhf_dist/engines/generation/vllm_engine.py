@@ -136,14 +136,33 @@ class VLLMEngine(GenerationEngine):
     # ---- weights ----
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """HF-named tensors, any device and dtype (cast to the engine's on load). May be called once per bucket."""
+        self._begin_sync()
+        for bucket in pack_buckets(named_tensors, self.bucket_bytes):
+            entries = [(e.name, list(e.shape), e.offset, e.numel) for e in bucket.entries]
+            self.llm.collective_rpc("update_weights_from_buckets", args=([(tensor_to_wire(bucket.flat), entries)],))
+
+    # GPU transports (UNTESTED here: no GPU). Each is one whole session: begin, the buckets, finish on next use.
+    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                 world_size: int) -> None:
+        """Join learner rank 0's NCCL broadcast group; this engine's workers take ranks rank_offset.. onwards."""
+        self.llm.collective_rpc("init_weight_update_group", args=(master_address, master_port, rank_offset, world_size))
+
+    def receive_broadcast(self, bucket_plan: list) -> None:
+        """``bucket_plan``: per bucket, ``(name, full shape, torch dtype name)`` in the order rank 0 broadcasts."""
+        self._begin_sync()
+        self.llm.collective_rpc("update_weights_from_broadcast", args=(bucket_plan,))
+
+    def receive_ipc(self, handles: list) -> None:
+        """Colocated learner's CUDA IPC handles: per bucket ``(device uuid -> rebuild args, entries)``."""
+        self._begin_sync()
+        self.llm.collective_rpc("update_weights_from_ipc_handles", args=(handles,))
+
+    def _begin_sync(self) -> None:
         if self._asleep:
             self.wake_up()
         if not self._syncing:
             self.llm.collective_rpc("begin_weight_sync")
             self._syncing = True
-        for bucket in pack_buckets(named_tensors, self.bucket_bytes):
-            entries = [(e.name, list(e.shape), e.offset, e.numel) for e in bucket.entries]
-            self.llm.collective_rpc("update_weights_from_buckets", args=([(tensor_to_wire(bucket.flat), entries)],))
 
     def _ensure_ready(self) -> None:
         """Awake, and no weight-sync session open: finishing one completes the layerwise reload, then drops the KV

@@ -121,9 +121,9 @@ class WeightSyncExtension:
         ``torch.multiprocessing.reductions.reduce_tensor(flat)[1]``. Needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 when
         the engine core is a separate process (the args hold torch types that msgpack cannot carry)."""
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
-        from vllm.platforms import current_platform
 
-        uuid = current_platform.get_device_uuid(self.device.index)
+        # the learner keys its handles the same way (rlhf_dist.engines.weight_sync.senders.device_uuid)
+        uuid = str(torch.cuda.get_device_properties(self.device).uuid)
         for ipc, entries in handles:
             args = list(ipc[uuid])
             args[6] = self.device.index  # the receiving process's own index for that device
