@@ -7,7 +7,15 @@ import ray
 from ray.util.placement_group import remove_placement_group
 
 from rlhf_dist.distributed.cluster import worker_env
-from rlhf_dist.distributed.placement import ROLES, bundles_by_owner, check_fits, plan
+from rlhf_dist.distributed.placement import (
+    ROLES,
+    assign,
+    bundles_by_owner,
+    check_fits,
+    format_placement,
+    nodes_from_ray,
+    plan,
+)
 from rlhf_dist.distributed.role_group import Bundles, RoleGroup, reserve
 
 LEARNERS = ("policy", "critic")
@@ -54,6 +62,7 @@ def launch_roles(cfg, started: dict[str, RoleGroup] | None = None) -> dict[str, 
     """Reserve placement groups, start the actors, and form each learner role's data-parallel group."""
     plans = plan(cfg)
     check_fits(plans, ray.cluster_resources())
+    print("placement (expected; Ray decides the final node of each bundle):\n" + format_placement(assign(plans, nodes_from_ray())), flush=True)
     timeout = cfg.ray.actor_timeout_s
     pgs = {
         owner: reserve(owner, n, bundle["CPU"], bundle.get("GPU", 0.0), plans[owner].placement.upper(), timeout)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from rlhf_dist.config import ConfigError
+
 ROLES = ("rollout", "reward", "reference", "policy", "critic")
 
 
@@ -18,7 +20,9 @@ class RolePlan:
 
 
 def plan(cfg) -> dict[str, RolePlan]:
-    """Roles that share GPUs (``colocate_with``) sit in the owner's bundles and split them evenly."""
+    """Roles that share GPUs (``colocate_with``) sit in the owner's bundles: each brings its own CPUs, and the
+    owner's GPUs are split evenly among them (Ray needs a fraction; the memory split is the engines' business:
+    vLLM's gpu_memory_utilization and sleep mode)."""
     roles = {r: getattr(cfg.roles, r) for r in ROLES if getattr(cfg.roles, r).num_actors > 0}
     sharers: dict[str, list[str]] = defaultdict(list)
     for name, rc in roles.items():
@@ -31,7 +35,7 @@ def plan(cfg) -> dict[str, RolePlan]:
         plans[name] = RolePlan(
             role=name,
             num_actors=rc.num_actors,
-            num_cpus=owner_rc.num_cpus / share if share > 1 else rc.num_cpus,
+            num_cpus=rc.num_cpus,
             num_gpus=owner_rc.num_gpus / share if share > 1 else rc.num_gpus,
             bundle_owner=owner,
             placement=owner_rc.placement,
@@ -55,10 +59,8 @@ def _bundle(plans: dict[str, RolePlan], owner: str) -> dict[str, float]:
 
 
 def bundles_by_owner(plans: dict[str, RolePlan]) -> dict[str, tuple[int, dict[str, float]]]:
-    return {
-        owner: (plans[owner].num_actors, _bundle(plans, owner))
-        for owner in {p.bundle_owner for p in plans.values()}
-    }
+    owners = [r for r in ROLES if r in plans and plans[r].bundle_owner == r]
+    return {owner: (plans[owner].num_actors, _bundle(plans, owner)) for owner in owners}
 
 
 def check_fits(plans: dict[str, RolePlan], total: dict[str, float]) -> None:
@@ -76,5 +78,95 @@ def check_fits(plans: dict[str, RolePlan], total: dict[str, float]) -> None:
         )
 
 
-class ResourceError(RuntimeError):
-    pass
+# -- per node: which role lands where ------------------------------------------------------------------------
+@dataclass
+class Node:
+    name: str
+    cpus: float
+    gpus: int
+    free_cpus: float = -1.0
+    free_gpus: list[int] | None = None
+
+    def __post_init__(self):
+        self.free_cpus = self.cpus if self.free_cpus < 0 else self.free_cpus
+        self.free_gpus = list(range(int(self.gpus))) if self.free_gpus is None else self.free_gpus
+
+    def fits(self, bundle: dict[str, float]) -> bool:
+        return self.free_cpus + 1e-9 >= bundle["CPU"] and len(self.free_gpus) >= bundle.get("GPU", 0)
+
+
+@dataclass
+class Slot:
+    role: str
+    rank: int
+    node: str
+    cpus: float
+    gpus: list[int]
+
+
+def nodes_from_ray() -> list[Node]:
+    import ray
+
+    return [
+        Node(n["NodeManagerAddress"], n["Resources"].get("CPU", 0.0), int(n["Resources"].get("GPU", 0)))
+        for n in ray.nodes()
+        if n["Alive"]
+    ]
+
+
+def simulated_nodes(count: int, cpus: float, gpus: int) -> list[Node]:
+    return [Node(f"node{i}", cpus, gpus) for i in range(count)]
+
+
+def assign(plans: dict[str, RolePlan], nodes: list[Node]) -> list[Slot]:
+    """Where each actor goes, bundle by bundle, the way Ray's PACK / SPREAD strategies place them (best effort:
+    PACK fills the node it is on before opening another; SPREAD takes the node holding fewest of the group).
+
+    Fails with one message, per node, when a bundle fits nowhere.
+    """
+    slots: list[Slot] = []
+    for owner, (n, bundle) in bundles_by_owner(plans).items():
+        used: dict[str, int] = {}
+        last: Node | None = None
+        for rank in range(n):
+            candidates = [x for x in nodes if x.fits(bundle)]
+            if not candidates:
+                raise ResourceError(_no_room(plans, owner, rank, bundle, nodes))
+            if plans[owner].placement == "spread":
+                node = min(candidates, key=lambda x: (used.get(x.name, 0), -len(x.free_gpus), -x.free_cpus))
+            elif last is not None and last.fits(bundle):
+                node = last
+            else:
+                node = max(candidates, key=lambda x: (len(x.free_gpus), x.free_cpus))
+            gpus = [node.free_gpus.pop(0) for _ in range(int(bundle.get("GPU", 0)))]
+            node.free_cpus -= bundle["CPU"]
+            used[node.name] = used.get(node.name, 0) + 1
+            last = node
+            for p in plans.values():  # the owner and every role colocated on its bundles
+                if p.bundle_owner == owner:
+                    slots += [Slot(p.role, r, node.name, p.num_cpus, gpus) for r in range(p.num_actors) if r % n == rank]
+    return slots
+
+
+def _no_room(plans, owner, rank, bundle, nodes) -> str:
+    sharing = [p.role for p in plans.values() if p.bundle_owner == owner]
+    free = "; ".join(f"{x.name}: {x.free_cpus:g}/{x.cpus:g} CPU, {len(x.free_gpus)}/{x.gpus} GPU free" for x in nodes)
+    return (
+        f"{'+'.join(sharing)} actor {rank} needs {bundle['CPU']:g} CPU and {bundle.get('GPU', 0):g} GPU on one "
+        f"node, and no node has that left after placing the roles before it ({free}); lower roles.{owner}.num_actors "
+        f"/ num_gpus / num_cpus, colocate roles, or add nodes"
+    )
+
+
+def format_placement(slots: list[Slot]) -> str:
+    rows = [("role", "actor", "node", "CPUs", "GPUs")]
+    rows += [(s.role, str(s.rank), s.node, f"{s.cpus:g}", ",".join(map(str, s.gpus)) or "-") for s in slots]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+class ResourceError(ConfigError):
+    """The plan does not fit the cluster: a config problem, reported in one line before any actor starts."""
+
+    def __init__(self, message: str):
+        super().__init__("roles", message)
