@@ -122,16 +122,16 @@ def init_process_group(
     if not cuda:
         # Must be set before DeepSpeed first picks its accelerator; respect an explicit choice.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
-        # Gloo binds to whatever the hostname resolves to (often 127.0.x.1): peers on other nodes then dial loopback
-        # and the group never forms. Bind to the interface that carries this node's address instead.
-        # A loopback master means a single-node group: stay on loopback.
-        ifname = interface_of("127.0.0.1" if master_addr.startswith("127.") else node_ip())
-        if ifname:
-            os.environ["GLOO_SOCKET_IFNAME"] = ifname
     else:
         # Bind the device before the NCCL communicator is created, or every rank would land on GPU 0.
         torch.cuda.set_device(local_rank)
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # Gloo binds to whatever the hostname resolves to (often 127.0.x.1): peers on other nodes then dial loopback
+        # and the group never forms. Bind to the interface that carries this node's address instead; a loopback
+        # master means a single-node group, which stays on loopback.
+        ifname = interface_of("127.0.0.1" if master_addr.startswith("127.") else node_ip())
+        if ifname:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
 
     timeout = timedelta(seconds=timeout_s)
     try:
