@@ -19,6 +19,11 @@ def _call(target: str, *args, **kwargs):
     return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
+def _lazy(target: str) -> Callable:
+    """A handler or argument-adder that lives in another module, imported only when called."""
+    return lambda *args: _call(target, *args)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG", help="YAML file, e.g. configs/tiny_cpu.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.iterations=3 train.policy_lr=1e-5")
@@ -64,6 +69,29 @@ def _add_init_tiny_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into DIR even if it is not empty")
 
 
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default="configs/tiny_cpu.yaml", help="YAML (default configs/tiny_cpu.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--warmup", type=int, default=None, help="iterations not measured (default 5)")
+    p.add_argument("--iters", type=int, default=None, help="measured iterations (default 50)")
+    p.add_argument("--name", default=None, help="result name: benchmarks/results/NAME.json")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """benchmarks/throughput.py lives in the source checkout beside the package, not inside it."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+    if not path.is_file():
+        raise ConfigError(None, f"`{PROG} bench` runs {path}, which only a source checkout has")
+    spec = importlib.util.spec_from_file_location("rlhf_dist_bench_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    given = {k: getattr(args, k) for k in ("warmup", "iters", "name") if getattr(args, k) is not None}
+    module.bench(args.config, args.overrides, **given)
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -76,6 +104,21 @@ class Command:
 COMMANDS = [
     Command("train", "RL fine-tuning (PPO/GAE, GRPO, RLOO, REINFORCE++)", _add_config_args,
             run_job("rlhf_dist.trainers.ppo:run")),
+    Command("sft", "supervised fine-tuning on demonstrations", _add_config_args, run_job("rlhf_dist.trainers.sft:run")),
+    Command("collect", "sample answer pairs from a policy and label them (simulated raters or an AI judge)",
+            _add_config_args, run_job("rlhf_dist.trainers.collect:run")),
+    Command("rm", "reward-model training on preference pairs (Bradley-Terry)", _add_config_args,
+            run_job("rlhf_dist.trainers.rm:run")),
+    Command("dpo", "direct preference optimisation on preference pairs", _add_config_args,
+            run_job("rlhf_dist.trainers.dpo:run")),
+    Command("pipeline", "SFT -> collect -> reward model -> PPO and DPO -> comparison table", _add_config_args,
+            run_job("rlhf_dist.trainers.pipeline:run")),
+    Command("submit", "run a config on a Ray cluster (Ray job submission); --status/--logs/--stop JOB",
+            _lazy("rlhf_dist.submit:add_submit_args"), _lazy("rlhf_dist.submit:run_submit")),
+    Command("plan", "dry-run: print which role goes on which node and GPUs, start nothing",
+            _lazy("rlhf_dist.distributed.dry_run:add_args"), _lazy("rlhf_dist.distributed.dry_run:run")),
+    Command("bench", "throughput benchmark: samples/s, tokens/s, seconds per phase, memory, overhead",
+            _add_bench_args, _bench),
     Command("init-tiny", "build the tiny local model and tokenizer", _add_init_tiny_args, _init_tiny),
     Command("config", "print the resolved config as YAML", _add_config_cmd_args, _config),
 ]

@@ -182,6 +182,104 @@ class RayConfig:
     num_cpus: int | None = option(None, "logical CPUs of the embedded Ray; null = detected", ge=1)
 
 
+# --- the rest of the RLHF pipeline: SFT, reward model, DPO, preference collection (issue 6) --------------------------
+# These sections sit beside the PPO ones and are read only by their own commands (`rlhf-dist sft | rm | dpo | collect
+# | pipeline`); a PPO run ignores them. Each offline stage sizes its own learner actors (`<stage>.learners`) instead of
+# borrowing a PPO role, so a pipeline can give SFT four learners and PPO one.
+
+PIPELINE_STAGES = ("sft", "collect", "rm", "ppo", "dpo")   # the order the pipeline runs them in
+Judge = Literal["simulated", "function", "reward_model"]
+
+
+@dataclass
+class DataSpecConfig:
+    """Where one stage's data set lives: the fields of `rlhf_dist.data.datasets.DatasetSpec` (kind fixed by stage)."""
+    path: str | None = option(None, "jsonl/parquet file, folder of shards, or datasets.save_to_disk folder", path=True)
+    columns: dict[str, str] = field(default_factory=dict, metadata={
+        "doc": "{canonical name: column in the file}, e.g. {prompt: question, chosen: good}; unnamed ones keep their "
+               "canonical name", "path": False, "nonempty": False})
+    split: str | None = option(None, "split of a DatasetDict folder; null for a plain file or dataset")
+    max_tokens: int | None = option(None, "longest prompt + answer (the longer of chosen/rejected) in tokens; "
+                                          "null = no limit", ge=1)
+    on_overlong: Literal["drop", "error"] = option("drop", "an over-long row: drop it (counted, logged) or fail")
+
+
+@dataclass
+class OfflineStageConfig:
+    """What SFT, reward-model training and DPO share: passes over a fixed data set by a data-parallel learner group."""
+    data: DataSpecConfig = section(DataSpecConfig, "the training set (a held-out share is split off for evaluation)")
+    eval_fraction: float = option(0.1, "share of rows held out and evaluated after every epoch; 0 = none", ge=0, lt=1)
+    epochs: int = option(2, "passes over the training rows", ge=1)
+    lr: float = option(1e-4, "learning rate", gt=0)
+    batch_size: int = option(32, "rows per optimizer step over all learners; a multiple of learners.num_actors "
+                                 "(equal shards keep ZeRO ranks in lock-step)", ge=1)
+    micro_batch_size: int = option(0, "rows per forward/backward on one learner (gradient accumulation); 0 = its "
+                                      "whole shard", ge=0)
+    learners: RoleConfig = section(RoleConfig, "the learner actors (one DeepSpeed data-parallel group)")
+    output: str | None = option(None, "where the trained model is saved (Hugging Face format); null = "
+                                      "<output_dir>/<stage>", path=True)
+
+
+@dataclass
+class SFTConfig(OfflineStageConfig):
+    lr: float = option(1e-3, "learning rate", gt=0)
+    demonstrations: int = option(2000, "synthetic demonstrations written to the run dir when data.path is null "
+                                       "(data.task=synthetic only)", ge=1)
+
+
+@dataclass
+class RMConfig(OfflineStageConfig):
+    init: str | None = option(None, "model the reward model starts from (a fresh score head on it); null = "
+                                    "model.policy", path=True)
+    epochs: int = option(3, "passes over the training rows", ge=1)
+    lr: float = option(5e-4, "learning rate", gt=0)
+
+
+@dataclass
+class DPOConfig(OfflineStageConfig):
+    beta: float = option(0.1, "DPO temperature: strength of the implicit KL leash to the reference", gt=0)
+    loss_type: Literal["sigmoid", "ipo"] = option("sigmoid", "sigmoid: DPO (Rafailov et al.); ipo: IPO (Azar et al.)")
+    label_smoothing: float = option(0.0, "conservative DPO: assumed share of wrong labels (sigmoid only)", ge=0, lt=0.5)
+    reference: str | None = option(None, "frozen reference model; null = model.reference, else model.policy",
+                                   path=True)
+
+
+@dataclass
+class CollectConfig:
+    policy: str | None = option(None, "policy that samples the two responses; null = model.policy (the pipeline "
+                                      "uses its SFT model)", path=True)
+    num_prompts: int = option(512, "prompts to sample pairs for (read like data.*: synthetic or data.prompts)", ge=1)
+    chunk_prompts: int = option(128, "prompts per generation call; labellers judge one chunk while the rollout "
+                                     "actors sample the next", ge=1)
+    judge: Judge = option("simulated", "simulated: noisy raters of a hidden utility; function: an AI judge "
+                                       "(reward function); reward_model: an AI judge (local reward model)")
+    utility: str = option("rlhf_dist.workers.labeller:synthetic_gold", "simulated raters' hidden score "
+                          "'module:function' (lists of prompts, responses -> floats)", nonempty=True)
+    noise_temperature: float = option(0.05, "Bradley-Terry temperature of simulated raters: P(a over b) = "
+                                            "sigmoid((u_a - u_b) / T); 0 = always the higher utility", ge=0)
+    flip_rate: float = option(0.1, "share of simulated labels flipped after the draw (rater disagreement, "
+                                   "misclicks)", ge=0, le=0.5)
+    judge_function: str | None = option("rlhf_dist.data.synthetic:preference_reward", "judge=function: "
+                                        "'module:function' scoring (prompts, responses) -> floats")
+    judge_model: str | None = option(None, "judge=reward_model: reward model dir", path=True)
+    labellers: RoleConfig = section(RoleConfig, "labeller actors (scale them with roles.rollout)")
+    output: str | None = option(None, "preference Parquet file; null = <output_dir>/preferences.parquet", path=True)
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[Literal["sft", "collect", "rm", "ppo", "dpo"]] = field(
+        default_factory=lambda: list(PIPELINE_STAGES),
+        metadata={"doc": "stages to run, in this order: sft, collect, rm, ppo, dpo; a left-out stage's output must "
+                         "exist from an earlier run (ppo and dpo may simply be left out)",
+                  "path": False, "nonempty": True})
+    ppo_reward: Literal["reward_model", "function", "both"] = option(
+        "reward_model", "what PPO optimises: the trained reward model, reward.function, or both (weighted)")
+    eval_samples: int = option(4, "sampled responses per held-out prompt (data.eval_prompts) when comparing "
+                                  "policies", ge=1)
+    table_file: str = option("pipeline.json", "the comparison table, as JSON under output_dir", nonempty=True)
+
+
 @dataclass
 class RunConfig:
     name: str = option("tiny", "run name (metrics, checkpoints)", nonempty=True)
@@ -198,3 +296,11 @@ class RunConfig:
     logging: LoggingConfig = section(LoggingConfig, "metrics output")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints")
     ray: RayConfig = section(RayConfig, "Ray cluster")
+    sft: SFTConfig = section(SFTConfig, "supervised fine-tuning on demonstrations (rlhf-dist sft)")
+    rm: RMConfig = section(RMConfig, "reward-model training on preference pairs (rlhf-dist rm)")
+    dpo: DPOConfig = section(DPOConfig, "direct preference optimisation on preference pairs (rlhf-dist dpo)")
+    collect: CollectConfig = section(CollectConfig, "preference collection: sample pairs, label them (rlhf-dist "
+                                                    "collect)")
+    pipeline: PipelineConfig = section(PipelineConfig, "SFT -> collect -> RM -> PPO and DPO -> comparison "
+                                                       "(rlhf-dist pipeline)")
+

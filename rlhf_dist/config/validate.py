@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from .loading import ConfigError, config_to_dict, from_dict
-from .schema import CRITIC_FREE, GROUP_BASELINE, RunConfig
+from .schema import CRITIC_FREE, GROUP_BASELINE, PIPELINE_STAGES, RunConfig
 
 _FUNCTION_REF = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
@@ -203,6 +203,101 @@ def _check_sync_and_ray(cfg: RunConfig) -> None:
 
 CHECKS = [_check_model_and_reward, _check_data, _check_algo_roles, _check_batches, _check_generation,
           _check_colocation, _check_sync_and_ray]
+
+
+# --- SFT, reward model, DPO, preference collection, pipeline (issue 6) --------------------------------------------
+_STAGE_COLUMNS = {"sft": ("prompt", "response"), "rm": ("prompt", "chosen", "rejected"),
+                  "dpo": ("prompt", "chosen", "rejected")}
+
+
+def _check_offline_stages(cfg: RunConfig) -> None:
+    for stage, names in _STAGE_COLUMNS.items():
+        sc = getattr(cfg, stage)
+        data = sc.data
+        for canonical, source in data.columns.items():
+            if canonical not in names:
+                hint = difflib.get_close_matches(canonical, names, n=1)
+                raise ConfigError(f"{stage}.data.columns.{canonical}", f"{stage} reads only the columns "
+                                  f"{', '.join(names)}" + (f"; did you mean {hint[0]}?" if hint else "")
+                                  + "; key the mapping by those names")
+            if not source.strip():
+                raise ConfigError(f"{stage}.data.columns.{canonical}", "is empty; give the column's name in the "
+                                                                       "file, or leave the key out")
+        sources = [data.columns.get(n, n) for n in names]
+        if len(set(sources)) != len(sources):
+            raise ConfigError(f"{stage}.data.columns", f"{data.columns} maps two columns to one column of the file; "
+                                                       f"give each its own")
+        if data.split is not None and data.path is None:
+            raise ConfigError(f"{stage}.data.split", f"{data.split!r} needs {stage}.data.path (a DatasetDict "
+                                                     f"folder); set the path or split=null")
+        _check_stage_actors(f"{stage}.learners", sc.learners)
+        n = sc.learners.num_actors
+        if sc.batch_size % n:
+            raise ConfigError(f"{stage}.batch_size", f"{sc.batch_size} is not a multiple of {stage}.learners."
+                                                     f"num_actors={n}; every learner takes an equal shard, so use "
+                                                     f"{sc.batch_size - sc.batch_size % n or n} or "
+                                                     f"{sc.batch_size + n - sc.batch_size % n}")
+    d = cfg.dpo
+    if d.loss_type == "ipo" and d.label_smoothing:
+        raise ConfigError("dpo.label_smoothing", f"{d.label_smoothing} is defined only for dpo.loss_type=sigmoid; "
+                                                 f"set it to 0 or use loss_type=sigmoid")
+
+
+def _check_stage_actors(key: str, role) -> None:
+    if role.num_actors < 1:
+        raise ConfigError(f"{key}.num_actors", f"{role.num_actors}; the stage needs at least one actor, set 1")
+    if role.colocate_with is not None:
+        raise ConfigError(f"{key}.colocate_with", f"{role.colocate_with!r}: the stages run one after another, so "
+                                                  f"their actors never share GPUs with a PPO role; set it to null")
+
+
+def _check_collect(cfg: RunConfig) -> None:
+    c = cfg.collect
+    _check_stage_actors("collect.labellers", c.labellers)
+    refs = {"collect.utility": c.utility}
+    if c.judge == "function":
+        if not c.judge_function:
+            raise ConfigError("collect.judge_function", "not set, but collect.judge=function scores pairs with it; "
+                                                        "set collect.judge_function=module:function")
+        refs["collect.judge_function"] = c.judge_function
+    if c.judge == "reward_model" and not c.judge_model:
+        raise ConfigError("collect.judge_model", "not set, but collect.judge=reward_model scores pairs with it; "
+                                                 "set collect.judge_model=PATH (a reward model dir)")
+    for key, ref in refs.items():
+        if not _FUNCTION_REF.fullmatch(ref):
+            raise ConfigError(key, f"{ref!r} is not of the form module:function; write e.g. my_pkg.judges:score")
+
+
+def _check_pipeline(cfg: RunConfig) -> None:
+    stages = cfg.pipeline.stages
+    dup = sorted({s for s in stages if stages.count(s) > 1})
+    if dup:
+        raise ConfigError("pipeline.stages", f"{', '.join(dup)} listed twice; name each stage once")
+    ordered = [s for s in PIPELINE_STAGES if s in stages]
+    if stages != ordered:
+        raise ConfigError("pipeline.stages", f"[{', '.join(stages)}] is out of order; the stages feed each other "
+                                             f"as [{', '.join(ordered)}]")
+
+
+def _check_stage_resources(cfg: RunConfig) -> None:
+    """The stages run one at a time: each must fit the embedded Ray on its own."""
+    if cfg.ray.num_cpus is None:
+        return
+    roles = cfg.roles
+    needs = {
+        "sft.learners": cfg.sft.learners.num_actors * cfg.sft.learners.num_cpus,
+        "rm.learners": cfg.rm.learners.num_actors * cfg.rm.learners.num_cpus,
+        "dpo.learners": cfg.dpo.learners.num_actors * cfg.dpo.learners.num_cpus,
+        "collect.labellers + roles.rollout": cfg.collect.labellers.num_actors * cfg.collect.labellers.num_cpus
+                                             + roles.rollout.num_actors * roles.rollout.num_cpus,
+    }
+    for what, need in needs.items():
+        if need > cfg.ray.num_cpus:
+            raise ConfigError("ray.num_cpus", f"{cfg.ray.num_cpus}, but {what} reserve {_num(need)} CPUs; set "
+                                              f"ray.num_cpus={int(-(-need // 1))} or lower their num_actors/num_cpus")
+
+
+CHECKS += [_check_offline_stages, _check_collect, _check_pipeline, _check_stage_resources]
 
 
 def validate(cfg: RunConfig) -> RunConfig:

@@ -1,0 +1,69 @@
+"""N actors of any role class, sized by one `RoleConfig`, started and stopped around one stage.
+
+`launch_roles` (launch.py) plans the five PPO roles from `cfg.roles`; the other stages (SFT, reward model, DPO,
+preference collection, evaluation) each need a group or two for a while, then give the CPUs and GPUs back so the
+next stage, in the same Ray session, can have them. Hence context managers that always release what they took:
+
+    with learner_group("sft", SFTLearner, cfg, cfg.sft.learners) as sft:   # one ZeRO data-parallel group
+        sft.scatter("train", batch).get()
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+from rlhf_dist.distributed.cluster import worker_env
+from rlhf_dist.distributed.role_group import Bundles, RoleGroup, reserve
+
+@contextmanager
+def role_group(name: str, role_cls: type, role, make_args: Callable[[int], tuple[tuple, dict]],
+               timeout_s: float) -> Iterator[RoleGroup]:
+    """`role.num_actors` actors of `role_cls` in their own placement group; killed and released on exit."""
+    pg = reserve(name, role.num_actors, role.num_cpus, role.num_gpus, role.placement.upper(), timeout_s)
+    group = None
+    try:
+        bundles = Bundles(pg, list(range(role.num_actors)), role.num_cpus, role.num_gpus)
+        group = RoleGroup(name, role_cls, bundles, make_args, timeout_s, env_vars=worker_env())
+        yield group
+    finally:
+        for actor in group.actors if group is not None else ():
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(pg)
+
+
+@contextmanager
+def worker_group(name: str, role_cls: type, cfg, role) -> Iterator[RoleGroup]:
+    """Actors built as `role_cls(cfg, rank)`: rollout, reference, reward, labeller."""
+    with role_group(name, role_cls, role, lambda rank: ((cfg, rank), {}), cfg.ray.actor_timeout_s) as group:
+        yield group
+
+
+@contextmanager
+def learner_group(name: str, learner_cls: type, cfg, role) -> Iterator[RoleGroup]:
+    """Actors built as `learner_cls(cfg, rank, world_size)` that form one data-parallel process group (gloo on
+    CPU, NCCL on GPU) and each build their training engine, before the group is handed out."""
+    n = role.num_actors
+    with role_group(name, learner_cls, role, lambda rank: ((cfg, rank, n), {}), cfg.ray.actor_timeout_s) as group:
+        addr, port = group.call_rank(0, "rendezvous_address").get()[0]
+        group.call("init_group", addr, port).get()
+        yield group
+
+
+def live_placement_groups() -> set[str]:
+    """Ids (hex) of the session's placement groups that are not removed."""
+    return {pg_id for pg_id, info in placement_group_table().items() if info.get("state") != "REMOVED"}
+
+
+def release_placement_groups(keep: set[str]) -> int:
+    """Remove every live placement group not in `keep` (with its actors); returns how many.
+
+    A pipeline snapshots `live_placement_groups()` before a stage and releases the rest after it: a driver that
+    leaves a reservation behind (`launch_roles` without `running_roles`) cannot starve the next stage.
+    """
+    extra = live_placement_groups() - keep
+    for pg_id in extra:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    return len(extra)

@@ -1,0 +1,73 @@
+"""DPO: the policy learns from preference pairs directly, against a frozen reference; no reward model, no sampling.
+
+1. the reference actors score every answer once: log pi_ref(chosen | prompt), log pi_ref(rejected | prompt);
+2. the learners minimise the DPO (or IPO) loss on those pairs for a few epochs, evaluated on held-out pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rlhf_dist.data import schema as S
+from rlhf_dist.data.batch import to_padded
+from rlhf_dist.metrics import MetricsLog
+from rlhf_dist.trainers import offline
+from rlhf_dist.trainers.rm import preferences_path
+from rlhf_dist.workers.dataset_learner import stack_pairs
+from rlhf_dist.workers.dpo import REF_CHOSEN, REF_REJECTED
+
+
+def add_reference_logps(pairs: pa.RecordBatch, reference_logprobs: pa.RecordBatch) -> pa.RecordBatch:
+    """Adds `ref_chosen_logps`, `ref_rejected_logps` (float32, summed over each answer's tokens) to `pairs`, from
+    the reference's per-token `ref_logprobs` of `stack_pairs(pairs)` (chosen rows first)."""
+    per_token, mask = to_padded(reference_logprobs, S.REF_LOGPROBS, dtype=torch.float32)
+    summed = (per_token * mask).sum(dim=1).numpy().astype(np.float32)
+    n = len(pairs)
+    pairs = pairs.append_column(pa.field(REF_CHOSEN, pa.float32()), pa.array(summed[:n]))
+    return pairs.append_column(pa.field(REF_REJECTED, pa.float32()), pa.array(summed[n:]))
+
+
+def reference_config(cfg):
+    """The reference actors' view: the frozen model, scored at temperature 1 (DPO's log-probs are the model's own)."""
+    ref = cfg.dpo.reference or cfg.model.reference or cfg.model.policy
+    cfg = offline.with_model(cfg, reference=ref)
+    return dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, temperature=1.0))
+
+
+def run(cfg) -> dict:
+    """DPO of model.policy on dpo.data against dpo.reference; saves the policy to dpo.output."""
+    from rlhf_dist.distributed.cluster import ray_session
+    from rlhf_dist.distributed.learners import learner_group, worker_group
+    from rlhf_dist.models.load import load_tokenizer
+    from rlhf_dist.workers.dpo import DPOLearner
+    from rlhf_dist.workers.reference import ReferenceWorker
+
+    t0, stage = time.perf_counter(), cfg.dpo
+    spec = offline.dataset_spec(cfg, "dpo", "preferences", preferences_path(cfg, "dpo"))
+    data, report = offline.read_tokenized(spec, load_tokenizer(cfg.model.tokenizer or cfg.model.policy),
+                                         "dpo.data.path")
+    train, held = offline.split_held_out(data, stage, cfg.seed, "dpo")
+    out = offline.stage_output(cfg, "dpo")
+    log = MetricsLog(Path(cfg.output_dir) / "dpo.metrics.jsonl")
+    need = max(stage.learners.num_actors * stage.learners.num_cpus,
+               cfg.roles.reference.num_actors * cfg.roles.reference.num_cpus)
+    with ray_session(cfg, min_cpus=need):
+        with worker_group("reference", ReferenceWorker, reference_config(cfg), cfg.roles.reference) as reference:
+            # Scored once, before any learner starts: the reference and the pairs never change.
+            train = add_reference_logps(train, reference.scatter("logprobs", stack_pairs(train)).batch())
+            if held is not None:
+                held = add_reference_logps(held, reference.scatter("logprobs", stack_pairs(held)).batch())
+        with learner_group("dpo", DPOLearner, cfg, stage.learners) as learners:
+            rows = offline.train_epochs(learners, DPOLearner, train, held, stage, cfg.seed, "dpo", log)
+            learners.call("save_hf", str(out)).get()
+    summary = offline.summarize("dpo", rows, model_path=str(out), metrics_path=str(log.path), data=str(spec.path),
+                                train_rows=len(train), eval_rows=len(held) if held is not None else 0,
+                                seconds=time.perf_counter() - t0, **report)
+    print(f"dpo: held-out margin {summary['eval_first'].get('margin', float('nan')):.3f} -> "
+          f"{summary['eval_last'].get('margin', float('nan')):.3f}; policy saved to {out}", flush=True)
+    return summary

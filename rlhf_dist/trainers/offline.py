@@ -1,0 +1,132 @@
+"""What the SFT, reward-model and DPO drivers share: the data set in, epochs of batches out, metrics pooled.
+
+Everything before `train_epochs` runs on the driver without a cluster, so a bad row fails (naming file, row and
+column) before any actor starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rlhf_dist.config import ConfigError
+from rlhf_dist.data.batch import concat_batches
+from rlhf_dist.data.datasets import DataError, DatasetSpec, read_batches, tokenize
+from rlhf_dist.metrics import MetricsLog
+
+
+def stage_output(cfg, stage: str) -> Path:
+    """Where a stage saves its model: `<stage>.output`, else `<output_dir>/<stage>`."""
+    return Path(getattr(cfg, stage).output or Path(cfg.output_dir) / stage)
+
+
+def ensure_base_model(cfg) -> None:
+    """Build the tiny model at model.policy when asked to and absent (as the PPO driver does)."""
+    if cfg.model.build_tiny_if_missing and not (Path(cfg.model.policy) / "config.json").exists():
+        from rlhf_dist.models.tiny import build_tiny
+
+        build_tiny(cfg.model.policy, seed=cfg.seed)
+
+
+def with_model(cfg, **model_fields):
+    """A copy of `cfg` whose `model` section has these fields replaced (the stages hand models to each other)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_fields))
+
+
+def dataset_spec(cfg, stage: str, kind: str, path: str | Path) -> DatasetSpec:
+    d = getattr(cfg, stage).data
+    return DatasetSpec(path, kind, columns=dict(d.columns), split=d.split, max_tokens=d.max_tokens,
+                       on_overlong=d.on_overlong)
+
+
+def read_tokenized(spec: DatasetSpec, tokenizer, key: str) -> tuple[pa.RecordBatch, dict]:
+    """The whole validated set as one batch of token columns (`prompt_ids` + `response_ids` or `chosen_ids`,
+    `rejected_ids`) and a report of what was kept. A bad row is a ConfigError on `key` (the data path) that names
+    the file, row and column, so the command line reports it as a user error before any actor starts.
+
+    Plain text, no chat template: the PPO prompts (rlhf_dist.data.prompts) are tokenised the same way, so a model
+    trained here meets its prompts in the form it was trained on.
+    """
+    try:
+        tokens = tokenize(read_batches(spec), tokenizer, spec, apply_chat_template=False)
+        batches = [b.select([c for c in b.schema.names if c.endswith("_ids")]) for b in tokens]
+    except (DataError, FileNotFoundError) as err:
+        raise ConfigError(key, str(err)) from None
+    if not batches:
+        raise ConfigError(key, f"{spec.path}: no rows left to train on ({tokens.report}); check the file and "
+                               f"max_tokens")
+    report = {"rows_in": tokens.report.rows_in, "rows_kept": tokens.report.rows_out,
+              "dropped_overlong": tokens.report.dropped_overlong}
+    return concat_batches(batches), report
+
+
+def split_held_out(batch: pa.RecordBatch, stage_cfg, seed: int, stage: str
+                   ) -> tuple[pa.RecordBatch, pa.RecordBatch | None]:
+    """A seeded split into (train, held out). The held-out size is a multiple of the learner count (equal shards
+    keep ZeRO ranks in lock-step; at most num_actors - 1 rows go unused); the training set needs one full batch."""
+    n, world = len(batch), stage_cfg.learners.num_actors
+    order = np.random.default_rng([seed, 0x5EED]).permutation(n)
+    n_held = int(round(stage_cfg.eval_fraction * n)) // world * world
+    if stage_cfg.eval_fraction > 0 and n_held == 0:
+        n_held = world
+    if n - n_held < stage_cfg.batch_size:
+        raise ConfigError(f"{stage}.batch_size", f"{stage_cfg.batch_size}, but only {n - n_held} training rows are "
+                                                 f"left ({n} rows, {n_held} held out); lower it or add data")
+    held = batch.take(pa.array(order[:n_held])) if n_held else None
+    return batch.take(pa.array(order[n_held:])), held
+
+
+def epoch_batches(batch: pa.RecordBatch, batch_size: int, seed: int, epoch: int) -> list[pa.RecordBatch]:
+    """This epoch's shuffled global batches; the last partial one is dropped (every step takes full shards)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(batch))
+    return [batch.take(pa.array(order[i:i + batch_size])) for i in range(0, len(batch) - batch_size + 1, batch_size)]
+
+
+def pooled(dicts: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(sum(d[k] for d in dicts)) for k in dicts[0]}
+
+
+def averaged(dicts: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]}
+
+
+def train_epochs(group, learner_cls, train: pa.RecordBatch, held: pa.RecordBatch | None, stage_cfg, seed: int,
+                 stage: str, log: MetricsLog) -> list[dict]:
+    """Evaluate, then for every epoch: one optimizer step per global batch, scattered over the learners, and
+    evaluate again on the held-out set. Returns the logged rows (one per epoch, plus the one before training)."""
+    def evaluate() -> dict[str, float]:
+        if held is None:
+            return {}
+        sums = pooled(group.scatter("evaluate", held).get())
+        return {f"eval/{k}": v for k, v in learner_cls.eval_metrics(sums).items()}
+
+    row = {"epoch": 0, "step": 0, **evaluate()}
+    log.log(row)
+    print(f"{stage} before training: {_line(row)}", flush=True)
+    step = 0
+    for epoch in range(1, stage_cfg.epochs + 1):
+        t0, stats = time.perf_counter(), []
+        for batch in epoch_batches(train, stage_cfg.batch_size, seed, epoch):
+            stats.append(averaged(group.scatter("train", batch).get()))
+            step += 1
+        row = {"epoch": epoch, "step": step, **averaged(stats), **evaluate(), "time/epoch": time.perf_counter() - t0}
+        log.log(row)
+        print(f"{stage} epoch {epoch}/{stage_cfg.epochs}: {_line(row)}", flush=True)
+    return log.rows
+
+
+def summarize(stage: str, rows: list[dict], **extra) -> dict:
+    first, last = rows[0], rows[-1]
+    return {"stage": stage, "epochs": int(last["epoch"]), "steps": int(last["step"]),
+            "eval_first": {k[5:]: v for k, v in first.items() if k.startswith("eval/")},
+            "eval_last": {k[5:]: v for k, v in last.items() if k.startswith("eval/")},
+            "train_last": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(f"{stage}/")},
+            **extra}
+
+
+def _line(row: dict) -> str:
+    keys = [k for k in row if k.startswith("eval/") or k.endswith(("/loss", "/accuracy", "/margin"))]
+    return " ".join(f"{k}={row[k]:.4g}" for k in keys)

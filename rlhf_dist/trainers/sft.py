@@ -1,0 +1,67 @@
+"""Supervised fine-tuning: the base model learns to continue prompts the way the demonstrations do."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from rlhf_dist.config import ConfigError
+from rlhf_dist.metrics import MetricsLog
+from rlhf_dist.trainers import offline
+
+
+def synthetic_demonstrations(n: int, seed: int) -> dict[str, list[str]]:
+    """`n` (prompt, response) rows cut from `synthetic.corpus` lines: the prompt is the neutral words before the
+    first positive word, the response the rest (a line without a positive word teaches nothing and is skipped)."""
+    from rlhf_dist.data.synthetic import POSITIVE_WORDS, corpus
+
+    positive, rows = set(POSITIVE_WORDS), {"prompt": [], "response": []}
+    for line in corpus(n, seed):
+        words = line.split()
+        cut = next((i for i, w in enumerate(words) if w in positive), None)
+        if cut:
+            rows["prompt"].append(" ".join(words[:cut]))
+            rows["response"].append(" ".join(words[cut:]))
+    return rows
+
+
+def demonstrations_path(cfg) -> Path:
+    """sft.data.path, or the synthetic demonstrations written (atomically) into the run dir."""
+    if cfg.sft.data.path:
+        return Path(cfg.sft.data.path)
+    if cfg.data.task != "synthetic":
+        raise ConfigError("sft.data.path", "not set, and synthetic demonstrations exist only for data.task="
+                                           "synthetic; set sft.data.path=PATH (prompt/response rows)")
+    from rlhf_dist.data.datasets import write_parquet
+
+    path = Path(cfg.output_dir) / "sft_demonstrations.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet([pa.record_batch(synthetic_demonstrations(cfg.sft.demonstrations, cfg.seed))], path)
+    return path
+
+
+def run(cfg) -> dict:
+    """SFT of model.policy on sft.data; saves the model (Hugging Face format) to sft.output."""
+    from rlhf_dist.distributed.cluster import ray_session
+    from rlhf_dist.distributed.learners import learner_group
+    from rlhf_dist.models.load import load_tokenizer
+    from rlhf_dist.workers.sft import SFTLearner
+
+    t0, stage = time.perf_counter(), cfg.sft
+    offline.ensure_base_model(cfg)
+    spec = offline.dataset_spec(cfg, "sft", "demonstrations", demonstrations_path(cfg))
+    data, report = offline.read_tokenized(spec, load_tokenizer(cfg.model.tokenizer or cfg.model.policy),
+                                         "sft.data.path")
+    train, held = offline.split_held_out(data, stage, cfg.seed, "sft")
+    out = offline.stage_output(cfg, "sft")
+    log = MetricsLog(Path(cfg.output_dir) / "sft.metrics.jsonl")
+    with ray_session(cfg, min_cpus=stage.learners.num_actors * stage.learners.num_cpus):
+        with learner_group("sft", SFTLearner, cfg, stage.learners) as learners:
+            rows = offline.train_epochs(learners, SFTLearner, train, held, stage, cfg.seed, "sft", log)
+            learners.call("save_hf", str(out)).get()
+    summary = offline.summarize("sft", rows, model_path=str(out), metrics_path=str(log.path), data=str(spec.path),
+                                train_rows=len(train), eval_rows=len(held) if held is not None else 0,
+                                seconds=time.perf_counter() - t0, **report)
+    print(f"sft: model saved to {out} ({summary['steps']} steps, {summary['seconds']:.1f} s)", flush=True)
+    return summary

@@ -1,0 +1,45 @@
+"""The reward-model learner: Bradley-Terry on (chosen, rejected), scored at each answer's last token."""
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from rlhf_dist.algo import bradley_terry_loss
+from rlhf_dist.workers.dataset_learner import DatasetLearner, stack_pairs
+
+
+class RMLearner(DatasetLearner):
+    section = "rm"
+    role_seed = 12
+
+    def build_model(self) -> torch.nn.Module:
+        from rlhf_dist.models.load import load_reward_model
+
+        # Same seed on every rank: the fresh score head starts identical everywhere.
+        return load_reward_model(self.stage.init or self.cfg.model.policy, dtype=self.cfg.model.dtype,
+                                 seed=self.cfg.seed)
+
+    def _scores(self, batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reward of the chosen and of the rejected answer of every pair, [B] each, from one forward pass."""
+        from rlhf_dist.models.logprobs import sequence_scores
+
+        x = self.tensors(stack_pairs(batch), ())
+        last = x["attention_mask"].sum(dim=1) - 1      # right padded: the last real token of each row
+        scores = sequence_scores(self.engine, x["input_ids"], x["attention_mask"], last, x["position_ids"])
+        return scores[: len(batch)], scores[len(batch):]
+
+    def loss(self, micro: pa.RecordBatch):
+        chosen, rejected = self._scores(micro)
+        loss, accuracy = bradley_terry_loss(chosen, rejected)
+        return loss, {"loss": loss.detach(), "accuracy": accuracy, "margin": (chosen - rejected).mean().detach()}
+
+    def eval_sums(self, chunk: pa.RecordBatch) -> dict[str, float]:
+        chosen, rejected = self._scores(chunk)
+        loss, _ = bradley_terry_loss(chosen, rejected)
+        return {"pairs": float(len(chunk)), "loss": float(loss) * len(chunk),
+                "correct": float((chosen > rejected).sum()), "margin": float((chosen - rejected).sum())}
+
+    @staticmethod
+    def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
+        n = max(1.0, sums["pairs"])
+        return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n, "margin": sums["margin"] / n}
