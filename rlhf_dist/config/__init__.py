@@ -6,11 +6,11 @@ from .loading import (DEFAULT_CONFIG, ConfigError, ConfigFileNotFoundError, appl
                       dump_yaml, from_dict, load_config, read_yaml)
 from .schema import (AlgoConfig, CheckpointConfig, DataConfig, GenerationConfig, LoggingConfig, ModelConfig,
                      RayConfig, RewardConfig, RoleConfig, RolesConfig, RunConfig, SyncConfig, TrainConfig)
-from .validate import check_imports, check_paths, validate
+from .validate import check_imports, check_paths, resolve_function, validate
 
 __all__ = [
     "DEFAULT_CONFIG", "ConfigError", "ConfigFileNotFoundError", "apply_override", "config_to_dict", "dump_yaml",
     "from_dict", "load_config", "read_yaml", "AlgoConfig", "CheckpointConfig", "DataConfig", "GenerationConfig",
     "LoggingConfig", "ModelConfig", "RayConfig", "RewardConfig", "RoleConfig", "RolesConfig", "RunConfig",
-    "SyncConfig", "TrainConfig", "check_imports", "check_paths", "validate",
+    "SyncConfig", "TrainConfig", "check_imports", "check_paths", "resolve_function", "validate",
 ]

@@ -327,23 +327,27 @@ def check_paths(cfg: RunConfig) -> None:
         raise ConfigError("data.prompts", f"{cfg.data.prompts!r} does not exist (cwd {os.getcwd()}); fix the path")
 
 
-def check_imports(cfg: RunConfig) -> None:
-    """reward.function imports and is callable here (it may import heavy modules: hence not in validate)."""
-    ref = cfg.reward.function
-    if ref is None:
-        return
-    module_name, attr = ref.split(":")
+def resolve_function(key: str, ref: str):
+    """``module:function`` -> the callable, or a ConfigError naming ``key`` and what is wrong with ``ref``."""
+    module_name, _, attr = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # any import-time failure of user code is a config problem to report, not a crash
-        raise ConfigError("reward.function", f"cannot import {module_name!r} ({type(err).__name__}: {err}); check "
-                                             f"the module name and that it is importable on every node") from None
+        raise ConfigError(key, f"cannot import {module_name!r} ({type(err).__name__}: {err}); check "
+                               f"the module name and that it is importable on every node") from None
     fn = getattr(module, attr, None)
     if fn is None:
         names = [n for n in dir(module) if not n.startswith("_")]
         hint = difflib.get_close_matches(attr, names, n=1)
-        raise ConfigError("reward.function", f"module {module_name!r} has no {attr!r}"
-                                             + (f"; did you mean {module_name}:{hint[0]}?" if hint else ""))
+        raise ConfigError(key, f"module {module_name!r} has no {attr!r}"
+                               + (f"; did you mean {module_name}:{hint[0]}?" if hint else ""))
     if not callable(fn):
-        raise ConfigError("reward.function", f"{ref!r} is a {type(fn).__name__}, not a function; point it at a "
-                                             f"callable(prompts, responses) -> list[float]")
+        raise ConfigError(key, f"{ref!r} is a {type(fn).__name__}, not a function; point it at a "
+                               f"callable(prompts, responses) -> list[float]")
+    return fn
+
+
+def check_imports(cfg: RunConfig) -> None:
+    """reward.function imports and is callable here (it may import heavy modules: hence not in validate)."""
+    if cfg.reward.function is not None:
+        resolve_function("reward.function", cfg.reward.function)

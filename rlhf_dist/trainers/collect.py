@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from rlhf_dist.config import ConfigError
+from rlhf_dist.config import ConfigError, resolve_function
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import concat_batches, repeat_interleave
 from rlhf_dist.trainers.offline import with_model
@@ -29,16 +29,12 @@ def prepare(cfg) -> pa.Table:
     """The tokenised prompts; the judge's function imports and its model exists, all before any actor starts."""
     from rlhf_dist.data.prompts import read_prompt_texts, tokenize_prompts
     from rlhf_dist.models.load import load_tokenizer
-    from rlhf_dist.workers.common import import_function
 
     c = cfg.collect
     for key, ref in (("collect.utility", c.utility if c.judge == "simulated" else None),
                      ("collect.judge_function", c.judge_function if c.judge == "function" else None)):
         if ref:
-            try:
-                import_function(ref)
-            except (ImportError, AttributeError) as err:
-                raise ConfigError(key, f"{err}; check the module and function names") from None
+            resolve_function(key, ref)
     if c.judge == "reward_model" and not (Path(c.judge_model) / "config.json").exists():
         raise ConfigError("collect.judge_model", f"{c.judge_model!r} is not a saved model; train one with "
                                                  f"`rlhf-dist rm` or fix the path")

@@ -1,10 +1,8 @@
-"""What every role does when it starts: one seed, a bounded thread count, and the tensor edge of Arrow batches."""
+"""What every role does when it starts: one seed, a bounded thread count, the device."""
 from __future__ import annotations
 
-import importlib
 import os
 import random
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,16 +32,3 @@ def device() -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
         return torch.device("cuda", local)
     return torch.device("cpu")
-
-
-def import_function(spec: str) -> Callable:
-    """``module:function`` -> the function, with an error that says which half is wrong."""
-    module_name, _, fn_name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(f"reward.function {spec!r}: cannot import module {module_name!r} ({err})") from err
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise AttributeError(f"reward.function {spec!r}: module {module_name!r} has no function {fn_name!r}")
-    return fn

@@ -16,7 +16,6 @@ import torch
 
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import split_even
-from rlhf_dist.workers.common import derive_seed, setup_process
 from rlhf_dist.workers.learner import Learner
 
 CHOSEN_IDS, REJECTED_IDS = "chosen_ids", "rejected_ids"   # as rlhf_dist.data.datasets.tokenize names them
@@ -48,13 +47,10 @@ class DatasetLearner(Learner):
     role_seed = 0
 
     def __init__(self, cfg, rank: int = 0, world_size: int = 1):
-        # Not Learner.__init__: that one sizes threads from cfg.roles.<role>, the PPO roles table, while these
-        # stages carry their own `<stage>.learners`. The state it sets up is the same.
+        # These stages size their threads from their own `<stage>.learners`, not the PPO roles table.
         self.stage = getattr(cfg, self.section)
         self.role = self.section
-        setup_process(derive_seed(cfg.seed, self.role_seed, rank), self.stage.learners.num_cpus)
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.engine = None
+        super().__init__(cfg, rank, world_size, self.role_seed, num_cpus=self.stage.learners.num_cpus)
 
     def learning_rate(self) -> float:
         return self.stage.lr

@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 import torch
 
 from rlhf_dist.data import schema as S
-from rlhf_dist.workers.common import derive_seed, device, import_function, setup_process
+from rlhf_dist.config import resolve_function
+from rlhf_dist.workers.common import derive_seed, device, setup_process
 
 # A batch of pairs to judge: one row per (prompt, response a, response b), from rlhf_dist.trainers.collect. Judges
 # read text (the prompt's ids only balance the scatter): a reward-model judge tokenises with its own tokenizer.
@@ -64,9 +65,9 @@ class LabellerWorker:
         self.judge = c.judge
         self.function = self.model = None
         if c.judge == "simulated":
-            self.function = import_function(c.utility)
+            self.function = resolve_function("collect.utility", c.utility)
         elif c.judge == "function":
-            self.function = import_function(c.judge_function)
+            self.function = resolve_function("collect.judge_function", c.judge_function)
         else:
             from rlhf_dist.models.load import load_reward_model, load_tokenizer
 

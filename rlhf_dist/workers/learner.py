@@ -17,8 +17,9 @@ class Learner:
 
     role = "learner"
 
-    def __init__(self, cfg, rank: int, world_size: int, role_seed: int):
-        setup_process(derive_seed(cfg.seed, role_seed, rank), getattr(cfg.roles, self.role).num_cpus)
+    def __init__(self, cfg, rank: int, world_size: int, role_seed: int, num_cpus: float | None = None):
+        threads = getattr(cfg.roles, self.role).num_cpus if num_cpus is None else num_cpus
+        setup_process(derive_seed(cfg.seed, role_seed, rank), threads)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.engine = None
 

@@ -9,14 +9,15 @@ import torch
 
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import make_batch, to_sequences
-from rlhf_dist.workers.common import derive_seed, device, import_function, setup_process
+from rlhf_dist.config import resolve_function
+from rlhf_dist.workers.common import derive_seed, device, setup_process
 
 
 class RewardWorker:
     def __init__(self, cfg, rank: int = 0):
         setup_process(derive_seed(cfg.seed, 2, rank), cfg.roles.reward.num_cpus)
         self.cfg = cfg
-        self.function = import_function(cfg.reward.function) if cfg.reward.function else None
+        self.function = resolve_function("reward.function", cfg.reward.function) if cfg.reward.function else None
         self.model = self.pad_token_id = None
         if cfg.model.reward:
             from rlhf_dist.models.load import load_reward_model, load_tokenizer
