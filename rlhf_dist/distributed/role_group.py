@@ -229,10 +229,14 @@ class RoleGroup:
 
     def scatter(self, method: str, batch: pa.RecordBatch, *args: Any, **kwargs: Any) -> "Pending":
         """Split ``batch`` into one token-balanced shard per actor; ``Pending.batch()`` gathers in the original order."""
+        if len(self.actors) == 1:  # nothing to balance, nothing to reorder
+            return Pending(self, method, [getattr(self.actors[0], method).remote(batch, *args, **kwargs)])
         # Before generation only prompts count; after it, prompts and responses.
         columns = tuple(c for c in (S.PROMPT_IDS, S.RESPONSE_IDS) if c in batch.schema.names)
         shards, index = split_balanced(batch, len(self.actors), token_columns=columns)
-        refs = [getattr(a, method).remote(ray.put(s), *args, **kwargs) for a, s in zip(self.actors, shards)]
+        # Shards go as plain arguments: Ray inlines small ones into the call (no object-store round trip: about half
+        # the latency of an explicit ray.put on a small batch) and puts large ones into the object store itself.
+        refs = [getattr(a, method).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)]
         return Pending(self, method, refs, index=index)
 
 
@@ -245,24 +249,34 @@ class Pending:
 
     def get(self) -> list:
         deadline = time.monotonic() + self.group.timeout_s
+        position = {ref: i for i, ref in enumerate(self.refs)}
+        values: list = [None] * len(self.refs)
         pending = list(self.refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, deadline - time.monotonic()))
-            if not done and pending:
-                late = [self.ranks[self.refs.index(r)] for r in pending]
-                raise ActorTimeoutError(
-                    f"role {self.group.name}: actor(s) {late} did not answer {self.method}() within "
-                    f"{self.group.timeout_s:.0f} s (ray.actor_timeout_s); see their logs above"
-                )
-            for ref in done:  # surface a dead actor as soon as it is known, not after the others finish
+            if len(pending) == 1:  # one answer left: wait for it in the get itself (one Ray call, not two)
+                done, pending = pending, []
+            else:  # one answer at a time: a dead actor surfaces as soon as it is known, not after the others finish
+                done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not done:
+                    self._timed_out(pending, position)
+            for ref in done:  # each result is fetched once
                 try:
-                    ray.get(ref)
+                    values[position[ref]] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                except ray.exceptions.GetTimeoutError:
+                    self._timed_out([ref], position)
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-                    rank = self.ranks[self.refs.index(ref)]
+                    rank = self.ranks[position[ref]]
                     raise ActorDiedError(
                         f"role {self.group.name} actor {rank} failed in {self.method}(): {err}"
                     ) from err
-        return ray.get(self.refs)
+        return values
+
+    def _timed_out(self, pending: list, position: dict) -> None:
+        late = [self.ranks[position[r]] for r in pending]
+        raise ActorTimeoutError(
+            f"role {self.group.name}: actor(s) {late} did not answer {self.method}() within "
+            f"{self.group.timeout_s:.0f} s (ray.actor_timeout_s); see their logs above"
+        )
 
     def batch(self) -> pa.RecordBatch:
         parts = self.get()

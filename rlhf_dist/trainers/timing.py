@@ -1,0 +1,141 @@
+"""Where an iteration's time goes: model compute on the actors, and the rest (orchestration overhead).
+
+Every actor reports the seconds it spent inside each role method (``RoleGroup.compute_stats``). Here those numbers
+become one metrics row:
+- ``compute/<role>``: the role's compute time, max over its actors within each phase, summed over phases (and
+  ``compute/<role>/<method>`` for each method);
+- ``critical/<phase>``: the compute on the phase's critical path: its longest chain of calls (``CHAINS``: within a
+  phase the roles run side by side, the calls of one chain one after the other, such as the learner's export and
+  then the rollout's load in an object-store weight sync);
+- ``compute/critical_path``: the sum over phases, plus the driver's own math (advantages);
+- ``overhead_frac = 1 - compute/critical_path / time/wall``: the share of the iteration spent outside model compute
+  (scheduling, serialisation, object transfer, waiting on a busy CPU, the driver's bookkeeping);
+- ``memory/<role>_peak_mb`` (and ``memory/<role>_gpu_peak_mb``): peak memory, max over the role's actors.
+Pure functions on plain dicts: no Ray here.
+"""
+from __future__ import annotations
+
+# How each phase of the PPO iteration (rlhf_dist.trainers.ppo) runs: chains of "role.method" calls that run side by
+# side; the calls within a chain run one after the other. A phase's critical path is its longest chain.
+Chains = dict[str, tuple[tuple[str, ...], ...]]
+CHAINS: Chains = {
+    "generate": (("rollout.generate",),),
+    "score": (("reward.score",), ("reference.logprobs",), ("policy.logprobs",), ("critic.values",)),
+    "train": (("policy.train",), ("critic.train",)),
+    # object store: the learner exports, then the rollout loads; CUDA IPC: handles, then load; NCCL: one collective
+    "weight_sync": (("policy.export_weights", "rollout.load_weights"),
+                    ("policy.ipc_weight_handles", "rollout.receive_weight_ipc"),
+                    ("policy.broadcast_weights",), ("rollout.receive_weight_broadcast",)),
+}
+# The driver can queue the object-store push right behind the policy's training (ppo.iteration(sync=...)): the push
+# is then part of the train phase, chained after the policy's train call, side by side with the critic's.
+SYNC_IN_TRAIN: Chains = {
+    **CHAINS,
+    "train": (("policy.train", "policy.export_weights", "rollout.load_weights"), ("critic.train",)),
+    "weight_sync": (),
+}
+PHASES = ("generate", "score", "advantages", "train", "weight_sync")
+DRIVER_PHASES = ("advantages",)  # computed on the driver: their wall time is compute
+
+
+def phase_of(role: str, method: str, chains: Chains = CHAINS) -> str:
+    """A method the driver does not know about (an evaluation pass, say) is a phase of its own."""
+    name = f"{role}.{method}"
+    for phase, phase_chains in chains.items():
+        if any(name in chain for chain in phase_chains):
+            return phase
+    return name
+
+
+def method_seconds(stats_by_role: dict[str, list[dict]]) -> dict[str, float]:
+    """``{"role.method": seconds}``, the max over the role's actors."""
+    out: dict[str, float] = {}
+    for role, actors in stats_by_role.items():
+        for stats in actors:
+            for method, seconds in stats.get("seconds", {}).items():
+                key = f"{role}.{method}"
+                out[key] = max(out.get(key, 0.0), seconds)
+    return out
+
+
+def role_phase_seconds(stats_by_role: dict[str, list[dict]], chains: Chains = CHAINS) -> dict[str, dict[str, float]]:
+    """``{role: {phase: seconds}}``: each actor's method seconds summed per phase, then the max over the actors."""
+    out: dict[str, dict[str, float]] = {}
+    for role, actors in stats_by_role.items():
+        per_phase: dict[str, float] = {}
+        for stats in actors:
+            mine: dict[str, float] = {}
+            for method, seconds in stats.get("seconds", {}).items():
+                phase = phase_of(role, method, chains)
+                mine[phase] = mine.get(phase, 0.0) + seconds
+            for phase, seconds in mine.items():
+                per_phase[phase] = max(per_phase.get(phase, 0.0), seconds)
+        out[role] = per_phase
+    return out
+
+
+def critical_seconds(stats_by_role: dict[str, list[dict]], driver: dict[str, float] | None = None,
+                     chains: Chains = CHAINS) -> dict[str, float]:
+    """``{phase: compute seconds on its critical path}``: the longest chain (each call the max over the role's
+    actors), for every phase with a call this iteration; ``driver`` adds the driver's own phases as they are."""
+    seconds = method_seconds(stats_by_role)
+    out: dict[str, float] = {}
+    for phase, phase_chains in chains.items():
+        if any(name in seconds for chain in phase_chains for name in chain):
+            out[phase] = max(sum(seconds.get(name, 0.0) for name in chain) for chain in phase_chains)
+    for name, s in seconds.items():
+        role, method = name.split(".", 1)
+        if phase_of(role, method, chains) == name:  # unknown to the driver: a phase of its own
+            out[name] = s
+    for phase, s in (driver or {}).items():
+        out[phase] = out.get(phase, 0.0) + s
+    return out
+
+
+def overhead_fraction(critical_path_s: float, wall_s: float) -> float:
+    return 1.0 - critical_path_s / wall_s if wall_s > 0 else float("nan")
+
+
+def iteration_metrics(stats_by_role: dict[str, list[dict]], wall_s: float, driver: dict[str, float] | None = None,
+                      chains: Chains = CHAINS) -> dict[str, float]:
+    """The metrics row's timing and memory columns for one iteration (see the module docstring)."""
+    row: dict[str, float] = {}
+    for name, s in sorted(method_seconds(stats_by_role).items()):
+        row["compute/" + name.replace(".", "/", 1)] = s
+    role_phase = role_phase_seconds(stats_by_role, chains)
+    row.update({f"compute/{role}": sum(phases.values()) for role, phases in role_phase.items()})
+    critical = critical_seconds(stats_by_role, driver, chains)
+    row.update({f"critical/{phase}": s for phase, s in critical.items()})
+    row["compute/critical_path"] = sum(critical.values())
+    row["time/wall"] = wall_s
+    row["overhead_frac"] = overhead_fraction(row["compute/critical_path"], wall_s)
+    row.update(peak_memory(stats_by_role))
+    return row
+
+
+def peak_memory(stats_by_role: dict[str, list[dict]]) -> dict[str, float]:
+    """``memory/<role>_peak_mb`` (resident set) and, where actors hold GPU memory, ``memory/<role>_gpu_peak_mb``."""
+    row: dict[str, float] = {}
+    for role, actors in stats_by_role.items():
+        rss = [s["peak_rss_mb"] for s in actors if "peak_rss_mb" in s]
+        gpu = [s["peak_gpu_mb"] for s in actors if "peak_gpu_mb" in s]
+        if rss:
+            row[f"memory/{role}_peak_mb"] = max(rss)
+        if gpu:
+            row[f"memory/{role}_gpu_peak_mb"] = max(gpu)
+    return row
+
+
+def phase_overhead(row: dict[str, float]) -> dict[str, float]:
+    """Seconds outside compute in each driver phase (its wall time minus its critical-path compute), and
+    ``between`` for the driver's time outside every phase (sampling prompts, batch statistics, the stale-weight
+    check). Sums to ``time/wall - compute/critical_path``."""
+    out = {}
+    for phase in PHASES:
+        if f"time/{phase}" in row:
+            out[phase] = row[f"time/{phase}"] - row.get(f"critical/{phase}", 0.0)
+    extra = [k.removeprefix("critical/") for k in row if k.startswith("critical/")
+             and k.removeprefix("critical/") not in PHASES]
+    outside = sum(row.get(f"time/{p}", 0.0) for p in PHASES)
+    out["between"] = row["time/wall"] - outside - sum(row[f"critical/{p}"] for p in extra)
+    return out

@@ -1,0 +1,157 @@
+"""Where an iteration's time goes: the overhead arithmetic against hand-worked numbers, and actors that report it."""
+import time
+
+import pytest
+
+from rlhf_dist.trainers import timing
+
+# Two rollout actors, two policy ranks, one of each other role; seconds inside each role method.
+STATS = {
+    "rollout": [{"seconds": {"generate": 1.0, "load_weights": 0.1}, "peak_rss_mb": 400.0},
+                {"seconds": {"generate": 1.5, "load_weights": 0.2}, "peak_rss_mb": 450.0}],
+    "reward": [{"seconds": {"score": 0.2}, "peak_rss_mb": 300.0}],
+    "reference": [{"seconds": {"logprobs": 0.5}, "peak_rss_mb": 420.0}],
+    "policy": [{"seconds": {"logprobs": 0.6, "train": 2.0, "export_weights": 0.3}, "peak_rss_mb": 500.0,
+                "peak_gpu_mb": 1000.0},
+               {"seconds": {"logprobs": 0.7, "train": 1.8, "export_weights": 0.1}, "peak_rss_mb": 520.0,
+                "peak_gpu_mb": 900.0}],
+    "critic": [{"seconds": {"values": 0.4, "train": 2.5}, "peak_rss_mb": 510.0}],
+}
+
+
+def test_role_compute_is_max_over_actors_per_phase_summed_over_phases():
+    per_role = timing.role_phase_seconds(STATS)
+    # rollout: generate max(1.0, 1.5) + weight_sync max(0.1, 0.2)
+    assert per_role["rollout"] == pytest.approx({"generate": 1.5, "weight_sync": 0.2})
+    # policy: score max(0.6, 0.7), train max(2.0, 1.8), weight_sync max(0.3, 0.1)
+    assert per_role["policy"] == pytest.approx({"score": 0.7, "train": 2.0, "weight_sync": 0.3})
+    row = timing.iteration_metrics(STATS, wall_s=6.0, driver={"advantages": 0.3})
+    assert row["compute/rollout"] == pytest.approx(1.7)
+    assert row["compute/policy"] == pytest.approx(3.0)
+    assert row["compute/critic"] == pytest.approx(2.9)
+    assert row["compute/reward"] == pytest.approx(0.2)
+    assert row["compute/policy/train"] == pytest.approx(2.0)
+
+
+def test_critical_path_and_overhead_fraction():
+    row = timing.iteration_metrics(STATS, wall_s=6.0, driver={"advantages": 0.3})
+    # side by side within a phase, a chain in weight sync: generate 1.5; score max(0.2, 0.5, 0.7, 0.4) = 0.7;
+    # advantages 0.3 (driver); train max(2.0, 2.5) = 2.5; weight sync 0.3 (export) + 0.2 (load) = 0.5
+    assert row["critical/generate"] == pytest.approx(1.5)
+    assert row["critical/score"] == pytest.approx(0.7)
+    assert row["critical/train"] == pytest.approx(2.5)
+    assert row["critical/weight_sync"] == pytest.approx(0.5)
+    assert row["critical/advantages"] == pytest.approx(0.3)
+    assert row["compute/critical_path"] == pytest.approx(5.5)
+    assert row["overhead_frac"] == pytest.approx(1 - 5.5 / 6.0)  # 1/12
+    assert row["time/wall"] == 6.0
+
+
+def test_peak_memory_is_max_over_a_roles_actors():
+    row = timing.iteration_metrics(STATS, wall_s=6.0)
+    assert row["memory/rollout_peak_mb"] == 450.0
+    assert row["memory/policy_peak_mb"] == 520.0
+    assert row["memory/policy_gpu_peak_mb"] == 1000.0
+    assert "memory/critic_gpu_peak_mb" not in row
+
+
+def test_unknown_method_is_a_phase_of_its_own():
+    stats = {"rollout": [{"seconds": {"generate": 1.0, "evaluate": 0.25}}]}
+    row = timing.iteration_metrics(stats, wall_s=2.0)
+    assert row["critical/rollout.evaluate"] == 0.25
+    assert row["compute/critical_path"] == pytest.approx(1.25)
+    assert row["overhead_frac"] == pytest.approx(0.375)
+
+
+def test_phase_overhead_adds_up_to_wall_minus_critical_path():
+    row = timing.iteration_metrics(STATS, wall_s=6.0, driver={"advantages": 0.3})
+    row.update({"time/generate": 1.6, "time/score": 0.9, "time/advantages": 0.3, "time/train": 2.6,
+                "time/weight_sync": 0.55})
+    over = timing.phase_overhead(row)
+    assert over["generate"] == pytest.approx(0.1)
+    assert over["score"] == pytest.approx(0.2)
+    assert over["advantages"] == pytest.approx(0.0)
+    assert over["train"] == pytest.approx(0.1)
+    assert over["weight_sync"] == pytest.approx(0.05)
+    assert over["between"] == pytest.approx(6.0 - 5.95)
+    assert sum(over.values()) == pytest.approx(6.0 - row["compute/critical_path"])
+
+
+def toy_role() -> type:
+    """A plain role: ``work`` calls another public method, which must not be counted a second time. Defined in a
+    function so that Ray ships the class by value (workers cannot import this test module)."""
+
+    class Toy:
+        def work(self, seconds: float) -> str:
+            time.sleep(seconds)
+            return self.helper()
+
+        def helper(self) -> str:
+            time.sleep(0.01)
+            return "done"
+
+    return Toy
+
+
+def test_timed_role_in_process_counts_the_outermost_call_only():
+    from rlhf_dist.distributed.role_group import timed_role
+
+    Toy = toy_role()
+    toy = timed_role(Toy)()
+    assert isinstance(toy, Toy) and type(toy).__name__ == "Toy"
+    assert toy.work(0.02) == "done"
+    stats = toy.compute_stats()
+    assert stats["calls"] == {"work": 1}
+    assert stats["seconds"]["work"] >= 0.03
+    assert stats["peak_rss_mb"] > 0
+    assert toy.compute_stats()["seconds"] == {}  # reset by the first report
+
+
+def test_actor_reports_compute_time(local_ray):
+    from rlhf_dist.distributed.role_group import Bundles, RoleGroup, collect_compute_stats, reserve
+
+    pg = reserve("toy", 2, 1, 0, "PACK", timeout_s=60)
+    group = RoleGroup("toy", toy_role(), Bundles(pg, [0, 1], 1, 0), lambda rank: ((), {}), timeout_s=60)
+    assert group.call("work", 0.05).get() == ["done", "done"]
+    stats = collect_compute_stats({"toy": group})["toy"]
+    assert len(stats) == 2
+    for s in stats:
+        assert s["calls"] == {"work": 1}
+        assert 0.06 <= s["seconds"]["work"] < 5.0
+        assert s["peak_rss_mb"] > 0
+    row = timing.iteration_metrics({"toy": stats}, wall_s=10.0)
+    assert row["compute/toy"] == pytest.approx(max(s["seconds"]["work"] for s in stats))
+    assert collect_compute_stats({"toy": group})["toy"][0]["seconds"] == {}  # reset per report
+
+
+def test_nccl_broadcast_is_one_step_object_store_sync_two():
+    nccl = {"policy": [{"seconds": {"broadcast_weights": 0.5}}], "rollout": [{"seconds": {"receive_weight_broadcast": 0.6}}]}
+    assert timing.critical_seconds(nccl) == pytest.approx({"weight_sync": 0.6})
+    store = {"policy": [{"seconds": {"export_weights": 0.5}}], "rollout": [{"seconds": {"load_weights": 0.6}}]}
+    assert timing.critical_seconds(store) == pytest.approx({"weight_sync": 1.1})
+
+
+@pytest.mark.parametrize("critic_train, critical_train", [(2.4, 2.5), (2.6, 2.6)])
+def test_sync_queued_behind_the_policy_training_is_part_of_the_train_phase(critic_train, critical_train):
+    stats = {"policy": [{"seconds": {"train": 2.0, "export_weights": 0.3}}],
+             "rollout": [{"seconds": {"load_weights": 0.2}}],
+             "critic": [{"seconds": {"train": critic_train}}]}
+    # policy train 2.0 -> export 0.3 -> load 0.2 = 2.5, side by side with the critic's training
+    assert timing.critical_seconds(stats, chains=timing.SYNC_IN_TRAIN) == pytest.approx({"train": critical_train})
+    row = timing.iteration_metrics(stats, wall_s=3.0, chains=timing.SYNC_IN_TRAIN)
+    assert row["compute/policy"] == pytest.approx(2.3)  # its train phase: train + export
+    assert row["overhead_frac"] == pytest.approx(1 - critical_train / 3.0)
+    assert "critical/weight_sync" not in row
+    # the same calls with the push after the train phase: max(2.0, critic) + (0.3 + 0.2)
+    assert timing.critical_seconds(stats) == pytest.approx({"train": max(2.0, critic_train), "weight_sync": 0.5})
+
+
+def test_a_late_actor_is_named(local_ray):
+    from rlhf_dist.distributed.role_group import ActorTimeoutError, Bundles, RoleGroup, reserve
+
+    pg = reserve("slow", 1, 1, 0, "PACK", timeout_s=60)
+    group = RoleGroup("slow", toy_role(), Bundles(pg, [0], 1, 0), lambda rank: ((), {}), timeout_s=60)
+    group.call("helper").get()  # started
+    group.timeout_s = 0.5
+    with pytest.raises(ActorTimeoutError, match=r"role slow: actor\(s\) \[0\] did not answer work\(\) within"):
+        group.call("work", 3.0).get()
