@@ -1,0 +1,64 @@
+"""RoleGroup's promises: shards come back in order, a late actor and a dead actor are errors naming role and rank."""
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from rlhf_dist.data import schema as S
+
+pytestmark = pytest.mark.slow
+
+
+def setup_module(module):
+    # Ray's workers cannot import a test module: ship this module's classes by value.
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(module)
+
+
+class Echo:
+    """A plain role: doubles a column, sleeps or dies on request."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def double(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        return pa.RecordBatch.from_arrays([pa.array(np.asarray(batch.column(S.SAMPLE_ID)) * 2)], [S.SAMPLE_ID])
+
+    def nap(self, seconds: float) -> int:
+        if self.rank == 1:
+            time.sleep(seconds)
+        return self.rank
+
+    def die(self) -> None:
+        if self.rank == 1:
+            os._exit(1)
+
+
+def _group(n: int, timeout_s: float):
+    from rlhf_dist.distributed.role_group import Bundles, RoleGroup, reserve
+
+    pg = reserve("echo", n, 0.5, 0, "PACK", timeout_s=60)
+    return RoleGroup("echo", Echo, Bundles(pg, list(range(n)), 0.5, 0), lambda rank: ((rank,), {}), timeout_s)
+
+
+def test_scatter_gathers_in_order_and_failures_name_the_actor(local_ray):
+    from rlhf_dist.data.batch import make_batch
+    from rlhf_dist.distributed.role_group import ActorDiedError, ActorTimeoutError
+
+    group = _group(3, timeout_s=120)  # actors start in seconds on a busy 2-core machine
+    lengths = np.random.default_rng(0).integers(1, 20, size=11)
+    batch = make_batch({S.SAMPLE_ID: np.arange(11), S.PROMPT_IDS: [list(range(k)) for k in lengths]})
+    out = group.scatter("double", batch).batch()
+    assert out.column(S.SAMPLE_ID).to_pylist() == [2 * i for i in range(11)]
+
+    group.timeout_s = 3
+    t0 = time.monotonic()
+    with pytest.raises(ActorTimeoutError, match=r"role echo: actor\(s\) \[1\] did not answer nap\(\)"):
+        group.call("nap", 8).get()
+    assert time.monotonic() - t0 < 15
+    group.timeout_s = 60  # the die() call queues behind actor 1's nap
+    with pytest.raises(ActorDiedError, match=r"role echo actor 1 failed in die\(\)"):
+        group.call("die").get()
