@@ -42,16 +42,12 @@ def reference_config(cfg):
 def run(cfg) -> dict:
     """DPO of model.policy on dpo.data against dpo.reference; saves the policy to dpo.output."""
     from rlhf_dist.distributed.cluster import ray_session
-    from rlhf_dist.distributed.learners import learner_group, worker_group
-    from rlhf_dist.models.load import load_tokenizer
+    from rlhf_dist.distributed.learners import worker_group
     from rlhf_dist.workers.dpo import DPOLearner
     from rlhf_dist.workers.reference import ReferenceWorker
 
     t0, stage = time.perf_counter(), cfg.dpo
-    spec = offline.dataset_spec(cfg, "dpo", "preferences", preferences_path(cfg, "dpo"))
-    data, report = offline.read_tokenized(spec, load_tokenizer(cfg.model.tokenizer or cfg.model.policy),
-                                         "dpo.data.path")
-    train, held = offline.split_held_out(data, stage, cfg.seed, "dpo")
+    data = offline.load_stage_data(cfg, "dpo", "preferences", preferences_path(cfg, "dpo"))
     out = offline.stage_output(cfg, "dpo")
     log = MetricsLog(Path(cfg.output_dir) / "dpo.metrics.jsonl")
     need = max(stage.learners.num_actors * stage.learners.num_cpus,
@@ -59,15 +55,12 @@ def run(cfg) -> dict:
     with ray_session(cfg, min_cpus=need):
         with worker_group("reference", ReferenceWorker, reference_config(cfg), cfg.roles.reference) as reference:
             # Scored once, before any learner starts: the reference and the pairs never change.
-            train = add_reference_logps(train, reference.scatter("logprobs", stack_pairs(train)).batch())
-            if held is not None:
-                held = add_reference_logps(held, reference.scatter("logprobs", stack_pairs(held)).batch())
-        with learner_group("dpo", DPOLearner, cfg, stage.learners) as learners:
-            rows = offline.train_epochs(learners, DPOLearner, train, held, stage, cfg.seed, "dpo", log)
-            learners.call("save_hf", str(out)).get()
-    summary = offline.summarize("dpo", rows, model_path=str(out), metrics_path=str(log.path), data=str(spec.path),
-                                train_rows=len(train), eval_rows=len(held) if held is not None else 0,
-                                seconds=time.perf_counter() - t0, **report)
+            score = lambda pairs: add_reference_logps(pairs, reference.scatter("logprobs", stack_pairs(pairs)).batch())
+            data.train = score(data.train)
+            if data.held is not None:
+                data.held = score(data.held)
+        rows = offline.fit_and_save(cfg, "dpo", DPOLearner, data, out, log)
+    summary = offline.stage_summary("dpo", rows, data, out, log, t0)
     print(f"dpo: held-out margin {summary['eval_first'].get('margin', float('nan')):.3f} -> "
           f"{summary['eval_last'].get('margin', float('nan')):.3f}; policy saved to {out}", flush=True)
     return summary

@@ -118,6 +118,43 @@ def train_epochs(group, learner_cls, train: pa.RecordBatch, held: pa.RecordBatch
     return log.rows
 
 
+@dataclasses.dataclass
+class StageData:
+    """A stage's data set, tokenised and split, with what reading it dropped."""
+
+    spec: DatasetSpec
+    train: pa.RecordBatch
+    held: pa.RecordBatch | None
+    report: dict
+
+
+def load_stage_data(cfg, stage: str, kind: str, path: str | Path) -> StageData:
+    """Runs on the driver before any actor starts: a bad row fails here, naming file, row and column."""
+    from rlhf_dist.models.load import load_tokenizer
+
+    spec = dataset_spec(cfg, stage, kind, path)
+    data, report = read_tokenized(spec, load_tokenizer(cfg.model.tokenizer or cfg.model.policy), f"{stage}.data.path")
+    train, held = split_held_out(data, getattr(cfg, stage), cfg.seed, stage)
+    return StageData(spec, train, held, report)
+
+
+def fit_and_save(cfg, stage: str, learner_cls, data: StageData, out: Path, log: MetricsLog) -> list[dict]:
+    """The stage's learner group (inside the current Ray session) trains every epoch, then saves to ``out``."""
+    from rlhf_dist.distributed.learners import learner_group
+
+    stage_cfg = getattr(cfg, stage)
+    with learner_group(stage, learner_cls, cfg, stage_cfg.learners) as learners:
+        rows = train_epochs(learners, learner_cls, data.train, data.held, stage_cfg, cfg.seed, stage, log)
+        learners.call("save_hf", str(out)).get()
+    return rows
+
+
+def stage_summary(stage: str, rows: list[dict], data: StageData, out: Path, log: MetricsLog, t0: float) -> dict:
+    return summarize(stage, rows, model_path=str(out), metrics_path=str(log.path), data=str(data.spec.path),
+                     train_rows=len(data.train), eval_rows=len(data.held) if data.held is not None else 0,
+                     seconds=time.perf_counter() - t0, **data.report)
+
+
 def summarize(stage: str, rows: list[dict], **extra) -> dict:
     first, last = rows[0], rows[-1]
     return {"stage": stage, "epochs": int(last["epoch"]), "steps": int(last["step"]),

@@ -44,24 +44,15 @@ def demonstrations_path(cfg) -> Path:
 def run(cfg) -> dict:
     """SFT of model.policy on sft.data; saves the model (Hugging Face format) to sft.output."""
     from rlhf_dist.distributed.cluster import ray_session
-    from rlhf_dist.distributed.learners import learner_group
-    from rlhf_dist.models.load import load_tokenizer
     from rlhf_dist.workers.sft import SFTLearner
 
     t0, stage = time.perf_counter(), cfg.sft
     offline.ensure_base_model(cfg)
-    spec = offline.dataset_spec(cfg, "sft", "demonstrations", demonstrations_path(cfg))
-    data, report = offline.read_tokenized(spec, load_tokenizer(cfg.model.tokenizer or cfg.model.policy),
-                                         "sft.data.path")
-    train, held = offline.split_held_out(data, stage, cfg.seed, "sft")
+    data = offline.load_stage_data(cfg, "sft", "demonstrations", demonstrations_path(cfg))
     out = offline.stage_output(cfg, "sft")
     log = MetricsLog(Path(cfg.output_dir) / "sft.metrics.jsonl")
     with ray_session(cfg, min_cpus=stage.learners.num_actors * stage.learners.num_cpus):
-        with learner_group("sft", SFTLearner, cfg, stage.learners) as learners:
-            rows = offline.train_epochs(learners, SFTLearner, train, held, stage, cfg.seed, "sft", log)
-            learners.call("save_hf", str(out)).get()
-    summary = offline.summarize("sft", rows, model_path=str(out), metrics_path=str(log.path), data=str(spec.path),
-                                train_rows=len(train), eval_rows=len(held) if held is not None else 0,
-                                seconds=time.perf_counter() - t0, **report)
+        rows = offline.fit_and_save(cfg, "sft", SFTLearner, data, out, log)
+    summary = offline.stage_summary("sft", rows, data, out, log, t0)
     print(f"sft: model saved to {out} ({summary['steps']} steps, {summary['seconds']:.1f} s)", flush=True)
     return summary

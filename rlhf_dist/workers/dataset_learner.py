@@ -106,3 +106,17 @@ class DatasetLearner(Learner):
             for k, v in self.eval_sums(chunk).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return sums
+
+
+def pairwise_eval_sums(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Held-out sums over preference pairs (reward model and DPO alike): the pair count, the loss, the pairs ranked
+    right, the margin; ``pairwise_eval_metrics`` turns the pooled sums into means."""
+    n = len(chosen)
+    return {"pairs": float(n), "loss": float(loss) * n, "correct": float((chosen > rejected).sum()),
+            "margin": float((chosen - rejected).sum())}
+
+
+def pairwise_eval_metrics(sums: dict[str, float]) -> dict[str, float]:
+    n = max(1.0, sums["pairs"])
+    return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n, "margin": sums["margin"] / n}
+

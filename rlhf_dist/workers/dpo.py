@@ -10,7 +10,13 @@ import pyarrow as pa
 import torch
 
 from rlhf_dist.algo import dpo_loss
-from rlhf_dist.workers.dataset_learner import DatasetLearner, stack_pairs, summed_logprobs
+from rlhf_dist.workers.dataset_learner import (
+    DatasetLearner,
+    pairwise_eval_metrics,
+    pairwise_eval_sums,
+    stack_pairs,
+    summed_logprobs,
+)
 
 REF_CHOSEN, REF_REJECTED = "ref_chosen_logps", "ref_rejected_logps"   # float32 per pair, summed over tokens
 
@@ -43,10 +49,6 @@ class DPOLearner(DatasetLearner):
 
     def eval_sums(self, chunk: pa.RecordBatch) -> dict[str, float]:
         loss, chosen, rejected = self._terms(chunk)
-        return {"pairs": float(len(chunk)), "loss": float(loss) * len(chunk),
-                "correct": float((chosen > rejected).sum()), "margin": float((chosen - rejected).sum())}
+        return pairwise_eval_sums(loss, chosen, rejected)
 
-    @staticmethod
-    def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
-        n = max(1.0, sums["pairs"])
-        return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n, "margin": sums["margin"] / n}
+    eval_metrics = staticmethod(pairwise_eval_metrics)

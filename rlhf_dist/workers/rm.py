@@ -5,7 +5,7 @@ import pyarrow as pa
 import torch
 
 from rlhf_dist.algo import bradley_terry_loss
-from rlhf_dist.workers.dataset_learner import DatasetLearner, stack_pairs
+from rlhf_dist.workers.dataset_learner import DatasetLearner, pairwise_eval_metrics, pairwise_eval_sums, stack_pairs
 
 
 class RMLearner(DatasetLearner):
@@ -36,10 +36,6 @@ class RMLearner(DatasetLearner):
     def eval_sums(self, chunk: pa.RecordBatch) -> dict[str, float]:
         chosen, rejected = self._scores(chunk)
         loss, _ = bradley_terry_loss(chosen, rejected)
-        return {"pairs": float(len(chunk)), "loss": float(loss) * len(chunk),
-                "correct": float((chosen > rejected).sum()), "margin": float((chosen - rejected).sum())}
+        return pairwise_eval_sums(loss, chosen, rejected)
 
-    @staticmethod
-    def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
-        n = max(1.0, sums["pairs"])
-        return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n, "margin": sums["margin"] / n}
+    eval_metrics = staticmethod(pairwise_eval_metrics)
