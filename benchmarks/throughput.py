@@ -34,7 +34,7 @@ STAGES = (
     ("advantages (driver)", ("time/advantages",)),
     ("train policy", ("compute/policy/train",)),
     ("train critic", ("compute/critic/train",)),
-    ("weight sync", ("compute/policy/export_weights", "compute/rollout/load_weights")),
+    ("weight sync (learner's push, the rollout's load inside it)", ("compute/policy/push_weights",)),
 )
 
 

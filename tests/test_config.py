@@ -208,8 +208,8 @@ def test_empty_required_strings():
     (["train.mini_batches=128"], "train.mini_batches", "lower train.mini_batches"),
     (["train.offload=true", "train.engine=torch"], "train.offload", "train.engine=deepspeed"),
     (["generation.engine=vllm"], "roles.rollout.num_gpus", "generation.vllm_cpu=true"),
-    (["generation.engine=vllm", "generation.vllm_cpu=true", "generation.tensor_parallel_size=2"],
-     "generation.tensor_parallel_size", "set it to 1"),
+    (["roles.policy.num_gpus=1", "roles.rollout.num_gpus=1", "sync.transport=nccl"],
+     "sync.transport", "needs generation.engine=vllm"),
     (["generation.engine=vllm", "roles.rollout.num_gpus=1", "generation.tensor_parallel_size=2"],
      "generation.tensor_parallel_size", "is more than roles.rollout.num_gpus=1"),
     (["generation.engine=vllm", "roles.rollout.num_gpus=4", "generation.tensor_parallel_size=3"],
@@ -221,6 +221,15 @@ def test_empty_required_strings():
      "colocation cycle policy -> critic -> policy"),
     (["roles.policy.num_gpus=1", "roles.critic.colocate_with=policy", "roles.critic.num_gpus=2"],
      "roles.critic.num_gpus", "more than the 1 of roles.policy"),
+    (["generation.engine=vllm", "roles.rollout.colocate_with=policy"], "roles.rollout.num_gpus",
+     "(colocated, and roles.policy.num_gpus=0) with generation.engine=vllm; give the engines GPUs "
+     "(roles.policy.num_gpus=1)"),
+    (["generation.engine=vllm", "roles.rollout.colocate_with=policy", "roles.policy.num_gpus=1",
+      "generation.tensor_parallel_size=2"], "generation.tensor_parallel_size", "is more than roles.policy.num_gpus=1"),
+    (["sync.transport=nccl", "roles.policy.num_gpus=1", "roles.rollout.colocate_with=policy"], "sync.transport",
+     "set sync.transport=cuda_ipc"),
+    (["roles.rollout.num_actors=3", "roles.rollout.colocate_with=policy"], "ray.num_cpus",
+     "the roles reserve 7 CPUs"),
     (["sync.transport=cuda_ipc", "roles.policy.num_gpus=1", "roles.rollout.num_gpus=1"], "sync.transport",
      "set roles.rollout.colocate_with=policy or sync.transport=nccl"),
     (["sync.transport=nccl"], "sync.transport", "needs GPUs, but roles.policy.num_gpus=0"),
@@ -243,6 +252,24 @@ def test_colocation_and_gpus_that_fit():
                "roles.policy.num_gpus=4", "sync.transport=cuda_ipc", "roles.rollout.colocate_with=policy",
                "roles.critic.colocate_with=rollout")
     assert cfg.roles.anchor("critic") == "policy" and cfg.roles.reserved("num_gpus") == 4
+
+
+def test_vllm_cpu_takes_tensor_parallel_workers():
+    cfg = load_config("configs/tiny_cpu.yaml", ["generation.engine=vllm", "generation.vllm_cpu=true",
+                                                "generation.tensor_parallel_size=2"])
+    assert cfg.generation.tensor_parallel_size == 2 and cfg.weight_transport() == "object_store"
+
+
+def test_a_colocated_role_left_at_0_gpus_shares_its_anchors():
+    # the one-GPU recipe (benchmarks/gpu_recipe.md): only the policy names a GPU, every other role shares it
+    cfg = load("roles.policy.num_gpus=1", "generation.engine=vllm", "sync.transport=cuda_ipc",
+               *(f"roles.{r}.colocate_with=policy" for r in ("rollout", "reward", "reference", "critic")))
+    assert cfg.roles.rollout.num_gpus == 0 and cfg.roles.gpus("rollout") == 1 and cfg.roles.gpus("reward") == 1
+    assert cfg.roles.reserved("num_gpus") == 1 and cfg.roles.reserved("num_cpus") == 5  # every actor brings CPUs
+    # more rollout actors than the anchor has GPUs is fine: they share (the 1x8 recipe's scaling to 16 engines)
+    assert load("roles.policy.num_gpus=1", "roles.rollout.colocate_with=policy", "roles.rollout.num_gpus=1",
+                "roles.rollout.num_actors=2", "ray.num_cpus=6").roles.gpus("rollout") == 1
+    assert load().roles.gpus("rollout") == 0  # a role with its own bundles: its own num_gpus
 
 
 # ---------------------------------------------------------------- machine checks

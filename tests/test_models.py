@@ -286,3 +286,38 @@ def test_random_init_policy_has_a_low_but_nonzero_gold_rate(tiny_dir, tokenizer)
     # and the optimum is reachable: distinct positive words decode from single tokens to a perfect score
     best = [tokenizer(w).input_ids[0] for w in synthetic.POSITIVE_WORDS[:8]]
     assert synthetic.gold_reward("", tokenizer.decode(best)) == 1.0
+
+
+def test_critic_from_a_reward_model_starts_from_its_score_head(tiny_dir, tokenizer, rows, tmp_path):
+    """As in OpenRLHF: a critic loaded from a scalar reward model keeps its backbone and takes the score head as the
+    value head, so its first values are the reward model's per-token scores."""
+    reward_model = load_reward_model(tiny_dir, seed=7)
+    with torch.no_grad():  # a backbone that differs from the tiny LM's, so the test sees which one was loaded
+        reward_model.model.norm.weight.mul_(1.5)
+    reward_model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+
+    critic = load_critic(tmp_path / "rm")
+    assert reward_model.score.bias is None  # Llama's score head: the value head's bias stays 0
+    assert torch.equal(critic.value_head.weight, reward_model.score.weight) and not critic.value_head.bias.any()
+    ids, mask, pos, index, _, response_mask, _ = joined(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        values = response_values(critic, ids, mask, pos, index)
+        # the reward model's own path, one response position at a time, as if each were the last token
+        scores = torch.stack([sequence_scores(reward_model, ids, mask, index[:, t], pos)
+                              for t in range(index.shape[1])], dim=1)
+    assert values.abs()[response_mask].min() > 0
+    torch.testing.assert_close(values[response_mask], scores[response_mask], atol=1e-5, rtol=0)
+
+    # the critic saves as a critic (backbone + value head) and reloads to the same values
+    critic.save_pretrained(tmp_path / "critic")
+    with torch.no_grad():
+        assert torch.equal(response_values(load_critic(tmp_path / "critic"), ids, mask, pos, index), values)
+
+
+def test_critic_from_a_classifier_with_two_labels_starts_at_zero(tiny_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=2).save_pretrained(tmp_path / "cls")
+    critic = load_critic(tmp_path / "cls")
+    assert not critic.value_head.weight.any() and not critic.value_head.bias.any()

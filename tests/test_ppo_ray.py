@@ -12,7 +12,7 @@ def test_ppo_zero3_two_learners_two_rollouts(tiny_cfg, local_ray):
 
     from rlhf_dist.data import schema as S
     from rlhf_dist.distributed.launch import launch_roles
-    from rlhf_dist.distributed.weight_sync import make_weight_sync
+    from rlhf_dist.distributed.weight_push import WeightPush
     from rlhf_dist.trainers.ppo import run
 
     cfg = tiny_cfg(
@@ -44,7 +44,7 @@ def test_ppo_zero3_two_learners_two_rollouts(tiny_cfg, local_ray):
 def test_weights_arrive_and_version_advances(tiny_cfg, local_ray):
     """Two ZeRO-3 learners gather, the object store carries one copy, both rollout actors load it."""
     from rlhf_dist.distributed.launch import launch_roles
-    from rlhf_dist.distributed.weight_sync import make_weight_sync
+    from rlhf_dist.distributed.weight_push import WeightPush
     from rlhf_dist.models.load import load_causal_lm
 
     cfg = tiny_cfg(
@@ -57,7 +57,7 @@ def test_weights_arrive_and_version_advances(tiny_cfg, local_ray):
         "ray.num_cpus=null",
     )
     groups = launch_roles(cfg)
-    sync = make_weight_sync(cfg, groups["policy"], groups["rollout"])
+    sync = WeightPush(cfg, groups["policy"], groups["rollout"])
     sync.push(version=7)
     assert groups["rollout"].call("get_version").get() == [7, 7]
     path = str(cfg.output_dir) + "/synced"
@@ -102,3 +102,42 @@ def test_default_job_learns(tiny_model, tmp_path, capsys):
     assert (out / "policy" / "config.json").exists()
     printed = capsys.readouterr().out
     assert "gold reward:" in printed and str(out / "policy") in printed
+
+
+def test_engines_start_first_and_sleep_while_learners_train(tiny_cfg, local_ray):
+    """Sleep mode's contract, read off the actors' own timelines: the rollout engines are up and asleep before any
+    other role starts; after generating they sleep, and wake only for the push that follows the learners' training."""
+    from rlhf_dist.algo import FixedKLController
+    from rlhf_dist.distributed.launch import running_roles
+    from rlhf_dist.distributed.role_group import collect_compute_stats
+    from rlhf_dist.distributed.weight_push import WeightPush
+    from rlhf_dist.trainers.ppo import iteration, prepare
+
+    cfg = tiny_cfg("generation.enable_sleep=true", "train.prompts_per_iteration=4", "generation.max_new_tokens=4",
+                   "ray.num_cpus=null")
+    sampler = prepare(cfg)
+    with running_roles(cfg) as groups:
+        sync = WeightPush(cfg, groups["policy"], groups["rollout"])
+        spans = _spans(collect_compute_stats(groups))
+        asleep = spans["rollout"]["sleep"][0][1]
+        for role in ("reward", "reference", "policy", "critic"):
+            assert spans[role]["__init__"][0][0] >= asleep, f"{role} started before the engines were up and asleep"
+        for it in range(2):
+            iteration(cfg, groups, sampler, FixedKLController(cfg.algo.kl_coef), it, version=it)
+            sync.push(it + 1)
+            spans = _spans(collect_compute_stats(groups))
+            (_, generated), = spans["rollout"]["generate"]
+            (_, slept), = spans["rollout"]["sleep"]
+            (woke, _), = spans["rollout"]["start_weight_update"]
+            trains = [s for role in ("policy", "critic") for s in spans[role]["train"]]
+            assert generated <= slept and all(slept <= start and end <= woke for start, end in trains)
+
+
+def _spans(stats: dict) -> dict:
+    """{role: {method: [(start, end), ...]}} over all actors of the role."""
+    out: dict = {}
+    for role, actors in stats.items():
+        for actor in actors:
+            for method, start, end in actor["spans"]:
+                out.setdefault(role, {}).setdefault(method, []).append((start, end))
+    return out

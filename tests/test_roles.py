@@ -85,8 +85,8 @@ def test_policy_trains_and_rollout_receives_its_weights(cfg, rollout, prompts):
     stats = policy.train(batch)
     critic_stats = critic.train(batch)
     assert np.isfinite(stats["policy/loss"]) and np.isfinite(critic_stats["critic/value_loss"])
-    payload = policy.export_weights(bucket_mb=1)
-    assert rollout.load_weights(payload, version=1) == 1
+    policy.init_weight_sync([rollout], "object_store", workers_per_engine=1, bucket_mb=1, timeout_s=60)
+    assert policy.push_weights(version=1) == ([1], sum(p.numel() * 4 for p in policy.engine.module.parameters()))
     after = rollout.weights()
     learner = {n: p.detach().float().numpy() for n, p in policy.engine.module.named_parameters()}
     changed = [n for n in after if not np.array_equal(after[n], before[n])]

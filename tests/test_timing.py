@@ -7,13 +7,13 @@ from rlhf_dist.trainers import timing
 
 # Two rollout actors, two policy ranks, one of each other role; seconds inside each role method.
 STATS = {
-    "rollout": [{"seconds": {"generate": 1.0, "load_weights": 0.1}, "peak_rss_mb": 400.0},
-                {"seconds": {"generate": 1.5, "load_weights": 0.2}, "peak_rss_mb": 450.0}],
+    "rollout": [{"seconds": {"generate": 1.0, "update_weights": 0.1}, "peak_rss_mb": 400.0},
+                {"seconds": {"generate": 1.5, "update_weights": 0.2}, "peak_rss_mb": 450.0}],
     "reward": [{"seconds": {"score": 0.2}, "peak_rss_mb": 300.0}],
     "reference": [{"seconds": {"logprobs": 0.5}, "peak_rss_mb": 420.0}],
-    "policy": [{"seconds": {"logprobs": 0.6, "train": 2.0, "export_weights": 0.3}, "peak_rss_mb": 500.0,
+    "policy": [{"seconds": {"logprobs": 0.6, "train": 2.0, "push_weights": 0.5}, "peak_rss_mb": 500.0,
                 "peak_gpu_mb": 1000.0},
-               {"seconds": {"logprobs": 0.7, "train": 1.8, "export_weights": 0.1}, "peak_rss_mb": 520.0,
+               {"seconds": {"logprobs": 0.7, "train": 1.8, "push_weights": 0.1}, "peak_rss_mb": 520.0,
                 "peak_gpu_mb": 900.0}],
     "critic": [{"seconds": {"values": 0.4, "train": 2.5}, "peak_rss_mb": 510.0}],
 }
@@ -23,11 +23,11 @@ def test_role_compute_is_max_over_actors_per_phase_summed_over_phases():
     per_role = timing.role_phase_seconds(STATS)
     # rollout: generate max(1.0, 1.5) + weight_sync max(0.1, 0.2)
     assert per_role["rollout"] == pytest.approx({"generate": 1.5, "weight_sync": 0.2})
-    # policy: score max(0.6, 0.7), train max(2.0, 1.8), weight_sync max(0.3, 0.1)
-    assert per_role["policy"] == pytest.approx({"score": 0.7, "train": 2.0, "weight_sync": 0.3})
+    # policy: score max(0.6, 0.7), train max(2.0, 1.8), weight_sync max(0.5, 0.1)
+    assert per_role["policy"] == pytest.approx({"score": 0.7, "train": 2.0, "weight_sync": 0.5})
     row = timing.iteration_metrics(STATS, wall_s=6.0, driver={"advantages": 0.3})
     assert row["compute/rollout"] == pytest.approx(1.7)
-    assert row["compute/policy"] == pytest.approx(3.0)
+    assert row["compute/policy"] == pytest.approx(3.2)
     assert row["compute/critic"] == pytest.approx(2.9)
     assert row["compute/reward"] == pytest.approx(0.2)
     assert row["compute/policy/train"] == pytest.approx(2.0)
@@ -36,7 +36,7 @@ def test_role_compute_is_max_over_actors_per_phase_summed_over_phases():
 def test_critical_path_and_overhead_fraction():
     row = timing.iteration_metrics(STATS, wall_s=6.0, driver={"advantages": 0.3})
     # side by side within a phase, a chain in weight sync: generate 1.5; score max(0.2, 0.5, 0.7, 0.4) = 0.7;
-    # advantages 0.3 (driver); train max(2.0, 2.5) = 2.5; weight sync 0.3 (export) + 0.2 (load) = 0.5
+    # advantages 0.3 (driver); train max(2.0, 2.5) = 2.5; weight sync: the push 0.5, the rollout's load inside it
     assert row["critical/generate"] == pytest.approx(1.5)
     assert row["critical/score"] == pytest.approx(0.7)
     assert row["critical/train"] == pytest.approx(2.5)
@@ -124,26 +124,26 @@ def test_actor_reports_compute_time(local_ray):
     assert collect_compute_stats({"toy": group})["toy"][0]["seconds"] == {}  # reset per report
 
 
-def test_nccl_broadcast_is_one_step_object_store_sync_two():
-    nccl = {"policy": [{"seconds": {"broadcast_weights": 0.5}}], "rollout": [{"seconds": {"receive_weight_broadcast": 0.6}}]}
-    assert timing.critical_seconds(nccl) == pytest.approx({"weight_sync": 0.6})
-    store = {"policy": [{"seconds": {"export_weights": 0.5}}], "rollout": [{"seconds": {"load_weights": 0.6}}]}
-    assert timing.critical_seconds(store) == pytest.approx({"weight_sync": 1.1})
+def test_the_learners_push_contains_the_rollouts_load():
+    # learner rank 0 drives the rollout's update from inside push_weights: the longer of the two chains counts
+    stats = {"policy": [{"seconds": {"push_weights": 0.5}}],
+             "rollout": [{"seconds": {"start_weight_update": 0.01, "update_weights": 0.3, "finish_weight_update": 0.05}}]}
+    assert timing.critical_seconds(stats) == pytest.approx({"weight_sync": 0.5})
 
 
-@pytest.mark.parametrize("critic_train, critical_train", [(2.4, 2.5), (2.6, 2.6)])
+@pytest.mark.parametrize("critic_train, critical_train", [(2.2, 2.3), (2.6, 2.6)])
 def test_sync_queued_behind_the_policy_training_is_part_of_the_train_phase(critic_train, critical_train):
-    stats = {"policy": [{"seconds": {"train": 2.0, "export_weights": 0.3}}],
-             "rollout": [{"seconds": {"load_weights": 0.2}}],
+    stats = {"policy": [{"seconds": {"train": 2.0, "push_weights": 0.3}}],
+             "rollout": [{"seconds": {"update_weights": 0.2}}],
              "critic": [{"seconds": {"train": critic_train}}]}
-    # policy train 2.0 -> export 0.3 -> load 0.2 = 2.5, side by side with the critic's training
+    # policy train 2.0 -> push 0.3 (the rollout's load of 0.2 inside it) = 2.3, side by side with the critic
     assert timing.critical_seconds(stats, chains=timing.SYNC_IN_TRAIN) == pytest.approx({"train": critical_train})
     row = timing.iteration_metrics(stats, wall_s=3.0, chains=timing.SYNC_IN_TRAIN)
-    assert row["compute/policy"] == pytest.approx(2.3)  # its train phase: train + export
+    assert row["compute/policy"] == pytest.approx(2.3)  # its train phase: train + push
     assert row["overhead_frac"] == pytest.approx(1 - critical_train / 3.0)
     assert "critical/weight_sync" not in row
-    # the same calls with the push after the train phase: max(2.0, critic) + (0.3 + 0.2)
-    assert timing.critical_seconds(stats) == pytest.approx({"train": max(2.0, critic_train), "weight_sync": 0.5})
+    # the same calls with the push after the train phase: max(2.0, critic) + max(0.3, 0.2)
+    assert timing.critical_seconds(stats) == pytest.approx({"train": max(2.0, critic_train), "weight_sync": 0.3})
 
 
 def test_a_late_actor_is_named(local_ray):

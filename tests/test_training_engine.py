@@ -210,8 +210,21 @@ def test_ds_config_translation():
     assert gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert gpu["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert gpu["optimizer"]["type"] == "AdamW"  # DeepSpeed's own: offload needs DeepSpeedCPUAdam
+    assert "torch_adam" not in gpu["optimizer"]["params"]
     cpu = build_ds_config(opts, world_size=1, on_gpu=False)
     assert "optimizer" not in cpu and "offload_optimizer" not in cpu["zero_optimization"]
+
+
+def test_gpu_optimizer_needs_no_jit_build():
+    """Without offload DeepSpeed must pick torch's AdamW, not FusedAdam (a JIT build with nvcc on first use)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    params = dict(build_ds_config(TrainOptions(zero_stage=2), world_size=1, on_gpu=True)["optimizer"]["params"])
+    # the method DeepSpeed calls with the config's params; with torch_adam it returns before looking at `self`
+    cls, kwargs = DeepSpeedEngine.get_optimizer_configuration(None, params, True)
+    assert cls is torch.optim.AdamW and "torch_adam" not in params
+    adamw = cls([torch.nn.Parameter(torch.ones(2))], **params, **kwargs)
+    assert adamw.defaults["lr"] == TrainOptions(zero_stage=2).lr
 
 
 def test_process_group_is_idempotent_and_checks_its_arguments():

@@ -41,7 +41,7 @@ def engine(models):
     paths, _, _ = models
     t0 = time.perf_counter()
     eng = VLLMEngine(paths["a"], dtype="float32", tensor_parallel_size=1, gpu_memory_utilization=0.5, seed=0,
-                     enable_sleep=True, max_model_len=128)
+                     enable_sleep=True, max_model_len=128, per_request_seed=True)
     TIMINGS["engine start (s)"] = time.perf_counter() - t0
     yield eng
     print("\nvLLM engine timings:", {k: round(v, 3) for k, v in TIMINGS.items()})
@@ -140,6 +140,61 @@ def test_load_weights_switches_the_model(engine, models, prompts):
     engine.generate(prompts[:1], SamplingConfig(max_new_tokens=1, greedy=True))
     TIMINGS["load_weights (1 call) + 1-token generate (s)"] = time.perf_counter() - t0
     assert engine.generate(prompts, greedy).response_ids == before
+
+
+def test_engine_core_runs_in_its_own_process(engine):
+    """The GPU process layout: V1 multiprocessing on, so every weight update crosses vLLM's msgpack channel."""
+    import psutil
+
+    assert type(engine.llm.llm_engine.engine_core).__name__ == "SyncMPClient"
+    assert psutil.Process().children(recursive=True), "no engine-core process"
+
+
+def test_weight_transfer_control_plane_is_bit_for_bit(engine, models, prompts):
+    """vLLM's start / update / finish with our object-store backend, small buckets (a layer straddles two)."""
+    from rlhf_dist.engines.weight_sync.buckets import pack_buckets
+
+    _, hf, tok = models
+    named = [(n, p.detach()) for n, p in hf["b"].named_parameters()]
+    buckets = list(pack_buckets(named, bucket_bytes=20_000))
+    assert len(buckets) > 3
+    engine.start_weight_update()
+    for bucket in buckets:
+        engine.receive_buckets([bucket])
+    engine.finish_weight_update()
+    arrived = dict(engine.named_parameters())
+    assert len(arrived) >= 4
+    for name, tensor in arrived.items():
+        assert torch.equal(tensor, dict(named)[name]), name
+    greedy = SamplingConfig(max_new_tokens=MAX_NEW, greedy=True)
+    assert engine.generate(prompts, greedy).response_ids == hf_greedy(hf["b"], tok, prompts).response_ids
+    load_from(engine, hf["a"])
+    assert engine.generate(prompts, greedy).response_ids == hf_greedy(hf["a"], tok, prompts).response_ids
+
+
+def test_cuda_ipc_handles_cross_the_msgpack_channel(monkeypatch):
+    """CUDA IPC rebuild arguments hold torch classes; vLLM's msgpack channel to the engine core refuses them, so the
+    engine sends them pickled, which vLLM's IPC engine unpickles under VLLM_ALLOW_INSECURE_SERIALIZATION=1."""
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferUpdateInfo
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from rlhf_dist.engines.generation.vllm_engine import msgpack_safe
+
+    # the shape of torch.multiprocessing.reductions.reduce_tensor(cuda_tensor)[1]
+    args = (torch.Tensor, (4, 2), (2, 1), 0, torch.UntypedStorage, torch.bfloat16, 0, b"handle", 16, 0, b"ref", 0,
+            False)
+    info = {"names": ["w"], "dtype_names": ["bfloat16"], "shapes": [[4, 2]], "ipc_handles": {"GPU-uuid": args},
+            "tensor_sizes": [16]}
+    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+    with pytest.raises(TypeError, match="not serializable"):
+        MsgpackEncoder().encode(info)
+    safe = msgpack_safe(info)
+    received = MsgpackDecoder().decode(MsgpackEncoder().encode(safe))
+    with pytest.raises(ValueError, match="VLLM_ALLOW_INSECURE_SERIALIZATION"):
+        IPCWeightTransferUpdateInfo(**received)
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    assert IPCWeightTransferUpdateInfo(**received).ipc_handles == {"GPU-uuid": args}
+    assert msgpack_safe({"names": []}) == {"names": []}  # other payloads pass unchanged
 
 
 def test_sleep_and_wake_up(engine, prompts):

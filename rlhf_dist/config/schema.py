@@ -36,7 +36,8 @@ class ModelConfig:
     policy: str = option("", "Hugging Face model dir of the policy (the SFT model)", path=True)
     reference: str | None = option(None, "frozen KL reference model dir; null = the policy's initial weights",
                                    path=True)
-    critic: str | None = option(None, "critic init dir; null = the policy with a fresh value head", path=True)
+    critic: str | None = option(None, "critic init dir (a reward model's score head becomes the value head); "
+                                      "null = the policy with a zero value head", path=True)
     reward: str | None = option(None, "reward model dir; null = no reward model (use reward.function)", path=True)
     tokenizer: str | None = option(None, "tokenizer dir; null = the policy's", path=True)
     dtype: Dtype = option("float32", "parameter dtype of every model")
@@ -74,6 +75,10 @@ class GenerationConfig:
     tensor_parallel_size: int = option(1, "GPUs one vLLM engine spans", ge=1)
     gpu_memory_utilization: float = option(0.5, "fraction of GPU memory vLLM may take", gt=0, le=1)
     enable_sleep: bool = option(False, "free engine memory between rollouts (vLLM sleep/wake) for colocated roles")
+    enforce_eager: bool | None = option(None, "vLLM without CUDA graphs; null = eager on CPU, CUDA graphs on GPU")
+    seed_per_request: bool = option(False, "vLLM: one seed per prompt (a call is reproducible whatever the engine "
+                                           "batches, but vLLM samples seeded requests one by one); false = one "
+                                           "engine seed, one vectorised draw")
     batch_size: int = option(64, "prompts per engine call", ge=1)
 
 
@@ -118,7 +123,8 @@ class TrainConfig:
 class RoleConfig:
     num_actors: int = option(1, "actors of this role (data-parallel ranks for learners)", ge=0)
     num_cpus: float = option(1.0, "CPUs per actor", ge=0)
-    num_gpus: float = option(0.0, "GPUs per actor (for a colocated role: GPUs of the anchor's it uses)", ge=0)
+    num_gpus: float = option(0.0, "GPUs per actor (for a colocated role: GPUs of the anchor's it uses; "
+                                         "0 = a share of the anchor's)", ge=0)
     placement: Literal["pack", "spread"] = option("pack", "pack: fewest nodes; spread: across nodes")
     colocate_with: str | None = option(None, "role whose placement-group bundles this role shares (same GPUs, "
                                              "not reserved again); null = own bundles")
@@ -145,15 +151,24 @@ class RolesConfig:
             seen.append(nxt)
         return seen[-1]
 
+    def gpus(self, name: str) -> float:
+        """GPUs an actor of `name` runs on: its num_gpus, or for a colocated role left at 0 its anchor's (shared)."""
+        role = self.get(name)
+        if role.colocate_with is None or role.num_gpus > 0:
+            return role.num_gpus
+        return self.get(self.anchor(name)).num_gpus
+
     def reserved(self, resource: Literal["num_cpus", "num_gpus"]) -> float:
-        """CPUs or GPUs the roles reserve (colocated roles reserve nothing of their own)."""
-        return sum(r.num_actors * getattr(r, resource) for r in map(self.get, self.names()) if r.colocate_with is None)
+        """CPUs or GPUs the roles reserve: every actor brings its CPUs, colocated roles reserve no GPUs of their own."""
+        return sum(r.num_actors * getattr(r, resource) for r in map(self.get, self.names())
+                   if r.colocate_with is None or resource == "num_cpus")
 
 
 @dataclass
 class SyncConfig:
-    transport: Literal["auto", "object_store", "nccl", "cuda_ipc"] = option(
-        "auto", "policy -> rollout weight transport; auto picks by placement")
+    transport: Literal["auto", "object_store", "nccl", "cuda_ipc", "sparse_nccl"] = option(
+        "auto", "policy -> rollout weight transport; auto picks by placement; sparse_nccl sends only changed "
+                "elements (vLLM's delta engine)")
     bucket_mb: int = option(64, "weights are flattened into buckets of this size, one send per bucket", ge=1)
     max_logprob_mismatch: float = option(0.1, "mean |rollout - learner| log-prob gap after a sync above which the "
                                               "run fails (stale weights)", gt=0)
@@ -303,4 +318,14 @@ class RunConfig:
                                                     "collect)")
     pipeline: PipelineConfig = section(PipelineConfig, "SFT -> collect -> RM -> PPO and DPO -> comparison "
                                                        "(rlhf-dist pipeline)")
+
+    def weight_transport(self) -> str:
+        """``sync.transport`` with ``auto`` resolved: CUDA IPC when vLLM rollouts share the policy's GPUs, NCCL when
+        both have GPUs of their own, else the object store."""
+        if self.sync.transport != "auto":
+            return self.sync.transport
+        roles = self.roles
+        if self.generation.engine != "vllm" or not (roles.gpus("policy") > 0 and roles.gpus("rollout") > 0):
+            return "object_store"
+        return "cuda_ipc" if roles.anchor("policy") == roles.anchor("rollout") else "nccl"
 

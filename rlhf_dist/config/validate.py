@@ -116,8 +116,15 @@ def _check_batches(cfg: RunConfig) -> None:
                                            f"train.offload=false or train.engine=deepspeed")
 
 
+def _rollout_gpus(cfg: RunConfig) -> tuple[float, str]:
+    """GPUs each rollout engine runs on, and the key that sets them (the anchor's for a colocated role left at 0)."""
+    roles = cfg.roles
+    shared = roles.rollout.colocate_with is not None and roles.rollout.num_gpus == 0
+    return roles.gpus("rollout"), f"roles.{roles.anchor('rollout')}.num_gpus" if shared else "roles.rollout.num_gpus"
+
+
 def _check_generation(cfg: RunConfig) -> None:
-    g, gpus = cfg.generation, cfg.roles.rollout.num_gpus
+    g, (gpus, key) = cfg.generation, _rollout_gpus(cfg)
     tp = g.tensor_parallel_size
     if g.engine == "hf":
         if tp != 1:
@@ -126,24 +133,20 @@ def _check_generation(cfg: RunConfig) -> None:
         return
     if gpus == 0:
         if not g.vllm_cpu:
-            raise ConfigError("roles.rollout.num_gpus", "0 with generation.engine=vllm; give the engines GPUs "
-                                                        "(roles.rollout.num_gpus=1) or set generation.vllm_cpu=true "
-                                                        "to run the vllm-cpu build")
-        if tp != 1:
-            raise ConfigError("generation.tensor_parallel_size", f"{tp}, but vllm on CPU "
-                                                                 f"(roles.rollout.num_gpus=0) runs one process; "
-                                                                 f"set it to 1")
-        return
+            shared = "" if key == "roles.rollout.num_gpus" else f" (colocated, and {key}=0)"
+            raise ConfigError("roles.rollout.num_gpus", f"0{shared} with generation.engine=vllm; give the engines "
+                                                        f"GPUs ({key}=1) or set generation.vllm_cpu=true to run the "
+                                                        f"vllm-cpu build")
+        return  # vllm-cpu runs tensor-parallel workers as processes of its own ('mp' executor)
     if g.vllm_cpu:
-        raise ConfigError("generation.vllm_cpu", f"true, but roles.rollout.num_gpus={_num(gpus)}; set "
-                                                 f"generation.vllm_cpu=false or roles.rollout.num_gpus=0")
+        raise ConfigError("generation.vllm_cpu", f"true, but {key}={_num(gpus)}; set "
+                                                 f"generation.vllm_cpu=false or {key}=0")
     if tp > gpus:
-        raise ConfigError("generation.tensor_parallel_size", f"{tp} is more than roles.rollout.num_gpus="
-                                                             f"{_num(gpus)}; set roles.rollout.num_gpus={tp} "
-                                                             f"or a smaller tensor_parallel_size")
+        raise ConfigError("generation.tensor_parallel_size", f"{tp} is more than {key}={_num(gpus)}; set "
+                                                             f"{key}={tp} or a smaller tensor_parallel_size")
     if gpus % tp:
-        raise ConfigError("generation.tensor_parallel_size", f"{tp} does not divide roles.rollout.num_gpus="
-                                                             f"{_num(gpus)}; use a divisor of it, or change num_gpus")
+        raise ConfigError("generation.tensor_parallel_size", f"{tp} does not divide {key}={_num(gpus)}; use a "
+                                                             f"divisor of it, or change num_gpus")
 
 
 def _check_colocation(cfg: RunConfig) -> None:
@@ -172,25 +175,33 @@ def _check_colocation(cfg: RunConfig) -> None:
                                                                  f"colocate_with=null")
             chain.append(nxt)
     for name in names:
+        # each actor sits in one of the anchor's bundles (launch: actor i -> bundle i % n) and shares its GPUs
         role, anchor = roles.get(name), roles.anchor(name)
-        used, have = role.num_actors * role.num_gpus, roles.get(anchor).num_actors * roles.get(anchor).num_gpus
-        if role.colocate_with is not None and used > have:
-            raise ConfigError(f"roles.{name}.num_gpus", f"{_num(role.num_gpus)} x {role.num_actors} actors = "
-                                                        f"{_num(used)} GPUs, more than the {_num(have)} of "
-                                                        f"roles.{anchor} it colocates with; lower it or give "
+        have = roles.get(anchor).num_gpus
+        if role.colocate_with is not None and role.num_gpus > have:
+            raise ConfigError(f"roles.{name}.num_gpus", f"{_num(role.num_gpus)} per actor, more than the "
+                                                        f"{_num(have)} of roles.{anchor}'s bundle it shares; set it "
+                                                        f"to {_num(have)} or less (0 = share the bundle's), or give "
                                                         f"roles.{anchor} more")
 
 
 def _check_sync_and_ray(cfg: RunConfig) -> None:
     transport, roles = cfg.sync.transport, cfg.roles
-    if transport in ("nccl", "cuda_ipc"):
+    if transport in ("nccl", "cuda_ipc", "sparse_nccl"):
         for name in ("policy", "rollout"):
-            if roles.get(name).num_gpus == 0:
+            if roles.gpus(name) == 0:
                 raise ConfigError("sync.transport", f"{transport} needs GPUs, but roles.{name}.num_gpus=0; set "
                                                     f"sync.transport=object_store (or auto) or give roles.{name} GPUs")
+    if transport in ("nccl", "sparse_nccl") and roles.anchor("policy") == roles.anchor("rollout"):
+        # NCCL refuses two ranks on one GPU, and colocated roles share theirs
+        raise ConfigError("sync.transport", f"{transport}, but policy and rollout share GPUs (colocate_with); set "
+                                            f"sync.transport=cuda_ipc (or auto)")
     if transport == "cuda_ipc" and roles.anchor("policy") != roles.anchor("rollout"):
         raise ConfigError("sync.transport", "cuda_ipc needs policy and rollout on the same GPUs; set "
                                             "roles.rollout.colocate_with=policy or sync.transport=nccl")
+    if transport in ("nccl", "cuda_ipc", "sparse_nccl") and cfg.generation.engine != "vllm":
+        raise ConfigError("sync.transport", f"{transport} needs generation.engine=vllm (vLLM's weight-transfer "
+                                            f"engines); hf generate takes weights through sync.transport=object_store")
     if cfg.ray.num_cpus is not None:
         if cfg.ray.address is not None:
             raise ConfigError("ray.num_cpus", f"{cfg.ray.num_cpus} sizes the embedded Ray only, but ray.address="

@@ -58,6 +58,15 @@ def stop_roles(groups: dict[str, RoleGroup]) -> None:
         remove_placement_group(pg)
 
 
+def wait_for_engines(cfg, rollout: RoleGroup) -> None:
+    """Returns when every rollout engine is up (a method call runs only after the constructor), and asleep when
+    sleep mode is on. vLLM sizes its KV cache from the GPU memory it finds free while it starts, so roles that share
+    its GPUs start only now, into the memory it left (and freed)."""
+    rollout.call("get_version").get()
+    if cfg.generation.enable_sleep:
+        rollout.call("sleep").get()
+
+
 def launch_roles(cfg, started: dict[str, RoleGroup] | None = None) -> dict[str, RoleGroup]:
     """Reserve placement groups, start the actors, and form each learner role's data-parallel group."""
     plans = plan(cfg)
@@ -70,7 +79,7 @@ def launch_roles(cfg, started: dict[str, RoleGroup] | None = None) -> dict[str, 
     }
     classes = role_classes()
     groups: dict[str, RoleGroup] = {} if started is None else started
-    for role in ROLES:
+    for role in ROLES:  # rollout first
         if role not in plans:
             continue
         p = plans[role]
@@ -81,6 +90,8 @@ def launch_roles(cfg, started: dict[str, RoleGroup] | None = None) -> dict[str, 
         else:
             make_args = lambda rank: ((cfg, rank), {})
         groups[role] = RoleGroup(role, classes[role], bundles, make_args, timeout, env_vars=worker_env())
+        if role == "rollout":
+            wait_for_engines(cfg, groups[role])
     for role in LEARNERS:
         if role in groups:
             addr, port = groups[role].call_rank(0, "rendezvous_address").get()[0]

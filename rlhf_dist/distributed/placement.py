@@ -1,7 +1,6 @@
 """From the config's ``roles`` section to placement groups: who runs where, checked against the cluster first."""
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 from rlhf_dist.config import ConfigError
@@ -14,31 +13,55 @@ class RolePlan:
     role: str
     num_actors: int
     num_cpus: float  # per actor, what the actor itself asks of its bundle
-    num_gpus: float
-    bundle_owner: str  # the role whose placement group holds this role's actors
+    num_gpus: float  # per actor: Ray's (fractional) request inside its bundle
+    bundle_owner: str  # the role whose placement group holds this role's actors (its anchor)
     placement: str
+    bundle_gpus: float = 0.0  # GPUs of each of the owner's bundles
+
+
+# Ray keeps resource amounts in units of 1e-4 and a request above 1 GPU must be whole.
+_GPU_UNIT = 10_000
+
+
+def _share(gpus: float, actors: int) -> float:
+    """One actor's request when ``actors`` share ``gpus``, rounded down to what Ray can represent."""
+    each = gpus / actors
+    return float(int(each)) if each >= 1 else int(each * _GPU_UNIT) / _GPU_UNIT
+
+
+def actors_per_bundle(counts: list[int], owner_n: int) -> list[int]:
+    """Actors on each of the owner's bundles: actor ``i`` of every sharing role sits in bundle ``i % owner_n``."""
+    per = [0] * owner_n
+    for n in counts:
+        for i in range(n):
+            per[i % owner_n] += 1
+    return per
 
 
 def plan(cfg) -> dict[str, RolePlan]:
-    """Roles that share GPUs (``colocate_with``) sit in the owner's bundles: each brings its own CPUs, and the
-    owner's GPUs are split evenly among them (Ray needs a fraction; the memory split is the engines' business:
-    vLLM's gpu_memory_utilization and sleep mode)."""
-    roles = {r: getattr(cfg.roles, r) for r in ROLES if getattr(cfg.roles, r).num_actors > 0}
-    sharers: dict[str, list[str]] = defaultdict(list)
-    for name, rc in roles.items():
-        sharers[rc.colocate_with or name].append(name)
+    """Roles that share GPUs (``colocate_with``, followed to the anchor) sit in the anchor's bundles: each actor brings
+    its own CPUs, and the actors on one bundle split its GPUs (the anchor's num_gpus) so that their requests add up to
+    exactly the bundle's (the busiest bundle's, where counts differ). Ray needs a fraction; the memory split is the
+    engines' business: vLLM's gpu_memory_utilization and sleep mode."""
+    roles = {r: cfg.roles.get(r) for r in ROLES if cfg.roles.get(r).num_actors > 0}
+    owner_of = {name: cfg.roles.anchor(name) for name in roles}
     plans = {}
     for name, rc in roles.items():
-        owner = rc.colocate_with or name
-        share = len(sharers[owner])
+        owner = owner_of[name]
         owner_rc = roles[owner]
+        sharing = [roles[r].num_actors for r in roles if owner_of[r] == owner]
+        busiest = max(actors_per_bundle(sharing, owner_rc.num_actors))
+        each = _share(owner_rc.num_gpus, busiest)
+        if name == owner:  # the owner has one actor per bundle: it takes the rounding remainder
+            each = round(owner_rc.num_gpus - (busiest - 1) * each, 4)
         plans[name] = RolePlan(
             role=name,
             num_actors=rc.num_actors,
             num_cpus=rc.num_cpus,
-            num_gpus=owner_rc.num_gpus / share if share > 1 else rc.num_gpus,
+            num_gpus=each,
             bundle_owner=owner,
             placement=owner_rc.placement,
+            bundle_gpus=owner_rc.num_gpus,
         )
     return plans
 
@@ -53,9 +76,15 @@ def required_resources(plans: dict[str, RolePlan]) -> dict[str, float]:
 
 
 def _bundle(plans: dict[str, RolePlan], owner: str) -> dict[str, float]:
-    cpus = sum(p.num_cpus for p in plans.values() if p.bundle_owner == owner)
-    gpus = sum(p.num_gpus for p in plans.values() if p.bundle_owner == owner)
-    return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+    """One bundle of ``owner``'s group: the CPUs of every actor on the busiest bundle, and the owner's GPUs."""
+    n = plans[owner].num_actors
+    cpus = [0.0] * n
+    for p in plans.values():
+        if p.bundle_owner == owner:
+            for i in range(p.num_actors):
+                cpus[i % n] += p.num_cpus
+    gpus = plans[owner].bundle_gpus
+    return {"CPU": max(cpus), "GPU": gpus} if gpus else {"CPU": max(cpus)}
 
 
 def bundles_by_owner(plans: dict[str, RolePlan]) -> dict[str, tuple[int, dict[str, float]]]:

@@ -73,6 +73,7 @@ class ComputeLedger:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.spans: list[tuple[str, float, float]] = []  # (method, start, end) in wall-clock seconds: a timeline
         self._depth = threading.local()
         self.peak_scope = "span" if _reset_peak_rss() else "process"
 
@@ -86,11 +87,14 @@ class ComputeLedger:
         if outermost:
             self.seconds[method] = self.seconds.get(method, 0.0) + seconds
             self.calls[method] = self.calls.get(method, 0) + 1
+            end = time.time()
+            self.spans.append((method, end - seconds, end))
 
     def report(self, reset: bool) -> dict:
         out = {
             "seconds": dict(self.seconds),
             "calls": dict(self.calls),
+            "spans": list(self.spans),
             "peak_rss_mb": _peak_rss_bytes() / 2**20,
             "peak_rss_scope": self.peak_scope,
             **_gpu_memory_mb(reset),
@@ -98,6 +102,7 @@ class ComputeLedger:
         if reset:
             self.seconds.clear()
             self.calls.clear()
+            self.spans.clear()
             if self.peak_scope == "span":
                 _reset_peak_rss()
         return out
@@ -156,6 +161,18 @@ def _timed(name: str, fn: Callable) -> Callable:
     return method
 
 
+def _timed_init(init: Callable) -> Callable:
+    """The constructor shows in the timeline (``spans``) only, not in the seconds: start-up is not compute of a
+    phase. It lets a test see which roles were up before which started."""
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        t0 = time.time()
+        init(self, *args, **kwargs)
+        _ledger(self).spans.append(("__init__", t0, time.time()))
+
+    return __init__
+
+
 def _compute_stats(self, reset: bool = True) -> dict:
     """Seconds per role method and peak memory since the last reset (by default, resets)."""
     return _ledger(self).report(reset)
@@ -167,7 +184,8 @@ def timed_role(role_cls: type) -> type:
     The role stays a plain class; this is applied only where it becomes an actor. Static and class methods, async
     methods and names starting with ``_`` are left alone.
     """
-    namespace: dict[str, Any] = {"__doc__": role_cls.__doc__, STATS_METHOD: _compute_stats}
+    namespace: dict[str, Any] = {"__doc__": role_cls.__doc__, STATS_METHOD: _compute_stats,
+                                 "__init__": _timed_init(role_cls.__init__)}
     for name in dir(role_cls):
         if name.startswith("_") or name == STATS_METHOD:
             continue

@@ -1,8 +1,10 @@
 """The critic: a transformer backbone with a scalar value head, as a plain nn.Module (DeepSpeed wraps it as is).
 
 On disk a critic is a Hugging Face backbone directory (save_pretrained) plus `value_head.safetensors`. Loading a
-directory that holds only a causal LM (the usual start: the critic is initialised from the SFT or reward model)
-gives a zero-initialised head, so every value starts at exactly 0 and the first updates come from the returns.
+directory that holds only a causal LM (e.g. the SFT model) gives a zero-initialised head, so every value starts at
+exactly 0 and the first updates come from the returns. Loading a scalar reward model (a ...ForSequenceClassification
+with num_labels=1, as `rlhf-dist rm` saves) starts the value head from its score head, as OpenRLHF does: the first
+values are the reward model's per-token scores.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -57,10 +59,13 @@ class CriticModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "CriticModel":
-        """From a saved critic (backbone + value_head.safetensors) or from any causal-LM / backbone directory."""
+        """From a saved critic (backbone + value_head.safetensors), a scalar reward model (its score head becomes the
+        value head) or any causal-LM / backbone directory (a zero head)."""
         directory = Path(directory)
-        critic = cls(AutoModel.from_pretrained(directory, dtype=dtype))
         head_path = directory / VALUE_HEAD_FILE
+        if not head_path.is_file() and is_scalar_reward_model(directory):
+            return cls._from_reward_model(directory, dtype)
+        critic = cls(AutoModel.from_pretrained(directory, dtype=dtype))
         if head_path.is_file():
             state = load_file(head_path)
             expected = {name: tuple(t.shape) for name, t in critic.value_head.state_dict().items()}
@@ -70,3 +75,25 @@ class CriticModel(nn.Module):
                                  f"{expected}; the value head was saved with another backbone")
             critic.value_head.load_state_dict({name: t.to(dtype) for name, t in state.items()})
         return critic
+
+    @classmethod
+    def _from_reward_model(cls, directory: Path, dtype: torch.dtype) -> "CriticModel":
+        reward_model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype)
+        score = getattr(reward_model, "score", None)
+        if not isinstance(score, nn.Linear) or score.out_features != 1:
+            raise ValueError(f"{directory} is a {type(reward_model).__name__} without a one-output `score` layer to "
+                             f"start the value head from; point model.critic at a critic or a causal-LM directory")
+        backbone = reward_model.base_model
+        critic = cls(backbone)
+        with torch.no_grad():
+            critic.value_head.weight.copy_(score.weight)
+            if score.bias is not None:  # Llama/Qwen score heads have none: the value head's bias stays 0
+                critic.value_head.bias.copy_(score.bias)
+        return critic
+
+
+def is_scalar_reward_model(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a ...ForSequenceClassification with one output (config.json only, no weights)."""
+    config = AutoConfig.from_pretrained(directory)
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels == 1

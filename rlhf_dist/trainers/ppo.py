@@ -86,9 +86,9 @@ def report(summary: dict) -> str:
 
 def train(cfg, groups, sampler, kl_ctl, log: MetricsLog) -> str | None:
     """The loop; returns where the final policy was saved."""
-    from rlhf_dist.distributed.weight_sync import make_weight_sync
+    from rlhf_dist.distributed.weight_push import WeightPush
 
-    sync = make_weight_sync(cfg, groups["policy"], groups["rollout"])
+    sync = WeightPush(cfg, groups["policy"], groups["rollout"])
     start, version = resume(cfg, groups, sampler, kl_ctl, sync) if cfg.checkpoint.resume else (0, 0)
     log.truncate(start)
     progress = _progress(cfg)
@@ -177,6 +177,8 @@ def iteration(cfg, groups, sampler, kl_ctl, it: int, version: int, sync=None) ->
     prompts = sampler.next_batch()
     with timer("generate"):
         batch = groups["rollout"].scatter("generate", prompts, it).batch()
+        if cfg.generation.enable_sleep:  # free the engines' memory for the learners; the next push wakes them
+            groups["rollout"].call("sleep").get()
     with timer("score"):  # reward, reference, critic and the learner's own log-probs, all in flight at once
         pending = {
             "reward": groups["reward"].scatter("score", batch),

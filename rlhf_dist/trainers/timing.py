@@ -5,8 +5,8 @@ become one metrics row:
 - ``compute/<role>``: the role's compute time, max over its actors within each phase, summed over phases (and
   ``compute/<role>/<method>`` for each method);
 - ``critical/<phase>``: the compute on the phase's critical path: its longest chain of calls (``CHAINS``: within a
-  phase the roles run side by side, the calls of one chain one after the other, such as the learner's export and
-  then the rollout's load in an object-store weight sync);
+  phase the roles run side by side, the calls of one chain one after the other, such as the policy's training and
+  then its weight push when the push is queued behind it);
 - ``compute/critical_path``: the sum over phases, plus the driver's own math (advantages);
 - ``overhead_frac = 1 - compute/critical_path / time/wall``: the share of the iteration spent outside model compute
   (scheduling, serialisation, object transfer, waiting on a busy CPU, the driver's bookkeeping);
@@ -22,16 +22,16 @@ CHAINS: Chains = {
     "generate": (("rollout.generate",),),
     "score": (("reward.score",), ("reference.logprobs",), ("policy.logprobs",), ("critic.values",)),
     "train": (("policy.train",), ("critic.train",)),
-    # object store: the learner exports, then the rollout loads; CUDA IPC: handles, then load; NCCL: one collective
-    "weight_sync": (("policy.export_weights", "rollout.load_weights"),
-                    ("policy.ipc_weight_handles", "rollout.receive_weight_ipc"),
-                    ("policy.broadcast_weights",), ("rollout.receive_weight_broadcast",)),
+    # learner rank 0 drives the rollout engines' update from inside its push: the rollout's calls nest in it
+    "weight_sync": (("policy.push_weights",),
+                    ("rollout.start_weight_update", "rollout.update_weights", "rollout.finish_weight_update")),
 }
 # The driver can queue the object-store push right behind the policy's training (ppo.iteration(sync=...)): the push
 # is then part of the train phase, chained after the policy's train call, side by side with the critic's.
 SYNC_IN_TRAIN: Chains = {
     **CHAINS,
-    "train": (("policy.train", "policy.export_weights", "rollout.load_weights"), ("critic.train",)),
+    "train": (("policy.train", "policy.push_weights"), ("critic.train",),
+              ("rollout.start_weight_update", "rollout.update_weights", "rollout.finish_weight_update")),
     "weight_sync": (),
 }
 PHASES = ("generate", "score", "advantages", "train", "weight_sync")

@@ -121,47 +121,25 @@ class Learner:
         totals.update({f"{self.role}/{k}": float(v) for k, v in self.engine.step().items()})
         return totals
 
-    # -- weights out ----------------------------------------------------------------------------------------
-    def export_weights(self, bucket_mb: int) -> list | None:
-        """Collective under ZeRO-3: every rank calls it; rank 0 returns the full weights as numpy buckets."""
-        from rlhf_dist.engines.weight_sync.buckets import bucket_to_numpy, pack_buckets
+    # -- weights out: learner rank 0 drives the rollout engines through vLLM's weight-transfer control plane -----
+    def init_weight_sync(self, rollout_actors: list, transport: str, workers_per_engine: int, bucket_mb: int,
+                         timeout_s: float) -> None:
+        """Every rank: a sender for ``transport`` (engines/weight_sync/senders.py); rank 0 also opens the
+        transport with the rollout engines (an NCCL group: learner rank 0 plus every engine worker)."""
+        from rlhf_dist.engines.weight_sync.client import RolloutClient
+        from rlhf_dist.engines.weight_sync.senders import make_sender
 
-        named = self.engine.named_full_parameters()
-        if self.rank != 0:
-            for _ in named:  # drive the gathers on the other ranks
-                pass
-            return None
-        return [bucket_to_numpy(b) for b in pack_buckets(named, bucket_mb * 2**20)]
+        self.weight_client = RolloutClient(rollout_actors, workers_per_engine, timeout_s)
+        world_size = 1 + len(rollout_actors) * workers_per_engine
+        self.weight_sender = make_sender(transport, self.weight_client, self.rank, self.engine, bucket_mb * 2**20,
+                                         self.rendezvous_address, world_size)
 
-    # GPU transports (see rlhf_dist.engines.weight_sync.senders; UNTESTED here: no GPU)
-    def weight_bucket_plan(self, bucket_mb: int) -> list:
-        from rlhf_dist.engines.weight_sync.senders import bucket_plan
-
-        return bucket_plan(self.engine.full_parameter_shapes(), bucket_mb * 2**20)
-
-    def init_weight_broadcast(self, master_address: str, master_port: int, world_size: int) -> None:
-        """Rank 0 joins the broadcast group with the rollout engines' workers; the other ranks have no part in it."""
-        from rlhf_dist.engines.weight_sync.senders import BroadcastSender
-
-        if self.rank == 0:
-            self.broadcaster = BroadcastSender(master_address, master_port, world_size, self.engine.device)
-
-    def broadcast_weights(self, bucket_mb: int) -> int:
-        """Collective over the learners (ZeRO-3 gathers); rank 0 broadcasts. Returns the bytes sent."""
-        named = self.engine.named_full_parameters(device=self.engine.device)
-        if self.rank != 0:
-            for _ in named:
-                pass
-            return 0
-        return self.broadcaster.send(named, bucket_mb * 2**20)
-
-    def ipc_weight_handles(self, bucket_mb: int) -> list | None:
-        """Collective; every rank shares its full copy by CUDA IPC handles; rank 0 returns them merged."""
-        from rlhf_dist.engines.weight_sync.senders import ipc_handles
-
-        self._ipc_keep_alive: list = []  # the previous push's buffers are released here, after their receivers loaded
-        named = self.engine.named_full_parameters(device=self.engine.device, rank0_only=False)
-        return ipc_handles(named, bucket_mb * 2**20, self._ipc_keep_alive)
+    def push_weights(self, version: int) -> tuple[list[int], int] | None:
+        """Collective over the learners (gathers under ZeRO-3). Rank 0 returns the version each rollout actor
+        reports after the update, and the bytes it sent."""
+        self.weight_client.version = version
+        nbytes = self.weight_sender.send_weights()
+        return (self.weight_client.versions, nbytes) if self.rank == 0 else None
 
     def save_hf(self, path: str) -> str:
         self.engine.save_hf(path, tokenizer=self.tokenizer)

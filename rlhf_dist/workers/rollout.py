@@ -7,7 +7,7 @@ import pyarrow as pa
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import add_column
 from rlhf_dist.engines.generation.base import GenerationEngine, SamplingConfig
-from rlhf_dist.engines.weight_sync.buckets import bucket_from_numpy, unpack_bucket
+from rlhf_dist.engines.weight_sync.buckets import bucket_from_numpy
 from rlhf_dist.workers.common import derive_seed, device, setup_process
 
 
@@ -15,6 +15,7 @@ def make_generation_engine(cfg, tokenizer) -> GenerationEngine:
     gen = cfg.generation
     if gen.engine == "vllm":
         from rlhf_dist.engines.generation.vllm_engine import VLLMEngine
+        from rlhf_dist.engines.weight_sync.senders import VLLM_BACKEND
 
         return VLLMEngine(
             model_path=cfg.model.policy,
@@ -24,6 +25,10 @@ def make_generation_engine(cfg, tokenizer) -> GenerationEngine:
             seed=cfg.seed,
             enable_sleep=gen.enable_sleep,
             max_model_len=cfg.data.max_prompt_tokens + gen.max_new_tokens,
+            bucket_bytes=cfg.sync.bucket_mb * 2**20,
+            weight_transfer_backend=VLLM_BACKEND[cfg.weight_transport()],
+            enforce_eager=gen.enforce_eager,
+            per_request_seed=gen.seed_per_request,
         )
     from rlhf_dist.engines.generation.hf import HFGenerationEngine
     from rlhf_dist.models.load import load_causal_lm
@@ -60,25 +65,22 @@ class RolloutWorker:
         batch = add_column(batch, S.RESPONSE_TEXT, pa.array(texts, pa.string()))
         return add_column(batch, S.POLICY_VERSION, pa.array(np.full(len(texts), self.version, np.int64)))
 
-    def load_weights(self, payload: list, version: int) -> int:
-        """Object-store transport: ``payload`` is learner rank 0's list of numpy buckets, fetched once per node."""
-        self.engine.wake_up()
-        for item in payload:
-            self.engine.load_weights(unpack_bucket(bucket_from_numpy(item)))
-        self.version = version
-        return version
+    # -- weights in: vLLM's weight-transfer control plane, driven by learner rank 0 (engines/weight_sync) ------
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.engine.init_weight_transfer(init_info)
 
-    # GPU transports (vLLM engine only; UNTESTED here: no GPU)
-    def init_weight_broadcast(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        self.engine.init_weight_update_group(master_address, master_port, rank_offset, world_size)
+    def start_weight_update(self) -> None:
+        self.engine.start_weight_update()
 
-    def receive_weight_broadcast(self, bucket_plan: list, version: int) -> int:
-        self.engine.receive_broadcast(bucket_plan)
-        self.version = version
-        return version
+    def update_weights(self, update_info: dict) -> None:
+        """Object store: ``{"buckets": [NumpyBucket, ...]}`` (fetched once per node); else a vLLM engine's payload."""
+        if "buckets" in update_info:
+            self.engine.receive_buckets(bucket_from_numpy(b) for b in update_info["buckets"])
+        else:
+            self.engine.receive(update_info)
 
-    def receive_weight_ipc(self, handles: list, version: int) -> int:
-        self.engine.receive_ipc(handles)
+    def finish_weight_update(self, version: int) -> int:
+        self.engine.finish_weight_update()
         self.version = version
         return version
 

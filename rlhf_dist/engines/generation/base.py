@@ -7,6 +7,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from rlhf_dist.engines.weight_sync.buckets import Bucket, unpack_bucket
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -34,6 +36,25 @@ class GenerationEngine(ABC):
     @abstractmethod
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy weights, named as in the Hugging Face model, into the engine."""
+
+    # One weight update, in the shape of vLLM's weight-transfer control plane: start, any number of receives, finish.
+    # An engine without a transport of its own takes object-store buckets only.
+    def init_weight_transfer(self, init_info: dict) -> None:
+        if init_info:
+            raise NotImplementedError(f"{type(self).__name__} takes weights through the object store only")
+
+    def start_weight_update(self) -> None:
+        self.wake_up()
+
+    def receive_buckets(self, buckets: Iterable[Bucket]) -> None:
+        for bucket in buckets:
+            self.load_weights(unpack_bucket(bucket))
+
+    def receive(self, update_info: dict) -> None:
+        raise NotImplementedError(f"{type(self).__name__} takes weights through the object store only")
+
+    def finish_weight_update(self) -> None:
+        pass
 
     def sleep(self) -> None:
         """Free memory between phases (colocated roles); a no-op where it means nothing."""

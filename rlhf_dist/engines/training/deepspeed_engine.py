@@ -7,8 +7,8 @@ For models that must never be whole on one rank, pass a zero-argument factory th
 ``deepspeed.zero.Init`` and loads each parameter through a gather (needs ``accelerate`` installed; see
 ``_hf_zero3_config``).
 
-Optimizer: on GPU DeepSpeed builds its own AdamW from the config (FusedAdam, or DeepSpeedCPUAdam with offload --
-ZeRO-Offload needs it). On CPU we hand it a ``torch.optim.AdamW`` instance: DeepSpeed's CPU optimizers would
+Optimizer: on GPU DeepSpeed builds its own AdamW from the config: torch's (``torch_adam``), or DeepSpeedCPUAdam
+with offload (ZeRO-Offload needs it). On CPU we hand it a ``torch.optim.AdamW`` instance: DeepSpeed's CPU optimizers would
 compile a C++ extension for ~90 s and gain nothing at test sizes.
 """
 
@@ -78,11 +78,12 @@ def build_ds_config(options: TrainOptions, world_size: int, on_gpu: bool) -> dic
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                           "hysteresis": 2, "min_loss_scale": 1}
     if on_gpu:
-        config["optimizer"] = {
-            "type": "AdamW",
-            "params": {"lr": options.lr, "betas": list(options.betas), "eps": options.eps,
-                       "weight_decay": options.weight_decay},
-        }
+        params = {"lr": options.lr, "betas": list(options.betas), "eps": options.eps, "weight_decay": options.weight_decay}
+        if not options.offload:
+            # torch's AdamW (foreach kernels) instead of FusedAdam, which DeepSpeed JIT-builds with nvcc on first
+            # use: minutes, or a crash where nvcc is missing. Offload keeps DeepSpeedCPUAdam, which ZeRO-Offload needs.
+            params["torch_adam"] = True
+        config["optimizer"] = {"type": "AdamW", "params": params}
     return config
 
 

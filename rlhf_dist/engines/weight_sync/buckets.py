@@ -1,23 +1,19 @@
 """Weight-sync payloads: named tensors flattened into a few large one-dtype buffers ("buckets").
 
 Sending one bucket per call instead of one tensor per call is what keeps weight sync cheap (OpenRLHF #533: per-
-parameter round trips took >40 % of step time). Every transport moves the same ``Bucket``:
-- object store: ``bucket_to_numpy`` -> ``ray.put`` (numpy is zero-copy there, torch tensors are pickled) ->
-  ``bucket_from_numpy``;
-- NCCL broadcast: receivers cannot look at the data before it arrives, so both sides compute the same grouping
-  from the full shapes with ``plan_buckets`` (ZeRO-3 shards can have ``numel()==0``; full shapes are the truth),
-  the receiver allocates with ``allocate_bucket`` and broadcasts into ``bucket.flat``.
+parameter round trips took >40 % of step time). The object-store transport moves ``Bucket``s: ``bucket_to_numpy``
+-> ``ray.put`` (numpy is zero-copy there, torch tensors are pickled) -> ``bucket_from_numpy``; vLLM's NCCL and IPC
+engines pack buckets of their own.
 
-Grouping rule (shared by ``pack_buckets`` and ``plan_buckets`` so they agree exactly): tensors are taken in order;
-each dtype has one open bucket; a tensor that would overflow its dtype's open bucket closes it first; a tensor
-larger than ``bucket_bytes`` gets a bucket of its own; open buckets close at the end in the order they were opened.
+Grouping rule: tensors are taken in order; each dtype has one open bucket; a tensor that would overflow its dtype's
+open bucket closes it first; a tensor larger than ``bucket_bytes`` gets a bucket of its own; open buckets close at
+the end in the order they were opened.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,35 +112,6 @@ def unpack_bucket(bucket: Bucket) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, view into bucket.flat with the entry's shape). Views: copy them if the bucket buffer is reused."""
     for e in bucket.entries:
         yield e.name, bucket.flat[e.offset:e.offset + e.numel].view(e.shape)
-
-
-def plan_buckets(shapes: dict[str, tuple[Sequence[int], torch.dtype]], bucket_bytes: int) -> list[list[str]]:
-    """The names of each bucket ``pack_buckets`` would make from tensors with these full shapes, in this order."""
-    grouper = _Grouper(bucket_bytes)
-    plan = []
-    for name, (shape, dtype) in shapes.items():
-        nbytes = math.prod(shape) * _element_size(dtype)
-        plan.extend(grouper.add(name, nbytes, dtype))
-    plan.extend(grouper.finish())
-    return plan
-
-
-def allocate_bucket(names: Sequence[str], shapes: dict[str, tuple[Sequence[int], torch.dtype]],
-                    device: str | torch.device = "cpu") -> Bucket:
-    """An empty bucket laid out for ``names`` (one group from plan_buckets): what a receiver broadcasts into."""
-    dtypes = {shapes[n][1] for n in names}
-    if len(dtypes) != 1:
-        raise ValueError(f"allocate_bucket: a bucket holds one dtype, these names have {sorted(map(str, dtypes))}")
-    entries, offset = [], 0
-    for n in names:
-        shape = tuple(shapes[n][0])
-        entries.append(BucketEntry(n, shape, offset, math.prod(shape)))
-        offset += math.prod(shape)
-    return Bucket(torch.empty(offset, dtype=dtypes.pop(), device=device), entries)
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def bucket_to_numpy(bucket: Bucket) -> NumpyBucket:

@@ -1,76 +1,53 @@
-"""The learner's end of the GPU weight-sync transports. UNTESTED here (no GPU): written to vLLM's and torch's
-documented APIs, and kept small; the receiving end is rlhf_dist.engines.generation.vllm_worker_ext.
+"""The learner's end of weight sync: one sender per transport, all driving the rollout engines through the same
+control plane (``client.py``: init, start, update, finish with the version) and all collective over the learner
+group: every rank iterates the full weights (a gather under ZeRO-3), rank 0 sends.
 
-- NCCL broadcast (GPUs across nodes): learner rank 0 is rank 0 of a group with every vLLM worker; it broadcasts the
-  full weights bucket by bucket, in ``plan_buckets`` order, so receivers can allocate each bucket before it arrives.
-- CUDA IPC (policy and rollout on the same GPUs): every learner rank packs the full weights on its own GPU and shares
-  them by handle; each vLLM worker picks the handle for its device. No copy crosses the PCIe bus.
+- ``object_store``: rank 0 packs buckets (``buckets.py``) into the Ray object store once; every rollout actor
+  reads them there and loads them through its engine (vLLM: our backend registered with vLLM's factory).
+- ``nccl``, ``cuda_ipc``, ``sparse_nccl``: vLLM's own trainer-side engines (``vllm_senders.py``), which vLLM keeps
+  in step with its worker side across releases.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
-from rlhf_dist.engines.weight_sync.buckets import pack_buckets, plan_buckets
+from rlhf_dist.engines.weight_sync.buckets import bucket_to_numpy, pack_buckets
 
-
-def bucket_plan(shapes: dict[str, tuple[torch.Size, torch.dtype]], bucket_bytes: int) -> list[list[tuple]]:
-    """Per bucket, ``(name, full shape, dtype name)``: what a receiver allocates before rank 0 broadcasts."""
-    return [
-        [(name, list(shapes[name][0]), str(shapes[name][1]).removeprefix("torch.")) for name in group]
-        for group in plan_buckets(shapes, bucket_bytes)
-    ]
+NamedTensors = Iterator[tuple[str, torch.Tensor]]
+TRANSPORTS = ("object_store", "nccl", "cuda_ipc", "sparse_nccl")
+# the vLLM weight-transfer backend each transport needs on the engine side
+VLLM_BACKEND = {"object_store": "rlhf_object_store", "nccl": "nccl", "cuda_ipc": "ipc", "sparse_nccl": "sparse_nccl"}
 
 
-class BroadcastSender:
-    """Rank 0 of the weight-broadcast group (vLLM's StatelessProcessGroup + PyNccl, as its workers use)."""
+class ObjectStoreSender:
+    def __init__(self, client, is_sender: bool, full_parameters: Callable[[], NamedTensors], bucket_bytes: int):
+        self.client, self.is_sender, self.full_parameters, self.bucket_bytes = (
+            client, is_sender, full_parameters, bucket_bytes)
 
-    def __init__(self, master_address: str, master_port: int, world_size: int, device: torch.device):
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=0, world_size=world_size)
-        self.comm = PyNcclCommunicator(group, device=device)
-        self.device = device
-
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> int:
-        sent = 0
-        for bucket in pack_buckets(named_tensors, bucket_bytes):
-            flat = bucket.flat.to(self.device, non_blocking=True)
-            self.comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
-            sent += flat.numel() * flat.element_size()
-        torch.cuda.current_stream().synchronize()
-        return sent
+    def send_weights(self) -> int:
+        """Returns the bytes sent (0 on the ranks that only took part in the gather)."""
+        named = self.full_parameters()
+        if not self.is_sender:
+            for _ in named:  # drive the gathers
+                pass
+            return 0
+        buckets = [bucket_to_numpy(b) for b in pack_buckets(named, self.bucket_bytes)]
+        self.client.start_weight_update()
+        self.client.update_weights({"buckets": buckets})
+        self.client.finish_weight_update()
+        return sum(b.flat.nbytes for b in buckets)
 
 
-def device_uuid(device: torch.device) -> str:
-    return str(torch.cuda.get_device_properties(device).uuid)
+def make_sender(transport: str, client, rank: int, train_engine, bucket_bytes: int,
+                rendezvous: Callable[[], tuple[str, int]], world_size: int):
+    """Called on every learner rank. ``rendezvous`` gives rank 0's (address, free port) for an NCCL group of
+    ``world_size`` members (learner rank 0 and every rollout worker)."""
+    if transport == "object_store":
+        return ObjectStoreSender(client, rank == 0, lambda: train_engine.named_full_parameters(), bucket_bytes)
+    if transport not in TRANSPORTS:
+        raise ValueError(f"weight sync: unknown transport {transport!r}; use one of {TRANSPORTS}")
+    from rlhf_dist.engines.weight_sync.vllm_senders import make_vllm_sender  # needs vllm (and CUDA)
 
-
-def ipc_handles(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, keep_alive: list) -> list | None:
-    """Collective over the learner group. Returns, on rank 0, ``[(uuid -> rebuild args, entries), ...]`` for every
-    bucket; the packed buckets are appended to ``keep_alive`` and must live until the receivers have loaded them."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    uuid = device_uuid(device)
-    mine = []
-    for bucket in pack_buckets(named_tensors, bucket_bytes):
-        flat = bucket.flat.to(device)
-        keep_alive.append(flat)
-        mine.append(({uuid: reduce_tensor(flat)[1]}, [(e.name, list(e.shape), e.offset, e.numel) for e in bucket.entries]))
-    gathered: list = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, mine)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    # every rank packed the same buckets in the same order: merge their handles bucket by bucket
-    merged = []
-    for i, (_, entries) in enumerate(gathered[0]):
-        handles: dict = {}
-        for rank_buckets in gathered:
-            handles.update(rank_buckets[i][0])
-        merged.append((handles, entries))
-    return merged
+    return make_vllm_sender(transport, client, rank, train_engine, bucket_bytes, rendezvous, world_size)

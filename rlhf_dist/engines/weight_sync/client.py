@@ -1,0 +1,57 @@
+"""Learner rank 0's handle on the rollout engines: vLLM's weight-sync client protocol (``VLLMWeightSyncClient``:
+init, start, update, finish) over the rollout workers, so vLLM's trainer-side engines and ours drive them alike.
+
+Ours rather than vLLM's ``RayVLLMWeightSyncClient`` because each rollout engine needs its own NCCL rank offset
+(vLLM's sends one init payload to every actor), a payload goes into the object store once for all actors, ``finish``
+carries the policy version and collects what every worker reports, and the workers may also be plain in-process
+objects (role tests, one-process checks) instead of Ray actors.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+class RolloutClient:
+    def __init__(self, workers: Sequence[Any], workers_per_engine: int, timeout_s: float):
+        self.workers, self.workers_per_engine, self.timeout_s = list(workers), workers_per_engine, timeout_s
+        self.remote = bool(self.workers) and hasattr(getattr(self.workers[0], "generate", None), "remote")
+        self.version: int | None = None  # the version the next finish announces
+        self.versions: list[int] = []  # what each worker reported at the last finish
+
+    def _all(self, method: str, per_worker: Sequence[tuple]) -> list:
+        if not self.remote:
+            return [getattr(w, method)(*args) for w, args in zip(self.workers, per_worker)]
+        import ray
+
+        refs = [getattr(w, method).remote(*args) for w, args in zip(self.workers, per_worker)]
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            late = [i for i, r in enumerate(refs) if not ray.wait([r], timeout=0)[0]]
+            raise TimeoutError(f"weight sync: rollout actor(s) {late} did not answer {method}() within "
+                               f"{self.timeout_s:.0f} s (ray.actor_timeout_s)") from e
+
+    def _same(self, *args: Any) -> list[tuple]:
+        return [args] * len(self.workers)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        """In an NCCL group engine i's workers take ranks ``rank_offset + i * workers_per_engine`` onwards."""
+        if "rank_offset" not in init_info:
+            self._all("init_weight_transfer_engine", self._same(init_info))
+            return
+        first = init_info["rank_offset"]
+        self._all("init_weight_transfer_engine", [({**init_info, "rank_offset": first + i * self.workers_per_engine},)
+                                                  for i in range(len(self.workers))])
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update", self._same())
+
+    def update_weights(self, update_info: dict) -> None:
+        if self.remote:
+            import ray
+
+            update_info = ray.put(update_info)  # one copy in the object store, fetched once per node
+        self._all("update_weights", self._same(update_info))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.versions = self._all("finish_weight_update", self._same(self.version))
