@@ -33,3 +33,13 @@ bench: setup
 
 clean:
 	rm -rf .venv .venv-vllm runs
+
+# The GPU check (benchmarks/gpu_check.py). On the one-GPU device there is no .venv: python3 with the ray/deepspeed
+# wheels that `bash ../shared/tools/device-pack.sh` packed into .device/. Here and in CI: `make gpu-check ARGS=--dry-run`
+# with .venv's python (the packed cp312 wheels must not shadow .venv's packages, so .device is used only without it).
+.PHONY: gpu-check
+gpu-check: SHELL := /bin/bash
+gpu-check:
+	@if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; \
+	  if [ -f .device/install.sh ]; then source .device/install.sh || exit 1; fi; fi; \
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $$py benchmarks/gpu_check.py $(ARGS)
