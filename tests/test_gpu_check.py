@@ -22,9 +22,17 @@ def run_script(tmp_path, *args, timeout=600):
                           timeout=timeout)
 
 
+def run_make(tmp_path, *args, timeout=600):
+    """The way the device runs it: `make gpu-check ARGS=...` (here with .venv's python)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "MAKEFLAGS")}
+    make_args = " ".join(["--out", str(tmp_path / "results"), "--work", str(tmp_path / "work"), *args])
+    return subprocess.run(["make", "-s", "gpu-check", f"ARGS={make_args}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_dry_run_every_check_passes_with_its_numbers(tmp_path):
-    proc = run_script(tmp_path, "--dry-run")
+    proc = run_make(tmp_path, "--dry-run")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "results" / "gpu_check_dry_run.json").read_text())
     checks = result["checks"]
