@@ -150,7 +150,7 @@ def _peak_mb(device) -> float:
 def check_train_step(ctx: Context, zero_stage: int) -> dict:
     import torch
 
-    from rlhf_dist.distributed.process_group import init_process_group
+    from rlhf_dist.comm.process_group import init_process_group
     from rlhf_dist.engines.training import TrainOptions, make_train_engine
     from rlhf_dist.models.load import load_causal_lm
 
@@ -363,7 +363,7 @@ def _broadcast_rank(rank: int, port: int, device_name: str, shapes: dict, bucket
 def check_broadcast(ctx: Context) -> dict:
     import torch.multiprocessing as mp
 
-    from rlhf_dist.distributed.process_group import find_free_port
+    from rlhf_dist.comm.process_group import find_free_port
 
     s, device = ctx.sizes, ctx.device
     shapes = weight_shapes(s.bc_layers, s.rows, s.cols)

@@ -4,7 +4,7 @@
     python benchmarks/weight_sync.py --sizes tiny,30M --repeats 5
     python benchmarks/weight_sync.py --gpu --transports object_store,nccl,cuda_ipc   # on a GPU machine (vLLM rollouts)
 
-The full path is timed, as the PPO driver runs it (``rlhf_dist.distributed.weight_push``): the learner gathers its
+The full path is timed, as the PPO driver runs it (``rlhf_dist.orchestration.weight_push``): the learner gathers its
 full weights (a collective under ZeRO-3), packs them into buckets, drives the rollout engines through the transport, and every rollout
 actor loads them into its engine and reports the new version. Each actor's own seconds come from its compute
 ledger, so the table also splits a push into export (gather + pack), load, and the rest (object transfer,
@@ -64,9 +64,9 @@ def launch(cfg, n_rollout: int):
     """Only the two roles weight sync needs, placed as ``launch_roles`` places them."""
     import ray
 
-    from rlhf_dist.distributed.cluster import worker_env
-    from rlhf_dist.distributed.placement import bundles_by_owner, plan
-    from rlhf_dist.distributed.role_group import Bundles, RoleGroup, reserve
+    from rlhf_dist.orchestration.cluster import worker_env
+    from rlhf_dist.orchestration.placement import bundles_by_owner, plan
+    from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
     from rlhf_dist.workers.policy import PolicyWorker
     from rlhf_dist.workers.rollout import RolloutWorker
 
@@ -96,8 +96,8 @@ def launch(cfg, n_rollout: int):
 
 def measure(cfg, groups, n: int, repeats: int) -> dict:
     """``repeats`` timed pushes to the first ``n`` rollout actors, after one untimed push."""
-    from rlhf_dist.distributed.role_group import collect_compute_stats
-    from rlhf_dist.distributed.weight_push import WeightPush
+    from rlhf_dist.orchestration.role_group import collect_compute_stats
+    from rlhf_dist.orchestration.weight_push import WeightPush
 
     rollout = copy.copy(groups["rollout"])
     rollout.actors = groups["rollout"].actors[:n]

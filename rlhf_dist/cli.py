@@ -1,8 +1,12 @@
 """`rlhf-dist`: the command line. One table entry per subcommand; each handler imports its module lazily, so
 `rlhf-dist config ...` answers without importing torch or Ray, and a bad config fails before anything heavy loads.
+Building the parser imports the modules that add arguments (submit, orchestration.dry_run, doctor): they defer
+their Ray and torch imports (`# deferred: cli`).
 """
 import argparse
 import importlib
+import os
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,11 @@ def run_job(target: str) -> Callable[[argparse.Namespace], int]:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
         check_imports(cfg)
+        if cfg.ray.address is None:
+            # A laptop run opens no port to the network: local Ray binds 127.0.0.1 with this set, and Ray reads it
+            # once, when first imported (by the driver's modules, below). Not for a cluster: the driver's own address
+            # must then be reachable.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         rc = _call(target, cfg)
         return rc if isinstance(rc, int) else 0
     return handler
@@ -79,8 +88,6 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     """benchmarks/throughput.py lives in the source checkout beside the package, not inside it."""
-    import importlib.util
-
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
     if not path.is_file():
         raise ConfigError(None, f"`{PROG} bench` runs {path}, which only a source checkout has")
@@ -116,7 +123,7 @@ COMMANDS = [
     Command("submit", "run a config on a Ray cluster (Ray job submission); --status/--logs/--stop JOB",
             _lazy("rlhf_dist.submit:add_submit_args"), _lazy("rlhf_dist.submit:run_submit")),
     Command("plan", "dry-run: print which role goes on which node and GPUs, start nothing",
-            _lazy("rlhf_dist.distributed.dry_run:add_args"), _lazy("rlhf_dist.distributed.dry_run:run")),
+            _lazy("rlhf_dist.orchestration.dry_run:add_args"), _lazy("rlhf_dist.orchestration.dry_run:run")),
     Command("bench", "throughput benchmark: samples/s, tokens/s, seconds per phase, memory, overhead",
             _add_bench_args, _bench),
     Command("doctor", "installed versions, devices, and whether they are the tested set (constraints/*.txt)",

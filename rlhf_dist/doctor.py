@@ -103,7 +103,7 @@ def check(versions: dict[str, str | None], pins: dict[str, SpecifierSet] | None)
 def torch_info() -> tuple[str, bool, str]:
     """(torch build, whether it is a CUDA build, devices)."""
     try:
-        import torch
+        import torch  # deferred: torch
     except Exception as err:  # a broken torch is a finding to print, not a reason to crash
         return f"cannot import torch: {str(err).splitlines()[0]}", False, "unknown"
     if torch.version.cuda:

@@ -44,10 +44,10 @@ def console_line(row: dict, keys: tuple[str, ...]) -> str:
 def plot(rows: list[dict], path: Path, keys: tuple[str, ...]) -> Path | None:
     """One panel per metric against the iteration; skipped quietly when matplotlib is missing."""
     try:
-        import matplotlib
+        import matplotlib  # deferred: matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred: matplotlib
     except ImportError:
         return None
     keys = tuple(k for k in keys if any(k in r for r in rows))

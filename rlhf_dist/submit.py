@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from rlhf_dist.config import ConfigError, load_config, read_yaml
+
 PROG = "rlhf-dist submit"
 OK, JOB_FAILED, ERROR = 0, 1, 2
 # gitignore-style patterns left out of the uploaded working dir (Ray also honours .gitignore and .rayignore there).
@@ -56,7 +58,7 @@ def resolve_address(address: str | None) -> str:
 
 def client(address: str | None):
     """A connected JobSubmissionClient; unreachable or unauthorised clusters become a SubmitError with the fix."""
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # deferred: cli
 
     url = resolve_address(address)
     try:
@@ -71,8 +73,6 @@ def client(address: str | None):
 
 def _job_overrides(config_path: str, overrides: Sequence[str]) -> list[str]:
     """The overrides the job needs on top of the user's: a config without ray.address joins the cluster it runs on."""
-    from rlhf_dist.config import read_yaml
-
     keys = {o.split("=", 1)[0].strip() for o in overrides}
     if "ray.address" in keys or (read_yaml(config_path).get("ray") or {}).get("address") is not None:
         return []
@@ -94,8 +94,6 @@ def _relative_to_working_dir(config_path: str, working_dir: str) -> str:
 def submit(config_path: str, overrides: Sequence[str] = (), address: str | None = None, working_dir: str = ".",
            follow: bool = True, env_vars: dict[str, str] | None = None, job_id: str | None = None) -> int:
     """Validate the config here, then submit `rlhf-dist train CONFIG OVERRIDES...` and (by default) follow it."""
-    from rlhf_dist.config import ConfigError, load_config
-
     overrides = list(overrides)
     try:
         rel = _relative_to_working_dir(config_path, working_dir)
@@ -114,7 +112,7 @@ def submit_command(entrypoint: str, address: str | None = None, working_dir: str
                    metadata: dict[str, str] | None = None, excludes: Sequence[str] = EXCLUDES) -> int:
     """Submit any shell `entrypoint` with `working_dir` uploaded; prints the job id; follows it if asked."""
     env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
-    # The driver's own ray.init(runtime_env=...) may set env vars too (rlhf_dist.distributed.cluster.worker_env);
+    # The driver's own ray.init(runtime_env=...) may set env vars too (rlhf_dist.orchestration.cluster.worker_env);
     # Ray refuses a job whose driver repeats a key of the job's runtime_env unless told to merge (driver wins).
     env.update({"PYTHONUNBUFFERED": "1", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"})
     env.update(env_vars or {})
@@ -160,7 +158,7 @@ def _follow(c, job_id: str) -> int:
 
 
 def _report(info, job_id: str) -> int:
-    from ray.job_submission import JobStatus
+    from ray.job_submission import JobStatus  # deferred: cli
 
     status = info.status
     line = f"{PROG}: job {job_id} {status.value}"

@@ -1,5 +1,6 @@
 """The run config: shipped YAMLs, overrides, one-line errors naming the key, the CLI's error path."""
 import dataclasses
+import os
 import subprocess
 import sys
 import types
@@ -362,3 +363,14 @@ def test_cli_module_entry_point_has_no_traceback():
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr == ("rlhf-dist: error: train.iteratons: unknown key; did you mean train.iterations?\n")
+
+
+def test_a_local_run_from_the_cli_binds_loopback(tmp_path):
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, on first import; the CLI sets it before the driver imports
+    Ray, so an embedded run opens no port on the machine's network address."""
+    code = ("import argparse, sys; sys.path.insert(0, 'tests'); from rlhf_dist.cli import run_job; "
+            f"run_job('ray_probe:node_ip')(argparse.Namespace(config='configs/tiny_cpu.yaml', overrides="
+            f"['model.policy={tmp_path / 'tiny'}', 'ray.num_cpus=5']))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "RAY_NODE_IP 127.0.0.1" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

@@ -21,7 +21,7 @@ def cfg(tiny_cfg):
 
 
 def start(learner_cls, cfg):
-    from rlhf_dist.distributed.process_group import find_free_port
+    from rlhf_dist.comm.process_group import find_free_port
 
     learner = learner_cls(cfg, 0, 1)
     learner.init_group("127.0.0.1", find_free_port("127.0.0.1"))
@@ -75,7 +75,7 @@ def test_synthetic_demonstrations_cut_corpus_lines_at_the_first_positive_word():
 def test_sft_loss_is_response_only_and_falls(cfg, tmp_path):
     from rlhf_dist.models.load import load_causal_lm, load_tokenizer
     from rlhf_dist.trainers.sft import demonstrations_path
-    from rlhf_dist.workers.sft import SFTLearner
+    from rlhf_dist.workers.sft_learner import SFTLearner
 
     c = cfg("sft.demonstrations=600", "sft.batch_size=32")
     tokenizer = load_tokenizer(c.model.policy)
@@ -108,7 +108,7 @@ def test_sft_loss_is_response_only_and_falls(cfg, tmp_path):
 
 def test_reward_model_learns_simulated_preferences(cfg, tmp_path):
     from rlhf_dist.models.load import load_tokenizer
-    from rlhf_dist.workers.rm import RMLearner
+    from rlhf_dist.workers.rm_learner import RMLearner
 
     c = cfg("collect.noise_temperature=0.02", "collect.flip_rate=0", "rm.lr=1e-3", "rm.eval_fraction=0.25")
     tokenizer = load_tokenizer(c.model.policy)
@@ -130,7 +130,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin(cfg, tmp_path):
     from rlhf_dist.models.load import load_tokenizer
     from rlhf_dist.trainers.dpo import add_reference_logps, reference_config
     from rlhf_dist.workers.dataset_learner import stack_pairs
-    from rlhf_dist.workers.dpo import DPOLearner
+    from rlhf_dist.workers.dpo_learner import DPOLearner
     from rlhf_dist.workers.reference import ReferenceWorker
 
     c = cfg("collect.noise_temperature=0", "collect.flip_rate=0", "dpo.lr=1e-3", "dpo.eval_fraction=0.2",

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from rlhf_dist.config import load_config
-from rlhf_dist.distributed.placement import (ResourceError, assign, bundles_by_owner, format_placement, plan,
-                                             required_resources, simulated_nodes)
+from rlhf_dist.orchestration.placement import (ResourceError, assign, bundles_by_owner, format_placement, plan,
+                                               required_resources, simulated_nodes)
 
 REPO = Path(__file__).resolve().parents[1]
 

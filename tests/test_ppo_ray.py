@@ -11,8 +11,8 @@ def test_ppo_zero3_two_learners_two_rollouts(tiny_cfg, local_ray):
     import ray
 
     from rlhf_dist.data import schema as S
-    from rlhf_dist.distributed.launch import launch_roles
-    from rlhf_dist.distributed.weight_push import WeightPush
+    from rlhf_dist.orchestration.launch import launch_roles
+    from rlhf_dist.orchestration.weight_push import WeightPush
     from rlhf_dist.trainers.ppo import run
 
     cfg = tiny_cfg(
@@ -43,8 +43,8 @@ def test_ppo_zero3_two_learners_two_rollouts(tiny_cfg, local_ray):
 
 def test_weights_arrive_and_version_advances(tiny_cfg, local_ray):
     """Two ZeRO-3 learners gather, the object store carries one copy, both rollout actors load it."""
-    from rlhf_dist.distributed.launch import launch_roles
-    from rlhf_dist.distributed.weight_push import WeightPush
+    from rlhf_dist.orchestration.launch import launch_roles
+    from rlhf_dist.orchestration.weight_push import WeightPush
     from rlhf_dist.models.load import load_causal_lm
 
     cfg = tiny_cfg(
@@ -108,9 +108,9 @@ def test_engines_start_first_and_sleep_while_learners_train(tiny_cfg, local_ray)
     """Sleep mode's contract, read off the actors' own timelines: the rollout engines are up and asleep before any
     other role starts; after generating they sleep, and wake only for the push that follows the learners' training."""
     from rlhf_dist.algo import FixedKLController
-    from rlhf_dist.distributed.launch import running_roles
-    from rlhf_dist.distributed.role_group import collect_compute_stats
-    from rlhf_dist.distributed.weight_push import WeightPush
+    from rlhf_dist.orchestration.launch import running_roles
+    from rlhf_dist.orchestration.role_group import collect_compute_stats
+    from rlhf_dist.orchestration.weight_push import WeightPush
     from rlhf_dist.trainers.ppo import iteration, prepare
 
     cfg = tiny_cfg("generation.enable_sleep=true", "train.prompts_per_iteration=4", "generation.max_new_tokens=4",

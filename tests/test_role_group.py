@@ -38,7 +38,7 @@ class Echo:
 
 
 def _group(n: int, timeout_s: float):
-    from rlhf_dist.distributed.role_group import Bundles, RoleGroup, reserve
+    from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
 
     pg = reserve("echo", n, 0.5, 0, "PACK", timeout_s=60)
     return RoleGroup("echo", Echo, Bundles(pg, list(range(n)), 0.5, 0), lambda rank: ((rank,), {}), timeout_s)
@@ -46,7 +46,7 @@ def _group(n: int, timeout_s: float):
 
 def test_scatter_gathers_in_order_and_failures_name_the_actor(local_ray):
     from rlhf_dist.data.batch import make_batch
-    from rlhf_dist.distributed.role_group import ActorDiedError, ActorTimeoutError
+    from rlhf_dist.orchestration.role_group import ActorDiedError, ActorTimeoutError
 
     group = _group(3, timeout_s=120)  # actors start in seconds on a busy 2-core machine
     lengths = np.random.default_rng(0).integers(1, 20, size=11)

@@ -66,7 +66,7 @@ def test_reward_function_and_gold(cfg, rollout, prompts):
 
 
 def test_policy_trains_and_rollout_receives_its_weights(cfg, rollout, prompts):
-    from rlhf_dist.distributed.process_group import find_free_port
+    from rlhf_dist.comm.process_group import find_free_port
     from rlhf_dist.trainers.experience import compute_advantages
     from rlhf_dist.workers.critic import CriticWorker
     from rlhf_dist.workers.policy import PolicyWorker

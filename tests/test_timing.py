@@ -94,7 +94,7 @@ def toy_role() -> type:
 
 
 def test_timed_role_in_process_counts_the_outermost_call_only():
-    from rlhf_dist.distributed.role_group import timed_role
+    from rlhf_dist.orchestration.role_group import timed_role
 
     Toy = toy_role()
     toy = timed_role(Toy)()
@@ -108,7 +108,7 @@ def test_timed_role_in_process_counts_the_outermost_call_only():
 
 
 def test_actor_reports_compute_time(local_ray):
-    from rlhf_dist.distributed.role_group import Bundles, RoleGroup, collect_compute_stats, reserve
+    from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, collect_compute_stats, reserve
 
     pg = reserve("toy", 2, 1, 0, "PACK", timeout_s=60)
     group = RoleGroup("toy", toy_role(), Bundles(pg, [0, 1], 1, 0), lambda rank: ((), {}), timeout_s=60)
@@ -147,7 +147,7 @@ def test_sync_queued_behind_the_policy_training_is_part_of_the_train_phase(criti
 
 
 def test_a_late_actor_is_named(local_ray):
-    from rlhf_dist.distributed.role_group import ActorTimeoutError, Bundles, RoleGroup, reserve
+    from rlhf_dist.orchestration.role_group import ActorTimeoutError, Bundles, RoleGroup, reserve
 
     pg = reserve("slow", 1, 1, 0, "PACK", timeout_s=60)
     group = RoleGroup("slow", toy_role(), Bundles(pg, [0], 1, 0), lambda rank: ((), {}), timeout_s=60)

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from rlhf_dist.distributed.process_group import find_free_port, init_process_group, node_ip
+from rlhf_dist.comm.process_group import find_free_port, init_process_group, node_ip
 from rlhf_dist.engines.training import TrainOptions, make_train_engine
 from rlhf_dist.engines.training.base import atomic_write_dir, lr_factor
 from rlhf_dist.engines.training.deepspeed_engine import build_ds_config

@@ -24,8 +24,8 @@ def test_vllm_rollout_actor_takes_deepspeed_weights_every_iteration(tiny_cfg, lo
 
     from rlhf_dist.algo import FixedKLController
     from rlhf_dist.data import schema as S
-    from rlhf_dist.distributed.launch import running_roles
-    from rlhf_dist.distributed.weight_push import WeightPush
+    from rlhf_dist.orchestration.launch import running_roles
+    from rlhf_dist.orchestration.weight_push import WeightPush
     from rlhf_dist.engines.generation.base import SamplingConfig
     from rlhf_dist.engines.generation.hf import HFGenerationEngine
     from rlhf_dist.models.load import load_causal_lm, load_tokenizer

@@ -2,8 +2,9 @@
 
     cfg = load_config("configs/tiny_cpu.yaml", ["train.iterations=3", "train.policy_lr=1e-5"])
 """
-from .loading import (DEFAULT_CONFIG, ConfigError, ConfigFileNotFoundError, apply_override, config_to_dict,
-                      dump_yaml, from_dict, load_config, read_yaml)
+from .coerce import config_to_dict, from_dict
+from .errors import ConfigError, ConfigFileNotFoundError
+from .loading import DEFAULT_CONFIG, apply_override, dump_yaml, load_config, read_yaml
 from .schema import (AlgoConfig, CheckpointConfig, DataConfig, GenerationConfig, LoggingConfig, ModelConfig,
                      RayConfig, RewardConfig, RoleConfig, RolesConfig, RunConfig, SyncConfig, TrainConfig)
 from .validate import check_imports, check_paths, resolve_function, validate

@@ -10,7 +10,8 @@ import os
 import re
 from typing import Any
 
-from .loading import ConfigError, config_to_dict, from_dict
+from .coerce import config_to_dict, from_dict
+from .errors import ConfigError
 from .schema import CRITIC_FREE, GROUP_BASELINE, PIPELINE_STAGES, RunConfig
 
 _FUNCTION_REF = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")

@@ -5,26 +5,23 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.json as pj
+import pyarrow.parquet as pq
 
 from rlhf_dist.data import schema as S
+from rlhf_dist.data.synthetic import make_prompts
 
 
 def read_prompt_texts(cfg) -> list[str]:
     d = cfg.data
     if d.task == "synthetic":
-        from rlhf_dist.data.synthetic import make_prompts
-
         return make_prompts(d.num_prompts, seed=cfg.seed)
     path = Path(d.prompts)
     if not path.exists():
         raise FileNotFoundError(f"data.prompts: {path} does not exist; point it at a .jsonl or .parquet file")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         table = pq.read_table(path)
     elif path.suffix in (".jsonl", ".json"):
-        import pyarrow.json as pj
-
         table = pj.read_json(path)
     else:
         raise ValueError(f"data.prompts: {path} has suffix {path.suffix!r}; use .jsonl or .parquet")

@@ -17,8 +17,15 @@ import pyarrow as pa
 from rlhf_dist.config import ConfigError, resolve_function
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import concat_batches, repeat_interleave
+from rlhf_dist.data.datasets import write_parquet
+from rlhf_dist.data.prompts import read_prompt_texts, tokenize_prompts
+from rlhf_dist.data.synthetic import gold_reward
+from rlhf_dist.models.load import load_tokenizer
+from rlhf_dist.orchestration.cluster import ray_session
+from rlhf_dist.orchestration.learner_groups import worker_group
 from rlhf_dist.trainers.offline import with_model
-from rlhf_dist.workers.labeller import LABEL_SCHEMA, PAIR_SCHEMA
+from rlhf_dist.workers.labeller import LABEL_SCHEMA, PAIR_SCHEMA, LabellerWorker
+from rlhf_dist.workers.rollout import RolloutWorker
 
 
 def output_path(cfg) -> Path:
@@ -27,9 +34,6 @@ def output_path(cfg) -> Path:
 
 def prepare(cfg) -> pa.Table:
     """The tokenised prompts; the judge's function imports and its model exists, all before any actor starts."""
-    from rlhf_dist.data.prompts import read_prompt_texts, tokenize_prompts
-    from rlhf_dist.models.load import load_tokenizer
-
     c = cfg.collect
     for key, ref in (("collect.utility", c.utility if c.judge == "simulated" else None),
                      ("collect.judge_function", c.judge_function if c.judge == "function" else None)):
@@ -65,12 +69,6 @@ def pair_up(samples: pa.RecordBatch, first_id: int) -> pa.RecordBatch:
 
 def run(cfg) -> dict:
     """Samples two answers per prompt from collect.policy, labels them, writes collect.output (Parquet)."""
-    from rlhf_dist.data.datasets import write_parquet
-    from rlhf_dist.distributed.cluster import ray_session
-    from rlhf_dist.distributed.learners import worker_group
-    from rlhf_dist.workers.labeller import LabellerWorker
-    from rlhf_dist.workers.rollout import RolloutWorker
-
     t0, c = time.perf_counter(), cfg.collect
     prompts = prepare(cfg)
     need = sum(r.num_actors * r.num_cpus for r in (cfg.roles.rollout, c.labellers))
@@ -108,8 +106,6 @@ def label_stats(table: pa.Table, cfg) -> dict[str, float]:
              "flip_share": float(np.mean(table.column("flipped").to_numpy(zero_copy_only=False)))
              if len(table) else float("nan")}
     if cfg.data.task == "synthetic" and len(table):
-        from rlhf_dist.data.synthetic import gold_reward
-
         p, ch, rj = (table.column(n).to_pylist() for n in ("prompt", "chosen", "rejected"))
         gc = np.array([gold_reward(a, b) for a, b in zip(p, ch)])
         gr = np.array([gold_reward(a, b) for a, b in zip(p, rj)])

@@ -18,8 +18,16 @@ import pyarrow as pa
 import torch
 
 from rlhf_dist.data import schema as S
-from rlhf_dist.data.batch import repeat_interleave, to_padded
+from rlhf_dist.data.batch import concat_batches, repeat_interleave, to_padded
+from rlhf_dist.data.prompts import read_prompt_texts, tokenize_prompts
+from rlhf_dist.data.synthetic import make_prompts
+from rlhf_dist.models.load import load_tokenizer
+from rlhf_dist.orchestration.learner_groups import worker_group
 from rlhf_dist.trainers.offline import with_model
+from rlhf_dist.workers.common import derive_seed
+from rlhf_dist.workers.reference import ReferenceWorker
+from rlhf_dist.workers.reward import RewardWorker
+from rlhf_dist.workers.rollout import RolloutWorker
 
 EVAL_ITERATION = 1_000_003   # the generation seed of the comparison: far from any training iteration's
 COLUMNS = (("gold_sampled", "gold (sampled)"), ("gold_greedy", "gold (greedy)"), ("rm_score", "RM score"),
@@ -28,11 +36,6 @@ COLUMNS = (("gold_sampled", "gold (sampled)"), ("gold_greedy", "gold (greedy)"),
 
 def held_out_prompts(cfg, tokenizer) -> pa.RecordBatch:
     """data.eval_prompts prompts no training stage sees: a fresh synthetic stream, or the file's last rows."""
-    from rlhf_dist.data.batch import concat_batches
-    from rlhf_dist.data.prompts import read_prompt_texts, tokenize_prompts
-    from rlhf_dist.data.synthetic import make_prompts
-    from rlhf_dist.workers.common import derive_seed
-
     n = cfg.data.eval_prompts
     texts = make_prompts(n, seed=derive_seed(cfg.seed, EVAL_ITERATION)) if cfg.data.task == "synthetic" \
         else read_prompt_texts(cfg)[-n:]
@@ -41,12 +44,6 @@ def held_out_prompts(cfg, tokenizer) -> pa.RecordBatch:
 
 def compare(cfg, policies: dict[str, str], sft: str, reward_model: str | None) -> dict[str, dict[str, float]]:
     """{policy name: metrics} for every policy dir in `policies` (Ray must be up)."""
-    from rlhf_dist.distributed.learners import worker_group
-    from rlhf_dist.models.load import load_tokenizer
-    from rlhf_dist.workers.reference import ReferenceWorker
-    from rlhf_dist.workers.reward import RewardWorker
-    from rlhf_dist.workers.rollout import RolloutWorker
-
     # The scorers: the SFT model as the KL reference, the reward model (and gold) as the reward actors.
     cfg = with_model(cfg, policy=sft, reference=sft, reward=reward_model)
     cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, function=None, model_weight=1.0, clip=None))

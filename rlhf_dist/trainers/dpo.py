@@ -16,10 +16,13 @@ import torch
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import to_padded
 from rlhf_dist.metrics import MetricsLog
+from rlhf_dist.orchestration.cluster import ray_session
+from rlhf_dist.orchestration.learner_groups import worker_group
 from rlhf_dist.trainers import offline
 from rlhf_dist.trainers.rm import preferences_path
 from rlhf_dist.workers.dataset_learner import stack_pairs
-from rlhf_dist.workers.dpo import REF_CHOSEN, REF_REJECTED
+from rlhf_dist.workers.dpo_learner import REF_CHOSEN, REF_REJECTED, DPOLearner
+from rlhf_dist.workers.reference import ReferenceWorker
 
 
 def add_reference_logps(pairs: pa.RecordBatch, reference_logprobs: pa.RecordBatch) -> pa.RecordBatch:
@@ -41,11 +44,6 @@ def reference_config(cfg):
 
 def run(cfg) -> dict:
     """DPO of model.policy on dpo.data against dpo.reference; saves the policy to dpo.output."""
-    from rlhf_dist.distributed.cluster import ray_session
-    from rlhf_dist.distributed.learners import worker_group
-    from rlhf_dist.workers.dpo import DPOLearner
-    from rlhf_dist.workers.reference import ReferenceWorker
-
     t0, stage = time.perf_counter(), cfg.dpo
     data = offline.load_stage_data(cfg, "dpo", "preferences", preferences_path(cfg, "dpo"))
     out = offline.stage_output(cfg, "dpo")

@@ -16,7 +16,7 @@ from rlhf_dist.algo import (
     token_rewards_from_scores,
 )
 from rlhf_dist.data import schema as S
-from rlhf_dist.data.batch import add_column, to_padded
+from rlhf_dist.data.batch import add_column, from_padded, to_padded
 
 
 def compute_advantages(batch: pa.RecordBatch, algo, kl_coef: float) -> tuple[pa.RecordBatch, dict[str, float]]:
@@ -58,6 +58,4 @@ def compute_advantages(batch: pa.RecordBatch, algo, kl_coef: float) -> tuple[pa.
 
 
 def _ragged(x: torch.Tensor, lengths: np.ndarray) -> pa.Array:
-    from rlhf_dist.data.batch import from_padded
-
     return from_padded(x.float(), torch.from_numpy(lengths))

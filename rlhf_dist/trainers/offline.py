@@ -16,6 +16,9 @@ from rlhf_dist.config import ConfigError
 from rlhf_dist.data.batch import concat_batches
 from rlhf_dist.data.datasets import DataError, DatasetSpec, read_batches, tokenize
 from rlhf_dist.metrics import MetricsLog
+from rlhf_dist.models.load import load_tokenizer
+from rlhf_dist.models.tiny import build_tiny
+from rlhf_dist.orchestration.learner_groups import learner_group
 
 
 def stage_output(cfg, stage: str) -> Path:
@@ -26,8 +29,6 @@ def stage_output(cfg, stage: str) -> Path:
 def ensure_base_model(cfg) -> None:
     """Build the tiny model at model.policy when asked to and absent (as the PPO driver does)."""
     if cfg.model.build_tiny_if_missing and not (Path(cfg.model.policy) / "config.json").exists():
-        from rlhf_dist.models.tiny import build_tiny
-
         build_tiny(cfg.model.policy, seed=cfg.seed)
 
 
@@ -130,8 +131,6 @@ class StageData:
 
 def load_stage_data(cfg, stage: str, kind: str, path: str | Path) -> StageData:
     """Runs on the driver before any actor starts: a bad row fails here, naming file, row and column."""
-    from rlhf_dist.models.load import load_tokenizer
-
     spec = dataset_spec(cfg, stage, kind, path)
     data, report = read_tokenized(spec, load_tokenizer(cfg.model.tokenizer or cfg.model.policy), f"{stage}.data.path")
     train, held = split_held_out(data, getattr(cfg, stage), cfg.seed, stage)
@@ -140,8 +139,6 @@ def load_stage_data(cfg, stage: str, kind: str, path: str | Path) -> StageData:
 
 def fit_and_save(cfg, stage: str, learner_cls, data: StageData, out: Path, log: MetricsLog) -> list[dict]:
     """The stage's learner group (inside the current Ray session) trains every epoch, then saves to ``out``."""
-    from rlhf_dist.distributed.learners import learner_group
-
     stage_cfg = getattr(cfg, stage)
     with learner_group(stage, learner_cls, cfg, stage_cfg.learners) as learners:
         rows = train_epochs(learners, learner_cls, data.train, data.held, stage_cfg, cfg.seed, stage, log)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from rlhf_dist.config import ConfigError
 from rlhf_dist.config.schema import PIPELINE_STAGES
+from rlhf_dist.orchestration.cluster import ray_session
+from rlhf_dist.orchestration.learner_groups import live_placement_groups, release_placement_groups
 from rlhf_dist.trainers import collect, compare, dpo, offline, ppo, rm, sft
 
 def _section(cfg, name: str, **fields):
@@ -83,9 +85,6 @@ def largest_stage_cpus(cfg) -> float:
 
 
 def run(cfg) -> dict:
-    from rlhf_dist.distributed.cluster import ray_session
-    from rlhf_dist.distributed.learners import live_placement_groups, release_placement_groups
-
     t0, stages = time.perf_counter(), cfg.pipeline.stages
     paths = artefacts(cfg)
     configs, drivers = stage_configs(cfg, paths), {"sft": sft, "collect": collect, "rm": rm, "ppo": ppo, "dpo": dpo}

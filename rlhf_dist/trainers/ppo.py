@@ -8,10 +8,23 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm import tqdm
 
 from rlhf_dist.algo import AdaptiveKLController, FixedKLController
+from rlhf_dist.checkpoint import checkpoint_root, latest_checkpoint, load_driver_state, prune, save_driver_state
+from rlhf_dist.config import check_imports
 from rlhf_dist.data import schema as S
+from rlhf_dist.data.batch import to_padded
+from rlhf_dist.data.prompts import PromptSampler, read_prompt_texts, tokenize_prompts
 from rlhf_dist.metrics import MetricsLog, console_line, plot
+from rlhf_dist.models.load import load_tokenizer
+from rlhf_dist.models.tiny import build_tiny
+from rlhf_dist.orchestration.cluster import ray_session
+from rlhf_dist.orchestration.launch import running_roles
+from rlhf_dist.orchestration.placement import plan, required_resources
+from rlhf_dist.orchestration.role_group import collect_compute_stats
+from rlhf_dist.orchestration.weight_push import WeightPush
+from rlhf_dist.trainers import timing
 from rlhf_dist.trainers.experience import compute_advantages
 
 CONSOLE_KEYS = ("reward_mean", "gold_reward_mean", "kl", "policy/clip_frac", "critic/value_loss", "response_len", "time/iteration")
@@ -28,13 +41,7 @@ def merge_columns(batch: pa.RecordBatch, *parts: pa.RecordBatch) -> pa.RecordBat
 
 def prepare(cfg):
     """Everything that can fail without a cluster fails here, before any actor starts."""
-    from rlhf_dist.config import check_imports
-    from rlhf_dist.data.prompts import PromptSampler, read_prompt_texts, tokenize_prompts
-    from rlhf_dist.models.load import load_tokenizer
-
     if cfg.model.build_tiny_if_missing and not (Path(cfg.model.policy) / "config.json").exists():
-        from rlhf_dist.models.tiny import build_tiny
-
         build_tiny(cfg.model.policy, seed=cfg.seed)
     check_imports(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
@@ -44,10 +51,6 @@ def prepare(cfg):
 
 def run(cfg) -> dict:
     """Runs ``cfg.train.iterations`` iterations; returns a summary (paths, first/last metrics)."""
-    from rlhf_dist.distributed.cluster import ray_session
-    from rlhf_dist.distributed.launch import running_roles
-    from rlhf_dist.distributed.placement import plan, required_resources
-
     sampler = prepare(cfg)
     out = Path(cfg.output_dir)
     log = MetricsLog(out / cfg.logging.metrics_file, resume=cfg.checkpoint.resume)
@@ -86,8 +89,6 @@ def report(summary: dict) -> str:
 
 def train(cfg, groups, sampler, kl_ctl, log: MetricsLog) -> str | None:
     """The loop; returns where the final policy was saved."""
-    from rlhf_dist.distributed.weight_push import WeightPush
-
     sync = WeightPush(cfg, groups["policy"], groups["rollout"])
     start, version = resume(cfg, groups, sampler, kl_ctl, sync) if cfg.checkpoint.resume else (0, 0)
     log.truncate(start)
@@ -125,9 +126,6 @@ def sync_in_train(cfg, sync) -> bool:
 def compute_columns(groups, row: dict | None = None, wall_s: float = 0.0, sync_overlapped: bool = False) -> dict:
     """Actor-side compute, peak memory and orchestration overhead of the iteration just done (trainers/timing.py).
     One call per group, all in flight at once, after the iteration's clock stopped; it resets the actors' ledgers."""
-    from rlhf_dist.distributed.role_group import collect_compute_stats
-    from rlhf_dist.trainers import timing
-
     t0 = time.perf_counter()
     stats = collect_compute_stats(groups)
     if row is None:
@@ -140,8 +138,6 @@ def compute_columns(groups, row: dict | None = None, wall_s: float = 0.0, sync_o
 
 def save_checkpoint(cfg, groups, sampler, kl_ctl, next_iteration: int, version: int) -> None:
     """Learner states first, the driver's state last: only a checkpoint with driver.json is complete."""
-    from rlhf_dist.checkpoint import checkpoint_root, prune, save_driver_state
-
     path = checkpoint_root(cfg.output_dir) / f"iter_{next_iteration}"
     for role in LEARNER_ROLES:
         if role in groups:
@@ -153,8 +149,6 @@ def save_checkpoint(cfg, groups, sampler, kl_ctl, next_iteration: int, version: 
 
 def resume(cfg, groups, sampler, kl_ctl, sync) -> tuple[int, int]:
     """Restores the newest complete checkpoint and pushes its weights to the rollout; (0, 0) when there is none."""
-    from rlhf_dist.checkpoint import latest_checkpoint, load_driver_state
-
     path = latest_checkpoint(cfg.output_dir)
     if path is None:
         print(f"checkpoint.resume: no checkpoint under {cfg.output_dir}/checkpoints; starting from iteration 0")
@@ -228,8 +222,6 @@ def check_fresh_weights(batch: pa.RecordBatch, version: int, mismatch: float, li
 
 
 def _batch_stats(batch: pa.RecordBatch) -> dict[str, float]:
-    from rlhf_dist.data.batch import to_padded
-
     reward = batch.column(S.REWARD).to_numpy(zero_copy_only=False)
     gold = batch.column(S.GOLD_REWARD).to_numpy(zero_copy_only=False)
     rollout, mask = to_padded(batch, S.ROLLOUT_LOGPROBS, dtype=torch.float32)
@@ -272,8 +264,6 @@ class _Timer:
 def _progress(cfg):
     bar = None
     if cfg.logging.progress_bar:
-        from tqdm import tqdm
-
         bar = tqdm(total=cfg.train.iterations, desc="ppo", unit="it")
 
     def update(it: int, row: dict) -> None:

@@ -6,13 +6,14 @@ from pathlib import Path
 
 from rlhf_dist.config import ConfigError
 from rlhf_dist.metrics import MetricsLog
+from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.trainers import offline
+from rlhf_dist.trainers.collect import output_path
+from rlhf_dist.workers.rm_learner import RMLearner
 
 
 def preferences_path(cfg, stage: str) -> Path:
     """`<stage>.data.path`, else the file `rlhf-dist collect` writes (collect.output)."""
-    from rlhf_dist.trainers.collect import output_path
-
     path = Path(getattr(cfg, stage).data.path or output_path(cfg))
     if not path.exists():
         raise ConfigError(f"{stage}.data.path", f"{str(path)!r} does not exist; point it at preference pairs "
@@ -22,9 +23,6 @@ def preferences_path(cfg, stage: str) -> Path:
 
 def run(cfg) -> dict:
     """Trains a reward model from rm.init (else model.policy) on rm.data; saves it to rm.output."""
-    from rlhf_dist.distributed.cluster import ray_session
-    from rlhf_dist.workers.rm import RMLearner
-
     t0, stage = time.perf_counter(), cfg.rm
     data = offline.load_stage_data(cfg, "rm", "preferences", preferences_path(cfg, "rm"))
     out = offline.stage_output(cfg, "rm")

@@ -7,15 +7,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from rlhf_dist.config import ConfigError
+from rlhf_dist.data.datasets import write_parquet
+from rlhf_dist.data.synthetic import POSITIVE_WORDS, corpus
 from rlhf_dist.metrics import MetricsLog
+from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.trainers import offline
+from rlhf_dist.workers.sft_learner import SFTLearner
 
 
 def synthetic_demonstrations(n: int, seed: int) -> dict[str, list[str]]:
     """`n` (prompt, response) rows cut from `synthetic.corpus` lines: the prompt is the neutral words before the
     first positive word, the response the rest (a line without a positive word teaches nothing and is skipped)."""
-    from rlhf_dist.data.synthetic import POSITIVE_WORDS, corpus
-
     positive, rows = set(POSITIVE_WORDS), {"prompt": [], "response": []}
     for line in corpus(n, seed):
         words = line.split()
@@ -33,7 +35,6 @@ def demonstrations_path(cfg) -> Path:
     if cfg.data.task != "synthetic":
         raise ConfigError("sft.data.path", "not set, and synthetic demonstrations exist only for data.task="
                                            "synthetic; set sft.data.path=PATH (prompt/response rows)")
-    from rlhf_dist.data.datasets import write_parquet
 
     path = Path(cfg.output_dir) / "sft_demonstrations.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,9 +44,6 @@ def demonstrations_path(cfg) -> Path:
 
 def run(cfg) -> dict:
     """SFT of model.policy on sft.data; saves the model (Hugging Face format) to sft.output."""
-    from rlhf_dist.distributed.cluster import ray_session
-    from rlhf_dist.workers.sft import SFTLearner
-
     t0, stage = time.perf_counter(), cfg.sft
     offline.ensure_base_model(cfg)
     data = offline.load_stage_data(cfg, "sft", "demonstrations", demonstrations_path(cfg))

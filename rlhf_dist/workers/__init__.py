@@ -1,1 +1,1 @@
-"""The roles of the RLHF loop as plain classes; ``rlhf_dist.distributed`` turns them into Ray actors."""
+"""The roles of the RLHF loop as plain classes; ``rlhf_dist.orchestration`` turns them into Ray actors."""

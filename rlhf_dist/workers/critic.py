@@ -7,6 +7,8 @@ import torch
 from rlhf_dist.algo import value_loss
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import from_padded, make_batch
+from rlhf_dist.models.load import load_critic
+from rlhf_dist.models.logprobs import response_values
 from rlhf_dist.workers.learner import Learner
 
 
@@ -17,16 +19,12 @@ class CriticWorker(Learner):
         super().__init__(cfg, rank, world_size, role_seed=5)
 
     def build_model(self) -> torch.nn.Module:
-        from rlhf_dist.models.load import load_critic
-
         return load_critic(self.cfg.model.critic or self.cfg.model.policy, dtype=self.cfg.model.dtype)
 
     def learning_rate(self) -> float:
         return self.cfg.train.critic_lr
 
     def _values(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        from rlhf_dist.models.logprobs import response_values
-
         return response_values(self.engine, x["input_ids"], x["attention_mask"], x["position_ids"], x["response_index"])
 
     @torch.no_grad()

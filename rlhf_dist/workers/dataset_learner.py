@@ -16,6 +16,7 @@ import torch
 
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import split_even
+from rlhf_dist.models.logprobs import response_logprobs
 from rlhf_dist.workers.learner import Learner
 
 CHOSEN_IDS, REJECTED_IDS = "chosen_ids", "rejected_ids"   # as rlhf_dist.data.datasets.tokenize names them
@@ -33,8 +34,6 @@ def stack_pairs(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 def summed_logprobs(model, x: dict[str, torch.Tensor]) -> torch.Tensor:
     """log pi(response | prompt) of every row: per-token log-probs at temperature 1 summed over the response, [B]."""
-    from rlhf_dist.models.logprobs import response_logprobs
-
     logprobs = response_logprobs(model, x["input_ids"], x["attention_mask"], x["position_ids"],
                                  x["response_index"], x["response_ids"])
     return (logprobs * x["mask"]).sum(dim=1)

@@ -18,9 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from rlhf_dist.data import schema as S
 from rlhf_dist.config import resolve_function
+from rlhf_dist.data import schema as S
+from rlhf_dist.data.batch import to_sequences
+from rlhf_dist.data.datasets import DatasetSpec, tokenize
+from rlhf_dist.data.synthetic import gold_reward
+from rlhf_dist.models.load import load_reward_model, load_tokenizer
+from rlhf_dist.models.logprobs import sequence_scores
 from rlhf_dist.workers.common import derive_seed, device, setup_process
+from rlhf_dist.workers.dataset_learner import stack_pairs
 
 # A batch of pairs to judge: one row per (prompt, response a, response b), from rlhf_dist.trainers.collect. Judges
 # read text (the prompt's ids only balance the scatter): a reward-model judge tokenises with its own tokenizer.
@@ -44,8 +50,6 @@ LABEL_SCHEMA = pa.schema([
 
 def synthetic_gold(prompts: list[str], responses: list[str]) -> list[float]:
     """The synthetic task's gold score in the batch form of a reward function: the utility simulated raters see."""
-    from rlhf_dist.data.synthetic import gold_reward
-
     return [gold_reward(p, r) for p, r in zip(prompts, responses)]
 
 
@@ -69,8 +73,6 @@ class LabellerWorker:
         elif c.judge == "function":
             self.function = resolve_function("collect.judge_function", c.judge_function)
         else:
-            from rlhf_dist.models.load import load_reward_model, load_tokenizer
-
             self.model = load_reward_model(c.judge_model, dtype=cfg.model.dtype).to(device()).eval()
             self.tokenizer = load_tokenizer(c.judge_model)
 
@@ -115,11 +117,6 @@ class LabellerWorker:
     @torch.no_grad()
     def _model_scores(self, pairs: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
         """Both answers scored as `rlhf-dist rm` trained on them: the same tokenisation (answer + EOS), last token."""
-        from rlhf_dist.data.batch import to_sequences
-        from rlhf_dist.data.datasets import DatasetSpec, tokenize
-        from rlhf_dist.models.logprobs import sequence_scores
-        from rlhf_dist.workers.dataset_learner import stack_pairs
-
         texts = pa.RecordBatch.from_arrays([pairs.column(S.PROMPT_TEXT), pairs.column(A_TEXT), pairs.column(B_TEXT)],
                                            names=["prompt", "chosen", "rejected"])
         spec = DatasetSpec(self.cfg.collect.judge_model, "preferences")

@@ -5,10 +5,16 @@ import math
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
+from rlhf_dist.comm.process_group import find_free_port, init_process_group, node_ip
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import split_even, to_padded, to_sequences
+from rlhf_dist.engines.training import TrainOptions, make_train_engine
+from rlhf_dist.engines.weight_sync.client import RolloutClient
+from rlhf_dist.engines.weight_sync.senders import make_sender
+from rlhf_dist.models.load import load_tokenizer
 from rlhf_dist.workers.common import derive_seed, device, setup_process
 
 
@@ -25,16 +31,10 @@ class Learner:
 
     # -- set-up: rank 0's address first, then every rank joins ----------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
-        from rlhf_dist.distributed.process_group import find_free_port, node_ip
-
         ip = node_ip()
         return ip, find_free_port(ip)
 
     def init_group(self, master_addr: str, master_port: int) -> None:
-        from rlhf_dist.distributed.process_group import init_process_group
-        from rlhf_dist.engines.training import TrainOptions, make_train_engine
-        from rlhf_dist.models.load import load_tokenizer
-
         init_process_group(self.rank, self.world_size, master_addr, master_port)
         self.plan_steps()
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer or self.cfg.model.policy)
@@ -126,9 +126,6 @@ class Learner:
                          timeout_s: float) -> None:
         """Every rank: a sender for ``transport`` (engines/weight_sync/senders.py); rank 0 also opens the
         transport with the rollout engines (an NCCL group: learner rank 0 plus every engine worker)."""
-        from rlhf_dist.engines.weight_sync.client import RolloutClient
-        from rlhf_dist.engines.weight_sync.senders import make_sender
-
         self.weight_client = RolloutClient(rollout_actors, workers_per_engine, timeout_s)
         world_size = 1 + len(rollout_actors) * workers_per_engine
         self.weight_sender = make_sender(transport, self.weight_client, self.rank, self.engine, bucket_mb * 2**20,
@@ -155,6 +152,4 @@ class Learner:
 
 
 def _response_tokens(batch: pa.RecordBatch) -> int:
-    import pyarrow.compute as pc
-
     return int(pc.sum(pc.list_value_length(batch.column(S.RESPONSE_IDS))).as_py() or 0)

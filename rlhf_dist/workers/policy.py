@@ -7,6 +7,8 @@ import torch
 from rlhf_dist.algo import kl_estimate, masked_mean, ppo_policy_loss, truncated_is_weights
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import make_batch
+from rlhf_dist.models.load import load_causal_lm
+from rlhf_dist.models.logprobs import response_logprobs
 from rlhf_dist.workers.learner import Learner
 from rlhf_dist.workers.reference import chunk_logprobs
 
@@ -18,8 +20,6 @@ class PolicyWorker(Learner):
         super().__init__(cfg, rank, world_size, role_seed=4)
 
     def build_model(self) -> torch.nn.Module:
-        from rlhf_dist.models.load import load_causal_lm
-
         return load_causal_lm(self.cfg.model.policy, dtype=self.cfg.model.dtype)
 
     def learning_rate(self) -> float:
@@ -35,8 +35,6 @@ class PolicyWorker(Learner):
         return make_batch({S.OLD_LOGPROBS: lp})
 
     def train(self, batch: pa.RecordBatch) -> dict[str, float]:
-        from rlhf_dist.models.logprobs import response_logprobs
-
         self.engine.train()
         a, g = self.cfg.algo, self.cfg.generation
         columns = (S.ADVANTAGES, S.OLD_LOGPROBS, S.REF_LOGPROBS, S.ROLLOUT_LOGPROBS)

@@ -6,13 +6,13 @@ import torch
 
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import from_padded, make_batch, to_padded, to_sequences
+from rlhf_dist.models.load import load_causal_lm, load_tokenizer
+from rlhf_dist.models.logprobs import response_logprobs
 from rlhf_dist.workers.common import derive_seed, device, setup_process
 
 
 def chunk_logprobs(model, chunks: list[pa.RecordBatch], pad_token_id: int, temperature: float) -> pa.Array:
     """Per-token log-probs of every response, one forward pass per chunk, as one ``list<float32>`` column."""
-    from rlhf_dist.models.logprobs import response_logprobs
-
     dev = device()
     parts = []
     for chunk in chunks:
@@ -33,8 +33,6 @@ def chunk_logprobs(model, chunks: list[pa.RecordBatch], pad_token_id: int, tempe
 
 class ReferenceWorker:
     def __init__(self, cfg, rank: int = 0):
-        from rlhf_dist.models.load import load_causal_lm, load_tokenizer
-
         setup_process(derive_seed(cfg.seed, 3, rank), cfg.roles.reference.num_cpus)
         self.cfg = cfg
         path = cfg.model.reference or cfg.model.policy

@@ -7,9 +7,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rlhf_dist.config import resolve_function
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import make_batch, to_sequences
-from rlhf_dist.config import resolve_function
+from rlhf_dist.data.synthetic import gold_reward
+from rlhf_dist.models.load import load_reward_model, load_tokenizer
+from rlhf_dist.models.logprobs import sequence_scores
 from rlhf_dist.workers.common import derive_seed, device, setup_process
 
 
@@ -20,14 +23,10 @@ class RewardWorker:
         self.function = resolve_function("reward.function", cfg.reward.function) if cfg.reward.function else None
         self.model = self.pad_token_id = None
         if cfg.model.reward:
-            from rlhf_dist.models.load import load_reward_model, load_tokenizer
-
             self.model = load_reward_model(cfg.model.reward, dtype=cfg.model.dtype).to(device()).eval()
             self.pad_token_id = load_tokenizer(cfg.model.tokenizer or cfg.model.policy).pad_token_id
         self.gold = None
         if cfg.data.task == "synthetic":
-            from rlhf_dist.data.synthetic import gold_reward
-
             self.gold = gold_reward
 
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -56,8 +55,6 @@ class RewardWorker:
 
     @torch.no_grad()
     def model_scores(self, batch: pa.RecordBatch) -> np.ndarray:
-        from rlhf_dist.models.logprobs import sequence_scores
-
         seqs = to_sequences(batch, self.pad_token_id)
         dev = device()
         scores = sequence_scores(

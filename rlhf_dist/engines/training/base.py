@@ -289,35 +289,3 @@ class TrainEngine(ABC):
     def barrier(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.barrier()
-
-
-def make_train_engine(kind: str, model: ModelOrFactory, options: TrainOptions, rank: int = 0,
-                      world_size: int = 1) -> TrainEngine:
-    """Build a training engine. ``kind``: "deepspeed" or "torch".
-
-    With ``world_size > 1`` the caller must have joined the process group first
-    (``rlhf_dist.distributed.process_group.init_process_group``); with 1 the engine makes a local group if needed.
-    """
-    if kind == "deepspeed":
-        from rlhf_dist.engines.training.deepspeed_engine import DeepSpeedTrainEngine
-
-        return DeepSpeedTrainEngine(model, options, rank=rank, world_size=world_size)
-    if kind == "torch":
-        from rlhf_dist.engines.training.torch_engine import TorchTrainEngine
-
-        return TorchTrainEngine(model, options, rank=rank, world_size=world_size)
-    raise ValueError(f"make_train_engine: kind={kind!r}; must be 'deepspeed' or 'torch'")
-
-
-def check_process_group(engine_name: str, rank: int, world_size: int) -> None:
-    """Make sure the default group matches (rank, world_size); create a 1-rank group when alone."""
-    from rlhf_dist.distributed.process_group import init_process_group
-
-    if world_size == 1 or dist.is_initialized():
-        init_process_group(rank, world_size)  # idempotent; errors clearly on a rank/world mismatch
-        return
-    raise RuntimeError(
-        f"{engine_name}: world_size={world_size} but this process has not joined a process group; call "
-        "rlhf_dist.distributed.process_group.init_process_group(rank, world_size, master_addr, master_port) "
-        "on every rank first"
-    )

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhf_dist.comm.process_group import check_process_group
 from rlhf_dist.engines.training.base import (
     ModelOrFactory,
     TrainEngine,
     TrainOptions,
-    check_process_group,
     make_lr_scheduler,
     optimizer_param_groups,
     prepare_module,
@@ -97,7 +97,7 @@ class DeepSpeedTrainEngine(TrainEngine):
         if options.offload and not on_gpu:
             logger.warning("TrainOptions.offload=True has no effect without a GPU (everything is in host memory)")
         check_process_group(type(self).__name__, rank, world_size)
-        import deepspeed  # after the process group: DS_ACCELERATOR=cpu is set by then on CPU machines
+        import deepspeed  # deferred: deepspeed (after the process group, which sets DS_ACCELERATOR on CPU)
 
         self.ds_config = build_ds_config(options, world_size, on_gpu)
         module = self._build_module(model)
@@ -193,7 +193,7 @@ class DeepSpeedTrainEngine(TrainEngine):
                 for name, p in named:
                     yield name, p.detach().to(device, copy=True)
             return
-        import deepspeed
+        import deepspeed  # deferred: deepspeed
 
         for group in _groups_by_bytes(named, gather_bytes):
             # All ranks all-gather this group; the copies are taken inside, and yielded after the shards are
@@ -225,7 +225,7 @@ def _hf_zero3_config(ds_config: dict[str, Any]) -> Any:
     this; without it the factory builds a whole module and ``deepspeed.initialize`` partitions it, as for a module.
     """
     try:
-        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations import HfDeepSpeedConfig  # deferred: deepspeed
 
         return HfDeepSpeedConfig(ds_config)
     except ImportError as e:  # importlib's PackageNotFoundError is an ImportError

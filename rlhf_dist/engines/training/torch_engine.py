@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rlhf_dist.comm.process_group import check_process_group
 from rlhf_dist.engines.training.base import (
     ModelOrFactory,
     TrainEngine,
     TrainOptions,
     atomic_write_dir,
-    check_process_group,
     make_lr_scheduler,
     optimizer_param_groups,
     prepare_module,

@@ -21,7 +21,7 @@ class RolloutClient:
     def _all(self, method: str, per_worker: Sequence[tuple]) -> list:
         if not self.remote:
             return [getattr(w, method)(*args) for w, args in zip(self.workers, per_worker)]
-        import ray
+        import ray  # deferred: ray
 
         refs = [getattr(w, method).remote(*args) for w, args in zip(self.workers, per_worker)]
         try:
@@ -48,7 +48,7 @@ class RolloutClient:
 
     def update_weights(self, update_info: dict) -> None:
         if self.remote:
-            import ray
+            import ray  # deferred: ray
 
             update_info = ray.put(update_info)  # one copy in the object store, fetched once per node
         self._all("update_weights", self._same(update_info))

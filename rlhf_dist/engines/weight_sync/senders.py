@@ -48,6 +48,6 @@ def make_sender(transport: str, client, rank: int, train_engine, bucket_bytes: i
         return ObjectStoreSender(client, rank == 0, lambda: train_engine.named_full_parameters(), bucket_bytes)
     if transport not in TRANSPORTS:
         raise ValueError(f"weight sync: unknown transport {transport!r}; use one of {TRANSPORTS}")
-    from rlhf_dist.engines.weight_sync.vllm_senders import make_vllm_sender  # needs vllm (and CUDA)
+    from rlhf_dist.engines.weight_sync.vllm_senders import make_vllm_sender  # deferred: vllm
 
     return make_vllm_sender(transport, client, rank, train_engine, bucket_bytes, rendezvous, world_size)

@@ -15,8 +15,8 @@ from typing import Callable, Iterator
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-from rlhf_dist.distributed.cluster import worker_env
-from rlhf_dist.distributed.role_group import Bundles, RoleGroup, reserve
+from rlhf_dist.orchestration.cluster import worker_env
+from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
 
 @contextmanager
 def role_group(name: str, role_cls: type, role, make_args: Callable[[int], tuple[tuple, dict]],

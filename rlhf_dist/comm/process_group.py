@@ -13,6 +13,7 @@ import os
 import socket
 from datetime import timedelta
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -31,7 +32,7 @@ def find_free_port(host: str = "127.0.0.1") -> int:
 def node_ip() -> str:
     """This node's address as its peers reach it (Ray's view when Ray is installed): what rank 0 advertises."""
     try:
-        import ray.util
+        import ray.util  # deferred: ray
 
         return ray.util.get_node_ip_address()
     except Exception:  # no Ray, or it cannot tell: ask the routing table, then give up on loopback
@@ -63,8 +64,6 @@ def default_local_rank(rank: int) -> int:
 
 def interface_of(ip: str) -> str | None:
     """The network interface holding ``ip`` (None if no interface does)."""
-    import psutil
-
     for name, addrs in psutil.net_if_addrs().items():
         if any(a.family == socket.AF_INET and a.address == ip for a in addrs):
             return name
@@ -135,7 +134,7 @@ def init_process_group(
 
     timeout = timedelta(seconds=timeout_s)
     try:
-        import deepspeed
+        import deepspeed  # deferred: deepspeed
     except ImportError:  # the torch engine works without DeepSpeed
         deepspeed = None
     if deepspeed is not None:
@@ -150,11 +149,23 @@ def init_process_group(
     return backend
 
 
+def check_process_group(engine_name: str, rank: int, world_size: int) -> None:
+    """Make sure the default group matches (rank, world_size); create a 1-rank group when alone."""
+    if world_size == 1 or dist.is_initialized():
+        init_process_group(rank, world_size)  # idempotent; errors clearly on a rank/world mismatch
+        return
+    raise RuntimeError(
+        f"{engine_name}: world_size={world_size} but this process has not joined a process group; call "
+        "rlhf_dist.comm.process_group.init_process_group(rank, world_size, master_addr, master_port) "
+        "on every rank first"
+    )
+
+
 def _bind_deepspeed_comm(backend: str, timeout_s: float) -> None:
     """If someone made the group with plain torch, let DeepSpeed's comm layer adopt it (cheap when already bound)."""
     try:
-        import deepspeed
-        import deepspeed.comm as ds_comm
+        import deepspeed  # deferred: deepspeed
+        import deepspeed.comm as ds_comm  # deferred: deepspeed
     except ImportError:
         return
     if not ds_comm.is_initialized():
@@ -167,7 +178,7 @@ def destroy_process_group() -> None:
     if not dist.is_initialized():
         return
     try:
-        import deepspeed.comm as ds_comm
+        import deepspeed.comm as ds_comm  # deferred: deepspeed
     except ImportError:
         ds_comm = None
     if ds_comm is not None and ds_comm.is_initialized():

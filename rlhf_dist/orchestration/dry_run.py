@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from rlhf_dist.config import load_config
+
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG")
@@ -14,15 +16,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlhf_dist.config import load_config
-    from rlhf_dist.distributed.placement import (
-        assign,
-        check_fits,
-        format_placement,
-        nodes_from_ray,
-        plan,
-        simulated_nodes,
-    )
+    import ray  # deferred: cli
+    from rlhf_dist.orchestration.placement import (  # deferred: cli
+        assign, check_fits, format_placement, nodes_from_ray, plan, simulated_nodes)
 
     cfg = load_config(args.config, args.overrides)
     plans = plan(cfg)
@@ -30,8 +26,6 @@ def run(args: argparse.Namespace) -> int:
         nodes = simulated_nodes(args.nodes, args.cpus_per_node, args.gpus_per_node)
         where = f"{args.nodes} node(s) x {args.gpus_per_node} GPU, {args.cpus_per_node:g} CPU"
     else:
-        import ray
-
         ray.init(address=cfg.ray.address or "auto")
         try:
             nodes = nodes_from_ray()

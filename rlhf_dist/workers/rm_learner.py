@@ -5,6 +5,8 @@ import pyarrow as pa
 import torch
 
 from rlhf_dist.algo import bradley_terry_loss
+from rlhf_dist.models.load import load_reward_model
+from rlhf_dist.models.logprobs import sequence_scores
 from rlhf_dist.workers.dataset_learner import DatasetLearner, pairwise_eval_metrics, pairwise_eval_sums, stack_pairs
 
 
@@ -13,16 +15,12 @@ class RMLearner(DatasetLearner):
     role_seed = 12
 
     def build_model(self) -> torch.nn.Module:
-        from rlhf_dist.models.load import load_reward_model
-
         # Same seed on every rank: the fresh score head starts identical everywhere.
         return load_reward_model(self.stage.init or self.cfg.model.policy, dtype=self.cfg.model.dtype,
                                  seed=self.cfg.seed)
 
     def _scores(self, batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Reward of the chosen and of the rejected answer of every pair, [B] each, from one forward pass."""
-        from rlhf_dist.models.logprobs import sequence_scores
-
         x = self.tensors(stack_pairs(batch), ())
         last = x["attention_mask"].sum(dim=1) - 1      # right padded: the last real token of each row
         scores = sequence_scores(self.engine, x["input_ids"], x["attention_mask"], last, x["position_ids"])

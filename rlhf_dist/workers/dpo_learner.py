@@ -10,6 +10,7 @@ import pyarrow as pa
 import torch
 
 from rlhf_dist.algo import dpo_loss
+from rlhf_dist.models.load import load_causal_lm
 from rlhf_dist.workers.dataset_learner import (
     DatasetLearner,
     pairwise_eval_metrics,
@@ -26,8 +27,6 @@ class DPOLearner(DatasetLearner):
     role_seed = 13
 
     def build_model(self) -> torch.nn.Module:
-        from rlhf_dist.models.load import load_causal_lm
-
         return load_causal_lm(self.cfg.model.policy, dtype=self.cfg.model.dtype)
 
     def _terms(self, batch: pa.RecordBatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+import ray
 
 
 def worker_env() -> dict[str, str]:
@@ -14,13 +15,11 @@ def worker_env() -> dict[str, str]:
 @contextmanager
 def ray_session(cfg, min_cpus: float = 0):
     """Yields with Ray connected; shuts down only what it started."""
-    import ray
-
     if ray.is_initialized():
         yield
         return
     if cfg.ray.address is None:
-        # A laptop run opens no port to the network: local Ray binds 127.0.0.1 with this set.
+        # Binds local Ray to 127.0.0.1 only if set before Ray was first imported (the CLI does that).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(min_cpus + 0.999))
         ray.init(

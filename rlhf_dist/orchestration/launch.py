@@ -6,8 +6,8 @@ from contextlib import contextmanager
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from rlhf_dist.distributed.cluster import worker_env
-from rlhf_dist.distributed.placement import (
+from rlhf_dist.orchestration.cluster import worker_env
+from rlhf_dist.orchestration.placement import (
     ROLES,
     assign,
     bundles_by_owner,
@@ -16,18 +16,17 @@ from rlhf_dist.distributed.placement import (
     nodes_from_ray,
     plan,
 )
-from rlhf_dist.distributed.role_group import Bundles, RoleGroup, reserve
+from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
+from rlhf_dist.workers.critic import CriticWorker
+from rlhf_dist.workers.policy import PolicyWorker
+from rlhf_dist.workers.reference import ReferenceWorker
+from rlhf_dist.workers.reward import RewardWorker
+from rlhf_dist.workers.rollout import RolloutWorker
 
 LEARNERS = ("policy", "critic")
 
 
 def role_classes() -> dict[str, type]:
-    from rlhf_dist.workers.critic import CriticWorker
-    from rlhf_dist.workers.policy import PolicyWorker
-    from rlhf_dist.workers.reference import ReferenceWorker
-    from rlhf_dist.workers.reward import RewardWorker
-    from rlhf_dist.workers.rollout import RolloutWorker
-
     return {
         "rollout": RolloutWorker,
         "reward": RewardWorker,

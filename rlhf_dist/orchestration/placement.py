@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ray
+
 from rlhf_dist.config import ConfigError
 
 ROLES = ("rollout", "reward", "reference", "policy", "critic")
@@ -134,8 +136,6 @@ class Slot:
 
 
 def nodes_from_ray() -> list[Node]:
-    import ray
-
     return [
         Node(n["NodeManagerAddress"], n["Resources"].get("CPU", 0.0), int(n["Resources"].get("GPU", 0)))
         for n in ray.nodes()

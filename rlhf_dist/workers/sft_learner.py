@@ -8,6 +8,8 @@ import pyarrow.compute as pc
 import torch
 
 from rlhf_dist.data import schema as S
+from rlhf_dist.models.load import load_causal_lm
+from rlhf_dist.models.logprobs import response_logprobs
 from rlhf_dist.workers.dataset_learner import DatasetLearner
 
 
@@ -16,14 +18,10 @@ class SFTLearner(DatasetLearner):
     role_seed = 11
 
     def build_model(self) -> torch.nn.Module:
-        from rlhf_dist.models.load import load_causal_lm
-
         return load_causal_lm(self.cfg.model.policy, dtype=self.cfg.model.dtype)
 
     def _nll(self, batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Negative log-likelihood of every response token [B, T] and the response mask [B, T] (float)."""
-        from rlhf_dist.models.logprobs import response_logprobs
-
         x = self.tensors(batch, ())
         logprobs = response_logprobs(self.engine, x["input_ids"], x["attention_mask"], x["position_ids"],
                                      x["response_index"], x["response_ids"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from rlhf_dist.distributed.role_group import RoleGroup
+from rlhf_dist.orchestration.role_group import RoleGroup
 
 
 class WeightPush:
