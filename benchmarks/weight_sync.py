@@ -103,10 +103,7 @@ def measure(cfg, groups, n: int, repeats: int) -> dict:
     rollout.actors = groups["rollout"].actors[:n]
     sync = WeightPush(cfg, groups["policy"], rollout)
     sub = {"policy": groups["policy"], "rollout": rollout}
-    shipped = sync.push(1).get("weight_sync_bytes")  # what rank 0 sent: its buckets, in the learner's dtype
-    if shipped is None:
-        raise RuntimeError(f"weight sync {sync.name}: push() reports no weight_sync_bytes, so GB/s has no payload; "
-                           f"make the transport return the bytes it sent")
+    shipped = sync.push(1)["bytes"]  # what rank 0 sent: its buckets, in the learner's dtype
     collect_compute_stats(sub)
     walls, exports, loads, peaks = [], [], [], {"policy": 0.0, "rollout": 0.0}
     for version in range(2, repeats + 2):

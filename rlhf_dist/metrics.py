@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 
 class MetricsLog:
     def __init__(self, path: Path, resume: bool = False):
@@ -30,6 +32,11 @@ class MetricsLog:
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def mean_of_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    """Key by key, the mean over dicts with the same keys (one per actor, or one per step)."""
+    return {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]}
 
 
 def console_line(row: dict, keys: tuple[str, ...]) -> str:

@@ -374,3 +374,16 @@ def test_a_local_run_from_the_cli_binds_loopback(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "RAY_NODE_IP 127.0.0.1" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_every_role_in_the_table_is_built_the_same_way():
+    """One row per RolesConfig section, each naming a class built as Role(cfg, rank, world_size)."""
+    import inspect
+
+    from rlhf_dist.config import ROLE_TABLE, RolesConfig, resolve_function
+
+    assert [r.name for r in ROLE_TABLE] == RolesConfig().names()
+    for spec in ROLE_TABLE:
+        params = list(inspect.signature(resolve_function("ROLE_TABLE", spec.worker)).parameters)
+        assert params[:3] == ["cfg", "rank", "world_size"], (spec.name, params)
+    assert [r.name for r in ROLE_TABLE if r.learner] == ["policy", "critic"]

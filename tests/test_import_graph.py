@@ -13,10 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # The one statement of the layer order, lowest first: a module may import its own package and any lower layer; the
-# packages that share a layer do not import each other. metrics and checkpoint import nothing of ours, so they sit
-# at the bottom where any layer may use them; doctor and submit are commands, imported only by the CLI.
+# packages that share a layer do not import each other. config, metrics and checkpoint import nothing of ours, so they
+# sit at the bottom where any layer may use them (data reads the run config); doctor and submit are commands, imported
+# only by the CLI.
 LAYERS = (
-    ("algo", "data", "config", "comm", "metrics", "checkpoint"),
+    ("config", "metrics", "checkpoint"),
+    ("algo", "data", "comm"),
     ("models",),
     ("engines",),
     ("workers",),

@@ -1,4 +1,5 @@
 """The tiny model, local loading, the critic, and per-token log-probs checked against per-row reference runs."""
+import dataclasses
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from rlhf_dist.data import synthetic
+from rlhf_dist.data.batch import Sequences
 from rlhf_dist.models import (CriticModel, build_tiny, load_causal_lm, load_critic, load_reward_model, load_tokenizer,
                               response_logprobs, response_values, sequence_scores)
 from rlhf_dist.models import tiny
@@ -157,6 +159,17 @@ def joined(rows: list[tuple[list[int], list[int]]], pad: int):
     return input_ids, attention_mask, position_ids, response_index, response_ids, response_mask, last_index
 
 
+def joined_sequences(rows: list[tuple[list[int], list[int]]], pad: int) -> Sequences:
+    """`joined` as the `Sequences` the model functions take (position_ids 0 on pads, as the contract has them);
+    the response index and tokens it derives must be the hand-built ones."""
+    input_ids, attention_mask, position_ids, response_index, response_ids, response_mask, _ = joined(rows, pad)
+    seqs = Sequences(input_ids, attention_mask, position_ids * attention_mask,
+                     torch.tensor([len(p) for p, _ in rows]), torch.tensor([len(r) for _, r in rows]), response_mask)
+    assert torch.equal(seqs.response_index(), response_index)
+    assert torch.equal(seqs.response_tokens()[response_mask], response_ids[response_mask])
+    return seqs
+
+
 @pytest.fixture(scope="module")
 def rows(tokenizer):
     """Rows of different lengths: the longest row, an empty response, a one-token response, one ending in eos."""
@@ -185,11 +198,13 @@ def per_row_logprobs(model, rows, temperature):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_response_logprobs_match_per_row_runs(tiny_dir, tokenizer, rows, temperature):
     model = load_causal_lm(tiny_dir)
-    ids, mask, pos, index, response_ids, response_mask, _ = joined(rows, tokenizer.pad_token_id)
+    seqs = joined_sequences(rows, tokenizer.pad_token_id)
+    response_mask = seqs.response_mask
+    # what the model counts when it is given no position_ids: 0..L-1 on every row, pads included
+    counted = dataclasses.replace(seqs, position_ids=torch.arange(seqs.input_ids.shape[1]).expand_as(seqs.input_ids))
     with torch.no_grad():
-        logprobs, entropy = response_logprobs(model, ids, mask, pos, index, response_ids, temperature,
-                                              return_entropy=True)
-        without_positions = response_logprobs(model, ids, mask, None, index, response_ids, temperature)
+        logprobs, entropy = response_logprobs(model, seqs, temperature, return_entropy=True)
+        without_positions = response_logprobs(model, counted, temperature)
     assert logprobs.shape == entropy.shape == response_mask.shape and logprobs.dtype == torch.float32
     assert torch.isfinite(logprobs).all() and torch.isfinite(entropy).all()
     expected_lp, expected_ent = per_row_logprobs(model, rows, temperature)
@@ -200,7 +215,7 @@ def test_response_logprobs_match_per_row_runs(tiny_dir, tokenizer, rows, tempera
         torch.testing.assert_close(entropy[i, :n].double(), torch.tensor(ent, dtype=torch.float64), atol=1e-5, rtol=0)
     torch.testing.assert_close(without_positions[response_mask], logprobs[response_mask], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="temperature"):
-        response_logprobs(model, ids, mask, pos, index, response_ids, 0.0)
+        response_logprobs(model, seqs, 0.0)
 
 
 def test_response_values_match_per_row_runs(tiny_dir, tokenizer, rows):
@@ -208,9 +223,10 @@ def test_response_values_match_per_row_runs(tiny_dir, tokenizer, rows):
     with torch.no_grad():
         critic.value_head.weight.normal_(generator=torch.Generator().manual_seed(0))
         critic.value_head.bias.fill_(0.25)
-    ids, mask, pos, index, _, response_mask, _ = joined(rows, tokenizer.pad_token_id)
+    seqs = joined_sequences(rows, tokenizer.pad_token_id)
+    response_mask = seqs.response_mask
     with torch.no_grad():
-        values = response_values(critic, ids, mask, pos, index)
+        values = response_values(critic, seqs)
         for i, (prompt, response) in enumerate(rows):
             row = torch.tensor([prompt + response])
             hidden = critic.backbone(row).last_hidden_state[0]
@@ -301,8 +317,9 @@ def test_critic_from_a_reward_model_starts_from_its_score_head(tiny_dir, tokeniz
     assert reward_model.score.bias is None  # Llama's score head: the value head's bias stays 0
     assert torch.equal(critic.value_head.weight, reward_model.score.weight) and not critic.value_head.bias.any()
     ids, mask, pos, index, _, response_mask, _ = joined(rows, tokenizer.pad_token_id)
+    seqs = joined_sequences(rows, tokenizer.pad_token_id)
     with torch.no_grad():
-        values = response_values(critic, ids, mask, pos, index)
+        values = response_values(critic, seqs)
         # the reward model's own path, one response position at a time, as if each were the last token
         scores = torch.stack([sequence_scores(reward_model, ids, mask, index[:, t], pos)
                               for t in range(index.shape[1])], dim=1)
@@ -312,7 +329,7 @@ def test_critic_from_a_reward_model_starts_from_its_score_head(tiny_dir, tokeniz
     # the critic saves as a critic (backbone + value head) and reloads to the same values
     critic.save_pretrained(tmp_path / "critic")
     with torch.no_grad():
-        assert torch.equal(response_values(load_critic(tmp_path / "critic"), ids, mask, pos, index), values)
+        assert torch.equal(response_values(load_critic(tmp_path / "critic"), seqs), values)
 
 
 def test_critic_from_a_classifier_with_two_labels_starts_at_zero(tiny_dir, tmp_path):

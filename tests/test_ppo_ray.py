@@ -107,24 +107,22 @@ def test_default_job_learns(tiny_model, tmp_path, capsys):
 def test_engines_start_first_and_sleep_while_learners_train(tiny_cfg, local_ray):
     """Sleep mode's contract, read off the actors' own timelines: the rollout engines are up and asleep before any
     other role starts; after generating they sleep, and wake only for the push that follows the learners' training."""
-    from rlhf_dist.algo import FixedKLController
     from rlhf_dist.orchestration.launch import running_roles
+    from rlhf_dist.orchestration.phases import Phases
     from rlhf_dist.orchestration.role_group import collect_compute_stats
-    from rlhf_dist.orchestration.weight_push import WeightPush
-    from rlhf_dist.trainers.ppo import iteration, prepare
+    from rlhf_dist.trainers.ppo import PPORun, iteration, prepare
 
     cfg = tiny_cfg("generation.enable_sleep=true", "train.prompts_per_iteration=4", "generation.max_new_tokens=4",
                    "ray.num_cpus=null")
     sampler = prepare(cfg)
     with running_roles(cfg) as groups:
-        sync = WeightPush(cfg, groups["policy"], groups["rollout"])
+        run = PPORun.start(cfg, groups, sampler)
         spans = _spans(collect_compute_stats(groups))
         asleep = spans["rollout"]["sleep"][0][1]
         for role in ("reward", "reference", "policy", "critic"):
             assert spans[role]["__init__"][0][0] >= asleep, f"{role} started before the engines were up and asleep"
         for it in range(2):
-            iteration(cfg, groups, sampler, FixedKLController(cfg.algo.kl_coef), it, version=it)
-            sync.push(it + 1)
+            iteration(run, Phases())
             spans = _spans(collect_compute_stats(groups))
             (_, generated), = spans["rollout"]["generate"]
             (_, slept), = spans["rollout"]["sleep"]

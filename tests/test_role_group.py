@@ -36,6 +36,10 @@ class Echo:
         if self.rank == 1:
             os._exit(1)
 
+    def refuse(self) -> None:
+        if self.rank == 2:
+            raise ValueError("no reward for an empty response")
+
 
 def _group(n: int, timeout_s: float):
     from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
@@ -46,7 +50,7 @@ def _group(n: int, timeout_s: float):
 
 def test_scatter_gathers_in_order_and_failures_name_the_actor(local_ray):
     from rlhf_dist.data.batch import make_batch
-    from rlhf_dist.orchestration.role_group import ActorDiedError, ActorTimeoutError
+    from rlhf_dist.orchestration.role_group import ActorDiedError, ActorTimeoutError, RoleMethodError
 
     group = _group(3, timeout_s=120)  # actors start in seconds on a busy 2-core machine
     lengths = np.random.default_rng(0).integers(1, 20, size=11)
@@ -59,6 +63,9 @@ def test_scatter_gathers_in_order_and_failures_name_the_actor(local_ray):
     with pytest.raises(ActorTimeoutError, match=r"role echo: actor\(s\) \[1\] did not answer nap\(\)"):
         group.call("nap", 8).get()
     assert time.monotonic() - t0 < 15
+    # a role method that raises is not a dead actor: its own error type, the exception named
+    with pytest.raises(RoleMethodError, match=r"role echo actor 2 raised ValueError in refuse\(\): no reward for"):
+        group.call("refuse").get()
     group.timeout_s = 60  # the die() call queues behind actor 1's nap
     with pytest.raises(ActorDiedError, match=r"role echo actor 1 failed in die\(\)"):
         group.call("die").get()

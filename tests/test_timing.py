@@ -3,7 +3,34 @@ import time
 
 import pytest
 
+from rlhf_dist.orchestration.phases import Phases
+from rlhf_dist.orchestration.weight_push import ROLLOUT_UPDATE
 from rlhf_dist.trainers import timing
+
+
+def ppo_chains(push_during_train: bool = False) -> timing.Chains:
+    """What trainers/ppo.py::iteration records, written out by hand: the calls of each phase."""
+    phases = Phases()
+    with phases.phase("generate"):
+        phases.record("rollout", "generate")
+    with phases.phase("score"):
+        for role, method in (("reward", "score"), ("reference", "logprobs"), ("policy", "logprobs"),
+                             ("critic", "values")):
+            phases.record(role, method)
+    with phases.phase("train"):
+        phases.record("policy", "train")
+        phases.record("critic", "train")
+        if push_during_train:  # queued on the policy's actors behind its training
+            phases.record("policy", "push_weights")
+            phases.record("rollout", *ROLLOUT_UPDATE, chain="push")
+    if not push_during_train:
+        with phases.phase("weight_sync"):
+            phases.record("policy", "push_weights")
+            phases.record("rollout", *ROLLOUT_UPDATE, chain="push")
+    return phases.chains()
+
+
+CHAINS, SYNC_IN_TRAIN = ppo_chains(), ppo_chains(push_during_train=True)
 
 # Two rollout actors, two policy ranks, one of each other role; seconds inside each role method.
 STATS = {
@@ -20,12 +47,12 @@ STATS = {
 
 
 def test_role_compute_is_max_over_actors_per_phase_summed_over_phases():
-    per_role = timing.role_phase_seconds(STATS)
+    per_role = timing.role_phase_seconds(STATS, CHAINS)
     # rollout: generate max(1.0, 1.5) + weight_sync max(0.1, 0.2)
     assert per_role["rollout"] == pytest.approx({"generate": 1.5, "weight_sync": 0.2})
     # policy: score max(0.6, 0.7), train max(2.0, 1.8), weight_sync max(0.5, 0.1)
     assert per_role["policy"] == pytest.approx({"score": 0.7, "train": 2.0, "weight_sync": 0.5})
-    row = timing.iteration_metrics(STATS, wall_s=6.0, driver={"advantages": 0.3})
+    row = timing.iteration_metrics(STATS, 6.0, CHAINS, driver={"advantages": 0.3})
     assert row["compute/rollout"] == pytest.approx(1.7)
     assert row["compute/policy"] == pytest.approx(3.2)
     assert row["compute/critic"] == pytest.approx(2.9)
@@ -34,7 +61,7 @@ def test_role_compute_is_max_over_actors_per_phase_summed_over_phases():
 
 
 def test_critical_path_and_overhead_fraction():
-    row = timing.iteration_metrics(STATS, wall_s=6.0, driver={"advantages": 0.3})
+    row = timing.iteration_metrics(STATS, 6.0, CHAINS, driver={"advantages": 0.3})
     # side by side within a phase, a chain in weight sync: generate 1.5; score max(0.2, 0.5, 0.7, 0.4) = 0.7;
     # advantages 0.3 (driver); train max(2.0, 2.5) = 2.5; weight sync: the push 0.5, the rollout's load inside it
     assert row["critical/generate"] == pytest.approx(1.5)
@@ -48,7 +75,7 @@ def test_critical_path_and_overhead_fraction():
 
 
 def test_peak_memory_is_max_over_a_roles_actors():
-    row = timing.iteration_metrics(STATS, wall_s=6.0)
+    row = timing.iteration_metrics(STATS, 6.0, CHAINS)
     assert row["memory/rollout_peak_mb"] == 450.0
     assert row["memory/policy_peak_mb"] == 520.0
     assert row["memory/policy_gpu_peak_mb"] == 1000.0
@@ -57,14 +84,14 @@ def test_peak_memory_is_max_over_a_roles_actors():
 
 def test_unknown_method_is_a_phase_of_its_own():
     stats = {"rollout": [{"seconds": {"generate": 1.0, "evaluate": 0.25}}]}
-    row = timing.iteration_metrics(stats, wall_s=2.0)
+    row = timing.iteration_metrics(stats, 2.0, CHAINS)
     assert row["critical/rollout.evaluate"] == 0.25
     assert row["compute/critical_path"] == pytest.approx(1.25)
     assert row["overhead_frac"] == pytest.approx(0.375)
 
 
 def test_phase_overhead_adds_up_to_wall_minus_critical_path():
-    row = timing.iteration_metrics(STATS, wall_s=6.0, driver={"advantages": 0.3})
+    row = timing.iteration_metrics(STATS, 6.0, CHAINS, driver={"advantages": 0.3})
     row.update({"time/generate": 1.6, "time/score": 0.9, "time/advantages": 0.3, "time/train": 2.6,
                 "time/weight_sync": 0.55})
     over = timing.phase_overhead(row)
@@ -119,7 +146,7 @@ def test_actor_reports_compute_time(local_ray):
         assert s["calls"] == {"work": 1}
         assert 0.06 <= s["seconds"]["work"] < 5.0
         assert s["peak_rss_mb"] > 0
-    row = timing.iteration_metrics({"toy": stats}, wall_s=10.0)
+    row = timing.iteration_metrics({"toy": stats}, 10.0, CHAINS)
     assert row["compute/toy"] == pytest.approx(max(s["seconds"]["work"] for s in stats))
     assert collect_compute_stats({"toy": group})["toy"][0]["seconds"] == {}  # reset per report
 
@@ -128,7 +155,7 @@ def test_the_learners_push_contains_the_rollouts_load():
     # learner rank 0 drives the rollout's update from inside push_weights: the longer of the two chains counts
     stats = {"policy": [{"seconds": {"push_weights": 0.5}}],
              "rollout": [{"seconds": {"start_weight_update": 0.01, "update_weights": 0.3, "finish_weight_update": 0.05}}]}
-    assert timing.critical_seconds(stats) == pytest.approx({"weight_sync": 0.5})
+    assert timing.critical_seconds(stats, CHAINS) == pytest.approx({"weight_sync": 0.5})
 
 
 @pytest.mark.parametrize("critic_train, critical_train", [(2.2, 2.3), (2.6, 2.6)])
@@ -137,13 +164,13 @@ def test_sync_queued_behind_the_policy_training_is_part_of_the_train_phase(criti
              "rollout": [{"seconds": {"update_weights": 0.2}}],
              "critic": [{"seconds": {"train": critic_train}}]}
     # policy train 2.0 -> push 0.3 (the rollout's load of 0.2 inside it) = 2.3, side by side with the critic
-    assert timing.critical_seconds(stats, chains=timing.SYNC_IN_TRAIN) == pytest.approx({"train": critical_train})
-    row = timing.iteration_metrics(stats, wall_s=3.0, chains=timing.SYNC_IN_TRAIN)
+    assert timing.critical_seconds(stats, SYNC_IN_TRAIN) == pytest.approx({"train": critical_train})
+    row = timing.iteration_metrics(stats, 3.0, SYNC_IN_TRAIN)
     assert row["compute/policy"] == pytest.approx(2.3)  # its train phase: train + push
     assert row["overhead_frac"] == pytest.approx(1 - critical_train / 3.0)
     assert "critical/weight_sync" not in row
     # the same calls with the push after the train phase: max(2.0, critic) + max(0.3, 0.2)
-    assert timing.critical_seconds(stats) == pytest.approx({"train": max(2.0, critic_train), "weight_sync": 0.3})
+    assert timing.critical_seconds(stats, CHAINS) == pytest.approx({"train": max(2.0, critic_train), "weight_sync": 0.3})
 
 
 def test_a_late_actor_is_named(local_ray):

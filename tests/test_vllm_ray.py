@@ -22,14 +22,13 @@ except Exception as e:
 def test_vllm_rollout_actor_takes_deepspeed_weights_every_iteration(tiny_cfg, local_ray, tmp_path):
     import numpy as np
 
-    from rlhf_dist.algo import FixedKLController
     from rlhf_dist.data import schema as S
-    from rlhf_dist.orchestration.launch import running_roles
-    from rlhf_dist.orchestration.weight_push import WeightPush
     from rlhf_dist.engines.generation.base import SamplingConfig
     from rlhf_dist.engines.generation.hf import HFGenerationEngine
     from rlhf_dist.models.load import load_causal_lm, load_tokenizer
-    from rlhf_dist.trainers.ppo import iteration, prepare
+    from rlhf_dist.orchestration.launch import running_roles
+    from rlhf_dist.orchestration.phases import Phases
+    from rlhf_dist.trainers.ppo import PPORun, iteration, prepare
 
     cfg = tiny_cfg("generation.engine=vllm", "generation.vllm_cpu=true", "generation.tensor_parallel_size=2",
                    "train.engine=deepspeed",
@@ -40,13 +39,11 @@ def test_vllm_rollout_actor_takes_deepspeed_weights_every_iteration(tiny_cfg, lo
     tok = load_tokenizer(cfg.model.policy)
     outputs = []
     with running_roles(cfg) as groups:
-        sync = WeightPush(cfg, groups["policy"], groups["rollout"])
-        kl = FixedKLController(cfg.algo.kl_coef)
+        run = PPORun.start(cfg, groups, sampler)
         for it in range(3):
-            row = iteration(cfg, groups, sampler, kl, it, version=it)
+            row = iteration(run, Phases())  # ends with the push of version it + 1
             # the engine's log-probs match the learner's for the tokens the engine sampled (stale-weight check)
             assert row["logprob_mismatch"] < 1e-3, row["logprob_mismatch"]
-            sync.push(it + 1)
             greedy = groups["rollout"].call("generate", probe, 100 + it, True).get()[0]
             assert set(greedy.column(S.POLICY_VERSION).to_pylist()) == {it + 1}
             path = str(tmp_path / f"policy_{it}")

@@ -5,13 +5,15 @@
 from .coerce import config_to_dict, from_dict
 from .errors import ConfigError, ConfigFileNotFoundError
 from .loading import DEFAULT_CONFIG, apply_override, dump_yaml, load_config, read_yaml
-from .schema import (AlgoConfig, CheckpointConfig, DataConfig, GenerationConfig, LoggingConfig, ModelConfig,
-                     RayConfig, RewardConfig, RoleConfig, RolesConfig, RunConfig, SyncConfig, TrainConfig)
+from .schema import (ROLE_TABLE, AlgoConfig, CheckpointConfig, DataConfig, GenerationConfig, LoggingConfig,
+                     ModelConfig, RayConfig, RewardConfig, RoleConfig, RolesConfig, RoleSpec, RunConfig, SyncConfig,
+                     TrainConfig)
 from .validate import check_imports, check_paths, resolve_function, validate
 
 __all__ = [
     "DEFAULT_CONFIG", "ConfigError", "ConfigFileNotFoundError", "apply_override", "config_to_dict", "dump_yaml",
     "from_dict", "load_config", "read_yaml", "AlgoConfig", "CheckpointConfig", "DataConfig", "GenerationConfig",
-    "LoggingConfig", "ModelConfig", "RayConfig", "RewardConfig", "RoleConfig", "RolesConfig", "RunConfig",
+    "LoggingConfig", "ModelConfig", "RayConfig", "RewardConfig", "ROLE_TABLE", "RoleConfig", "RolesConfig", "RoleSpec",
+    "RunConfig",
     "SyncConfig", "TrainConfig", "check_imports", "check_paths", "resolve_function", "validate",
 ]

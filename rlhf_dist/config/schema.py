@@ -130,6 +130,27 @@ class RoleConfig:
                                              "not reserved again); null = own bundles")
 
 
+@dataclass(frozen=True)
+class RoleSpec:
+    """One role of the PPO loop: its section under ``roles``, the class that plays it (``module:Class``, imported
+    where actors start, so the config stays light), and whether its actors form a data-parallel learner group."""
+
+    name: str
+    worker: str
+    learner: bool = False
+
+
+# The one place the roles are named; RolesConfig has a section per row, in this order, and actors start in it:
+# rollout engines first (vLLM sizes its KV cache from the GPU memory free while it starts).
+ROLE_TABLE = (
+    RoleSpec("rollout", "rlhf_dist.workers.rollout:RolloutWorker"),
+    RoleSpec("reward", "rlhf_dist.workers.reward:RewardWorker"),
+    RoleSpec("reference", "rlhf_dist.workers.reference:ReferenceWorker"),
+    RoleSpec("policy", "rlhf_dist.workers.policy:PolicyWorker", learner=True),
+    RoleSpec("critic", "rlhf_dist.workers.critic:CriticWorker", learner=True),
+)
+
+
 @dataclass
 class RolesConfig:
     rollout: RoleConfig = section(RoleConfig, "generation engines")
@@ -162,6 +183,10 @@ class RolesConfig:
         """CPUs or GPUs the roles reserve: every actor brings its CPUs, colocated roles reserve no GPUs of their own."""
         return sum(r.num_actors * getattr(r, resource) for r in map(self.get, self.names())
                    if r.colocate_with is None or resource == "num_cpus")
+
+
+if [f.name for f in fields(RolesConfig)] != [r.name for r in ROLE_TABLE]:
+    raise TypeError("RolesConfig's sections and ROLE_TABLE's rows must name the same roles in the same order")
 
 
 @dataclass

@@ -8,11 +8,12 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
+from rlhf_dist.config import RunConfig
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.synthetic import make_prompts
 
 
-def read_prompt_texts(cfg) -> list[str]:
+def read_prompt_texts(cfg: RunConfig) -> list[str]:
     d = cfg.data
     if d.task == "synthetic":
         return make_prompts(d.num_prompts, seed=cfg.seed)

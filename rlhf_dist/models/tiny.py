@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rlhf_dist.config import RunConfig
 from rlhf_dist.data import synthetic
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -146,3 +147,10 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     out_dir.rename(old)
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_tiny_model(cfg: RunConfig) -> None:
+    """Build the tiny model at ``model.policy`` when the config asks for it (``model.build_tiny_if_missing``) and
+    nothing is there yet."""
+    if cfg.model.build_tiny_if_missing and not (Path(cfg.model.policy) / "config.json").exists():
+        build_tiny(cfg.model.policy, seed=cfg.seed)

@@ -6,6 +6,8 @@ from contextlib import contextmanager
 
 import ray
 
+from rlhf_dist.config import RunConfig
+
 
 def worker_env() -> dict[str, str]:
     # DS_ACCELERATOR is decided on each worker (rlhf_dist.workers.common): the driver may have no GPU where they do.
@@ -13,7 +15,7 @@ def worker_env() -> dict[str, str]:
 
 
 @contextmanager
-def ray_session(cfg, min_cpus: float = 0):
+def ray_session(cfg: RunConfig, min_cpus: float = 0):
     """Yields with Ray connected; shuts down only what it started."""
     if ray.is_initialized():
         yield

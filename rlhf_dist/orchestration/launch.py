@@ -6,38 +6,14 @@ from contextlib import contextmanager
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from rlhf_dist.orchestration.cluster import worker_env
-from rlhf_dist.orchestration.placement import (
-    ROLES,
-    assign,
-    bundles_by_owner,
-    check_fits,
-    format_placement,
-    nodes_from_ray,
-    plan,
-)
+from rlhf_dist.config import ROLE_TABLE, RunConfig, resolve_function
+from rlhf_dist.orchestration.learner_groups import form_learner_group, start_group
+from rlhf_dist.orchestration.placement import assign, bundles_by_owner, check_fits, format_placement, nodes_from_ray, plan
 from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
-from rlhf_dist.workers.critic import CriticWorker
-from rlhf_dist.workers.policy import PolicyWorker
-from rlhf_dist.workers.reference import ReferenceWorker
-from rlhf_dist.workers.reward import RewardWorker
-from rlhf_dist.workers.rollout import RolloutWorker
-
-LEARNERS = ("policy", "critic")
-
-
-def role_classes() -> dict[str, type]:
-    return {
-        "rollout": RolloutWorker,
-        "reward": RewardWorker,
-        "reference": ReferenceWorker,
-        "policy": PolicyWorker,
-        "critic": CriticWorker,
-    }
 
 
 @contextmanager
-def running_roles(cfg):
+def running_roles(cfg: RunConfig):
     """``launch_roles`` whose actors and placement groups are gone afterwards, also after an error, so one Ray
     session can run several jobs (tests, the pipeline) one after another."""
     groups: dict[str, RoleGroup] = {}
@@ -57,7 +33,7 @@ def stop_roles(groups: dict[str, RoleGroup]) -> None:
         remove_placement_group(pg)
 
 
-def wait_for_engines(cfg, rollout: RoleGroup) -> None:
+def wait_for_engines(cfg: RunConfig, rollout: RoleGroup) -> None:
     """Returns when every rollout engine is up (a method call runs only after the constructor), and asleep when
     sleep mode is on. vLLM sizes its KV cache from the GPU memory it finds free while it starts, so roles that share
     its GPUs start only now, into the memory it left (and freed)."""
@@ -66,33 +42,30 @@ def wait_for_engines(cfg, rollout: RoleGroup) -> None:
         rollout.call("sleep").get()
 
 
-def launch_roles(cfg, started: dict[str, RoleGroup] | None = None) -> dict[str, RoleGroup]:
-    """Reserve placement groups, start the actors, and form each learner role's data-parallel group."""
+def launch_roles(cfg: RunConfig, started: dict[str, RoleGroup] | None = None) -> dict[str, RoleGroup]:
+    """Reserve placement groups, then start each role in ROLE_TABLE's order (each learner role forms its
+    data-parallel group); ``started`` is filled as groups come up, so a caller can stop them after an error."""
     plans = plan(cfg)
     check_fits(plans, ray.cluster_resources())
-    print("placement (expected; Ray decides the final node of each bundle):\n" + format_placement(assign(plans, nodes_from_ray())), flush=True)
-    timeout = cfg.ray.actor_timeout_s
+    print("placement (expected; Ray decides the final node of each bundle):\n"
+          + format_placement(assign(plans, nodes_from_ray())), flush=True)
     pgs = {
-        owner: reserve(owner, n, bundle["CPU"], bundle.get("GPU", 0.0), plans[owner].placement.upper(), timeout)
+        owner: reserve(owner, n, bundle["CPU"], bundle.get("GPU", 0.0), plans[owner].placement.upper(),
+                       cfg.ray.actor_timeout_s)
         for owner, (n, bundle) in bundles_by_owner(plans).items()
     }
-    classes = role_classes()
     groups: dict[str, RoleGroup] = {} if started is None else started
-    for role in ROLES:  # rollout first
-        if role not in plans:
+    for spec in ROLE_TABLE:
+        if spec.name not in plans:
             continue
-        p = plans[role]
+        p = plans[spec.name]
         owner_n = plans[p.bundle_owner].num_actors
         bundles = Bundles(pgs[p.bundle_owner], [i % owner_n for i in range(p.num_actors)], p.num_cpus, p.num_gpus)
-        if role in LEARNERS:
-            make_args = lambda rank, n=p.num_actors: ((cfg, rank, n), {})
-        else:
-            make_args = lambda rank: ((cfg, rank), {})
-        groups[role] = RoleGroup(role, classes[role], bundles, make_args, timeout, env_vars=worker_env())
-        if role == "rollout":
-            wait_for_engines(cfg, groups[role])
-    for role in LEARNERS:
-        if role in groups:
-            addr, port = groups[role].call_rank(0, "rendezvous_address").get()[0]
-            groups[role].call("init_group", addr, port).get()
+        role_cls = resolve_function(f"ROLE_TABLE[{spec.name}]", spec.worker)
+        groups[spec.name] = start_group(spec.name, role_cls, cfg, bundles)
+        if spec.name == "rollout":
+            wait_for_engines(cfg, groups[spec.name])
+    for spec in ROLE_TABLE:  # once every actor is on its way: their constructors run side by side
+        if spec.learner and spec.name in groups:
+            form_learner_group(groups[spec.name])
     return groups

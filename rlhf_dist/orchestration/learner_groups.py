@@ -10,23 +10,39 @@ next stage, in the same Ray session, can have them. Hence context managers that 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
+from rlhf_dist.config import RoleConfig, RunConfig
 from rlhf_dist.orchestration.cluster import worker_env
 from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
 
+def start_group(name: str, role_cls: type, cfg: RunConfig, bundles: Bundles) -> RoleGroup:
+    """The one way a group starts: every role is built as ``role_cls(cfg, rank, world_size)``."""
+    n = len(bundles.indices)
+    return RoleGroup(name, role_cls, bundles, lambda rank: ((cfg, rank, n), {}), cfg.ray.actor_timeout_s,
+                     env_vars=worker_env())
+
+
+def form_learner_group(group: RoleGroup) -> None:
+    """Rank 0's address to every rank: one data-parallel process group (gloo on CPU, NCCL on GPU); each rank then
+    builds its training engine."""
+    addr, port = group.call_rank(0, "rendezvous_address").get()[0]
+    group.call("init_group", addr, port).get()
+
+
 @contextmanager
-def role_group(name: str, role_cls: type, role, make_args: Callable[[int], tuple[tuple, dict]],
-               timeout_s: float) -> Iterator[RoleGroup]:
+def role_group(name: str, role_cls: type, cfg: RunConfig, role: RoleConfig, learner: bool) -> Iterator[RoleGroup]:
     """`role.num_actors` actors of `role_cls` in their own placement group; killed and released on exit."""
-    pg = reserve(name, role.num_actors, role.num_cpus, role.num_gpus, role.placement.upper(), timeout_s)
+    pg = reserve(name, role.num_actors, role.num_cpus, role.num_gpus, role.placement.upper(), cfg.ray.actor_timeout_s)
     group = None
     try:
-        bundles = Bundles(pg, list(range(role.num_actors)), role.num_cpus, role.num_gpus)
-        group = RoleGroup(name, role_cls, bundles, make_args, timeout_s, env_vars=worker_env())
+        group = start_group(name, role_cls, cfg, Bundles(pg, list(range(role.num_actors)), role.num_cpus,
+                                                          role.num_gpus))
+        if learner:
+            form_learner_group(group)
         yield group
     finally:
         for actor in group.actors if group is not None else ():
@@ -34,22 +50,14 @@ def role_group(name: str, role_cls: type, role, make_args: Callable[[int], tuple
         remove_placement_group(pg)
 
 
-@contextmanager
-def worker_group(name: str, role_cls: type, cfg, role) -> Iterator[RoleGroup]:
-    """Actors built as `role_cls(cfg, rank)`: rollout, reference, reward, labeller."""
-    with role_group(name, role_cls, role, lambda rank: ((cfg, rank), {}), cfg.ray.actor_timeout_s) as group:
-        yield group
+def worker_group(name: str, role_cls: type, cfg: RunConfig, role: RoleConfig):
+    """Rollout, reference, reward, labeller actors for a stage."""
+    return role_group(name, role_cls, cfg, role, learner=False)
 
 
-@contextmanager
-def learner_group(name: str, learner_cls: type, cfg, role) -> Iterator[RoleGroup]:
-    """Actors built as `learner_cls(cfg, rank, world_size)` that form one data-parallel process group (gloo on
-    CPU, NCCL on GPU) and each build their training engine, before the group is handed out."""
-    n = role.num_actors
-    with role_group(name, learner_cls, role, lambda rank: ((cfg, rank, n), {}), cfg.ray.actor_timeout_s) as group:
-        addr, port = group.call_rank(0, "rendezvous_address").get()[0]
-        group.call("init_group", addr, port).get()
-        yield group
+def learner_group(name: str, learner_cls: type, cfg: RunConfig, role: RoleConfig):
+    """One data-parallel learner group for a stage, ready to train."""
+    return role_group(name, learner_cls, cfg, role, learner=True)
 
 
 def live_placement_groups() -> set[str]:

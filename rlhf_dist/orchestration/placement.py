@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import ray
 
-from rlhf_dist.config import ConfigError
+from rlhf_dist.config import ROLE_TABLE, ConfigError
 
-ROLES = ("rollout", "reward", "reference", "policy", "critic")
+ROLES = tuple(r.name for r in ROLE_TABLE)
 
 
 @dataclass

@@ -20,14 +20,27 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import concat_in_order, split_balanced
+from rlhf_dist.orchestration.placement import ResourceError
 
 
-class ActorTimeoutError(RuntimeError):
-    pass
+class RoleGroupError(RuntimeError):
+    """A call on a role's actors went wrong; the message names the role, the actor and the method."""
 
 
-class ActorDiedError(RuntimeError):
-    pass
+class ActorTimeoutError(RoleGroupError):
+    """An actor did not answer within ``ray.actor_timeout_s``."""
+
+
+class ActorDiedError(RoleGroupError):
+    """An actor's process is gone (killed, crashed, out of memory)."""
+
+
+class RoleMethodError(RoleGroupError):
+    """A role method raised (a user's reward function's ValueError, say); the actor is alive."""
+
+
+class PlacementTimeoutError(ResourceError):
+    """A placement group could not be reserved in time: the cluster has no room for the role's bundles."""
 
 
 @dataclass
@@ -49,7 +62,7 @@ def reserve(name: str, n: int, num_cpus: float, num_gpus: float, strategy: str, 
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
-        raise ActorTimeoutError(
+        raise PlacementTimeoutError(
             f"role {name}: {n} bundle(s) of {bundle} ({strategy}) could not be placed within {timeout_s:.0f} s; "
             f"the cluster has {ray.cluster_resources()}: lower roles.{name}.num_actors / num_cpus / num_gpus"
         )
@@ -282,10 +295,16 @@ class Pending:
                     values[position[ref]] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 except ray.exceptions.GetTimeoutError:
                     self._timed_out([ref], position)
-                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                except ray.exceptions.RayActorError as err:  # before RayTaskError: some are both
                     rank = self.ranks[position[ref]]
                     raise ActorDiedError(
                         f"role {self.group.name} actor {rank} failed in {self.method}(): {err}"
+                    ) from err
+                except ray.exceptions.RayTaskError as err:
+                    rank, cause = self.ranks[position[ref]], err.cause
+                    raise RoleMethodError(
+                        f"role {self.group.name} actor {rank} raised {type(cause).__name__} in {self.method}(): "
+                        f"{cause}"
                     ) from err
         return values
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from rlhf_dist.config import ConfigError, resolve_function
+from rlhf_dist.config import ConfigError, RunConfig, resolve_function
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import concat_batches, repeat_interleave
 from rlhf_dist.data.datasets import write_parquet
@@ -28,11 +28,11 @@ from rlhf_dist.workers.labeller import LABEL_SCHEMA, PAIR_SCHEMA, LabellerWorker
 from rlhf_dist.workers.rollout import RolloutWorker
 
 
-def output_path(cfg) -> Path:
+def output_path(cfg: RunConfig) -> Path:
     return Path(cfg.collect.output or Path(cfg.output_dir) / "preferences.parquet")
 
 
-def prepare(cfg) -> pa.Table:
+def prepare(cfg: RunConfig) -> pa.Table:
     """The tokenised prompts; the judge's function imports and its model exists, all before any actor starts."""
     c = cfg.collect
     for key, ref in (("collect.utility", c.utility if c.judge == "simulated" else None),
@@ -50,7 +50,7 @@ def prepare(cfg) -> pa.Table:
     return tokenize_prompts(texts[: c.num_prompts], tokenizer, cfg.data.max_prompt_tokens)
 
 
-def policy_path(cfg) -> str:
+def policy_path(cfg: RunConfig) -> str:
     return cfg.collect.policy or cfg.model.policy
 
 
@@ -67,7 +67,7 @@ def pair_up(samples: pa.RecordBatch, first_id: int) -> pa.RecordBatch:
     ], schema=PAIR_SCHEMA)
 
 
-def run(cfg) -> dict:
+def run(cfg: RunConfig) -> dict:
     """Samples two answers per prompt from collect.policy, labels them, writes collect.output (Parquet)."""
     t0, c = time.perf_counter(), cfg.collect
     prompts = prepare(cfg)
@@ -97,7 +97,7 @@ def run(cfg) -> dict:
     return summary
 
 
-def label_stats(table: pa.Table, cfg) -> dict[str, float]:
+def label_stats(table: pa.Table, cfg: RunConfig) -> dict[str, float]:
     """How the labels relate to what the judge saw, and (synthetic task) to the gold score."""
     sc = table.column("score_chosen").to_numpy()
     sr = table.column("score_rejected").to_numpy()

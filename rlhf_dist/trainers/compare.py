@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rlhf_dist.config import RunConfig
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import concat_batches, repeat_interleave, to_padded
 from rlhf_dist.data.prompts import read_prompt_texts, tokenize_prompts
@@ -34,7 +35,7 @@ COLUMNS = (("gold_sampled", "gold (sampled)"), ("gold_greedy", "gold (greedy)"),
            ("kl_to_sft", "KL to SFT"), ("response_len", "length"))
 
 
-def held_out_prompts(cfg, tokenizer) -> pa.RecordBatch:
+def held_out_prompts(cfg: RunConfig, tokenizer) -> pa.RecordBatch:
     """data.eval_prompts prompts no training stage sees: a fresh synthetic stream, or the file's last rows."""
     n = cfg.data.eval_prompts
     texts = make_prompts(n, seed=derive_seed(cfg.seed, EVAL_ITERATION)) if cfg.data.task == "synthetic" \
@@ -42,7 +43,8 @@ def held_out_prompts(cfg, tokenizer) -> pa.RecordBatch:
     return concat_batches([tokenize_prompts(texts, tokenizer, cfg.data.max_prompt_tokens)])
 
 
-def compare(cfg, policies: dict[str, str], sft: str, reward_model: str | None) -> dict[str, dict[str, float]]:
+def compare(cfg: RunConfig, policies: dict[str, str], sft: str, reward_model: str | None
+            ) -> dict[str, dict[str, float]]:
     """{policy name: metrics} for every policy dir in `policies` (Ray must be up)."""
     # The scorers: the SFT model as the KL reference, the reward model (and gold) as the reward actors.
     cfg = with_model(cfg, policy=sft, reference=sft, reward=reward_model)

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rlhf_dist.config import RunConfig
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import to_padded
 from rlhf_dist.metrics import MetricsLog
@@ -35,14 +36,14 @@ def add_reference_logps(pairs: pa.RecordBatch, reference_logprobs: pa.RecordBatc
     return pairs.append_column(pa.field(REF_REJECTED, pa.float32()), pa.array(summed[n:]))
 
 
-def reference_config(cfg):
+def reference_config(cfg: RunConfig) -> RunConfig:
     """The reference actors' view: the frozen model, scored at temperature 1 (DPO's log-probs are the model's own)."""
     ref = cfg.dpo.reference or cfg.model.reference or cfg.model.policy
     cfg = offline.with_model(cfg, reference=ref)
     return dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, temperature=1.0))
 
 
-def run(cfg) -> dict:
+def run(cfg: RunConfig) -> dict:
     """DPO of model.policy on dpo.data against dpo.reference; saves the policy to dpo.output."""
     t0, stage = time.perf_counter(), cfg.dpo
     data = offline.load_stage_data(cfg, "dpo", "preferences", preferences_path(cfg, "dpo"))

@@ -12,32 +12,25 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from rlhf_dist.config import ConfigError
+from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.data.batch import concat_batches
 from rlhf_dist.data.datasets import DataError, DatasetSpec, read_batches, tokenize
-from rlhf_dist.metrics import MetricsLog
+from rlhf_dist.metrics import MetricsLog, mean_of_dicts
 from rlhf_dist.models.load import load_tokenizer
-from rlhf_dist.models.tiny import build_tiny
 from rlhf_dist.orchestration.learner_groups import learner_group
 
 
-def stage_output(cfg, stage: str) -> Path:
+def stage_output(cfg: RunConfig, stage: str) -> Path:
     """Where a stage saves its model: `<stage>.output`, else `<output_dir>/<stage>`."""
     return Path(getattr(cfg, stage).output or Path(cfg.output_dir) / stage)
 
 
-def ensure_base_model(cfg) -> None:
-    """Build the tiny model at model.policy when asked to and absent (as the PPO driver does)."""
-    if cfg.model.build_tiny_if_missing and not (Path(cfg.model.policy) / "config.json").exists():
-        build_tiny(cfg.model.policy, seed=cfg.seed)
-
-
-def with_model(cfg, **model_fields):
+def with_model(cfg: RunConfig, **model_fields) -> RunConfig:
     """A copy of `cfg` whose `model` section has these fields replaced (the stages hand models to each other)."""
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_fields))
 
 
-def dataset_spec(cfg, stage: str, kind: str, path: str | Path) -> DatasetSpec:
+def dataset_spec(cfg: RunConfig, stage: str, kind: str, path: str | Path) -> DatasetSpec:
     d = getattr(cfg, stage).data
     return DatasetSpec(path, kind, columns=dict(d.columns), split=d.split, max_tokens=d.max_tokens,
                        on_overlong=d.on_overlong)
@@ -90,10 +83,6 @@ def pooled(dicts: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(sum(d[k] for d in dicts)) for k in dicts[0]}
 
 
-def averaged(dicts: list[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]}
-
-
 def train_epochs(group, learner_cls, train: pa.RecordBatch, held: pa.RecordBatch | None, stage_cfg, seed: int,
                  stage: str, log: MetricsLog) -> list[dict]:
     """Evaluate, then for every epoch: one optimizer step per global batch, scattered over the learners, and
@@ -111,9 +100,9 @@ def train_epochs(group, learner_cls, train: pa.RecordBatch, held: pa.RecordBatch
     for epoch in range(1, stage_cfg.epochs + 1):
         t0, stats = time.perf_counter(), []
         for batch in epoch_batches(train, stage_cfg.batch_size, seed, epoch):
-            stats.append(averaged(group.scatter("train", batch).get()))
+            stats.append(mean_of_dicts(group.scatter("train", batch).get()))
             step += 1
-        row = {"epoch": epoch, "step": step, **averaged(stats), **evaluate(), "time/epoch": time.perf_counter() - t0}
+        row = {"epoch": epoch, "step": step, **mean_of_dicts(stats), **evaluate(), "time/epoch": time.perf_counter() - t0}
         log.log(row)
         print(f"{stage} epoch {epoch}/{stage_cfg.epochs}: {_line(row)}", flush=True)
     return log.rows
@@ -129,7 +118,7 @@ class StageData:
     report: dict
 
 
-def load_stage_data(cfg, stage: str, kind: str, path: str | Path) -> StageData:
+def load_stage_data(cfg: RunConfig, stage: str, kind: str, path: str | Path) -> StageData:
     """Runs on the driver before any actor starts: a bad row fails here, naming file, row and column."""
     spec = dataset_spec(cfg, stage, kind, path)
     data, report = read_tokenized(spec, load_tokenizer(cfg.model.tokenizer or cfg.model.policy), f"{stage}.data.path")
@@ -137,7 +126,7 @@ def load_stage_data(cfg, stage: str, kind: str, path: str | Path) -> StageData:
     return StageData(spec, train, held, report)
 
 
-def fit_and_save(cfg, stage: str, learner_cls, data: StageData, out: Path, log: MetricsLog) -> list[dict]:
+def fit_and_save(cfg: RunConfig, stage: str, learner_cls, data: StageData, out: Path, log: MetricsLog) -> list[dict]:
     """The stage's learner group (inside the current Ray session) trains every epoch, then saves to ``out``."""
     stage_cfg = getattr(cfg, stage)
     with learner_group(stage, learner_cls, cfg, stage_cfg.learners) as learners:

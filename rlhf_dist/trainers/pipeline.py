@@ -16,24 +16,25 @@ import math
 import time
 from pathlib import Path
 
-from rlhf_dist.config import ConfigError
+from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.config.schema import PIPELINE_STAGES
 from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.orchestration.learner_groups import live_placement_groups, release_placement_groups
 from rlhf_dist.trainers import collect, compare, dpo, offline, ppo, rm, sft
+from rlhf_dist.models.tiny import ensure_tiny_model
 
-def _section(cfg, name: str, **fields):
+def _section(cfg: RunConfig, name: str, **fields) -> RunConfig:
     return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
 
 
-def artefacts(cfg) -> dict[str, str]:
+def artefacts(cfg: RunConfig) -> dict[str, str]:
     """Where each stage leaves what the next ones read."""
     return {"base": cfg.model.policy, "sft": str(offline.stage_output(cfg, "sft")),
             "collect": str(collect.output_path(cfg)), "rm": str(offline.stage_output(cfg, "rm")),
             "ppo": str(Path(cfg.output_dir) / "ppo" / "policy"), "dpo": str(offline.stage_output(cfg, "dpo"))}
 
 
-def stage_configs(cfg, paths: dict[str, str]) -> dict:
+def stage_configs(cfg: RunConfig, paths: dict[str, str]) -> dict[str, RunConfig]:
     """One config per stage: downstream of SFT the policy is the SFT model; the preference sets are `collect`'s."""
     after_sft = offline.with_model(cfg, policy=paths["sft"])
     c, r, d = cfg.collect, cfg.rm, cfg.dpo
@@ -54,7 +55,7 @@ def stage_configs(cfg, paths: dict[str, str]) -> dict:
     }
 
 
-def stage_inputs(configs: dict) -> dict[str, dict[str, str | None]]:
+def stage_inputs(configs: dict[str, RunConfig]) -> dict[str, dict[str, str | None]]:
     """{stage: {config key: path}}: the models and data each stage reads."""
     c, r, p, d = configs["collect"], configs["rm"], configs["ppo"], configs["dpo"]
     return {"collect": {"collect.policy": c.collect.policy},
@@ -63,7 +64,7 @@ def stage_inputs(configs: dict) -> dict[str, dict[str, str | None]]:
             "dpo": {"model.policy": d.model.policy, "dpo.reference": d.dpo.reference, "dpo.data.path": d.dpo.data.path}}
 
 
-def check_inputs(stages: list[str], configs: dict, paths: dict[str, str]) -> None:
+def check_inputs(stages: list[str], configs: dict[str, RunConfig], paths: dict[str, str]) -> None:
     """Every input of a listed stage is made by an earlier listed stage or exists on disk, before anything starts."""
     made_by = {path: stage for stage, path in paths.items()}
     for i, stage in enumerate(stages):
@@ -76,7 +77,7 @@ def check_inputs(stages: list[str], configs: dict, paths: dict[str, str]) -> Non
             raise ConfigError("pipeline.stages", f"{stage} reads {key}={path!r}, which does not exist; {fix}")
 
 
-def largest_stage_cpus(cfg) -> float:
+def largest_stage_cpus(cfg: RunConfig) -> float:
     """CPUs of the hungriest stage: the stages hold their actors one after another in the one Ray session."""
     cpus = lambda *roles: sum(r.num_actors * r.num_cpus for r in roles)  # noqa: E731
     r = cfg.roles
@@ -84,12 +85,12 @@ def largest_stage_cpus(cfg) -> float:
                cpus(r.rollout, cfg.collect.labellers), cpus(r.rollout, r.reference, r.reward))
 
 
-def run(cfg) -> dict:
+def run(cfg: RunConfig) -> dict:
     t0, stages = time.perf_counter(), cfg.pipeline.stages
     paths = artefacts(cfg)
     configs, drivers = stage_configs(cfg, paths), {"sft": sft, "collect": collect, "rm": rm, "ppo": ppo, "dpo": dpo}
     check_inputs(stages, configs, paths)
-    offline.ensure_base_model(cfg)
+    ensure_tiny_model(cfg)
     summaries: dict[str, dict] = {}
     with ray_session(cfg, min_cpus=largest_stage_cpus(cfg)):
         for stage in stages:

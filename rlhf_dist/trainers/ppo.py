@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +13,58 @@ from tqdm import tqdm
 
 from rlhf_dist.algo import AdaptiveKLController, FixedKLController
 from rlhf_dist.checkpoint import checkpoint_root, latest_checkpoint, load_driver_state, prune, save_driver_state
-from rlhf_dist.config import check_imports
+from rlhf_dist.config import ROLE_TABLE, RunConfig, check_imports
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import to_padded
 from rlhf_dist.data.prompts import PromptSampler, read_prompt_texts, tokenize_prompts
-from rlhf_dist.metrics import MetricsLog, console_line, plot
+from rlhf_dist.metrics import MetricsLog, console_line, mean_of_dicts, plot
 from rlhf_dist.models.load import load_tokenizer
-from rlhf_dist.models.tiny import build_tiny
+from rlhf_dist.models.tiny import ensure_tiny_model
 from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.orchestration.launch import running_roles
+from rlhf_dist.orchestration.phases import Phases
 from rlhf_dist.orchestration.placement import plan, required_resources
-from rlhf_dist.orchestration.role_group import collect_compute_stats
+from rlhf_dist.orchestration.role_group import RoleGroup, collect_compute_stats
 from rlhf_dist.orchestration.weight_push import WeightPush
 from rlhf_dist.trainers import timing
 from rlhf_dist.trainers.experience import compute_advantages
 
-CONSOLE_KEYS = ("reward_mean", "gold_reward_mean", "kl", "policy/clip_frac", "critic/value_loss", "response_len", "time/iteration")
+CONSOLE_KEYS = ("reward_mean", "gold_reward_mean", "kl", "policy/clip_frac", "critic/value_loss", "response_len",
+                "time/iteration")
 PLOT_KEYS = ("reward_mean", "gold_reward_mean", "kl")
-LEARNER_ROLES = ("policy", "critic")
+LEARNERS = tuple(r.name for r in ROLE_TABLE if r.learner)
+
+
+@dataclass
+class PPORun:
+    """What a run carries from one iteration to the next; the actors hold everything heavy."""
+
+    cfg: RunConfig
+    groups: dict[str, RoleGroup]
+    sampler: PromptSampler
+    kl_ctl: AdaptiveKLController | FixedKLController
+    sync: WeightPush
+    iteration: int = 0  # the next one to run
+    version: int = 0  # the policy version the rollout engines hold
+
+    @classmethod
+    def start(cls, cfg: RunConfig, groups: dict[str, RoleGroup], sampler: PromptSampler) -> PPORun:
+        a = cfg.algo
+        kl_ctl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else \
+            FixedKLController(a.kl_coef)
+        return cls(cfg, groups, sampler, kl_ctl, WeightPush(cfg, groups["policy"], groups["rollout"]))
+
+    @property
+    def learners(self) -> list[RoleGroup]:
+        return [self.groups[r] for r in LEARNERS if r in self.groups]
+
+    def push_during_train(self) -> bool:
+        """Queue the object-store push right behind the policy's training, on its actor, instead of after the train
+        phase: the driver's round trip between the train results and the push goes (about 2 ms of the ~25 ms of
+        overhead per iteration of the tiny CPU job), and the push hides behind the critic's training where that is
+        the longer one. Not when rollout engines sleep between rollouts: waking one while colocated learners still
+        train is the memory spike sleep mode exists to avoid."""
+        return self.sync.name == "object_store" and not self.cfg.generation.enable_sleep
 
 
 def merge_columns(batch: pa.RecordBatch, *parts: pa.RecordBatch) -> pa.RecordBatch:
@@ -39,28 +74,25 @@ def merge_columns(batch: pa.RecordBatch, *parts: pa.RecordBatch) -> pa.RecordBat
     return batch
 
 
-def prepare(cfg):
+def prepare(cfg: RunConfig) -> PromptSampler:
     """Everything that can fail without a cluster fails here, before any actor starts."""
-    if cfg.model.build_tiny_if_missing and not (Path(cfg.model.policy) / "config.json").exists():
-        build_tiny(cfg.model.policy, seed=cfg.seed)
+    ensure_tiny_model(cfg)
     check_imports(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
     table = tokenize_prompts(read_prompt_texts(cfg), tokenizer, cfg.data.max_prompt_tokens)
     return PromptSampler(table, cfg.train.prompts_per_iteration, cfg.generation.samples_per_prompt, cfg.seed)
 
 
-def run(cfg) -> dict:
+def run(cfg: RunConfig) -> dict:
     """Runs ``cfg.train.iterations`` iterations; returns a summary (paths, first/last metrics)."""
     sampler = prepare(cfg)
     out = Path(cfg.output_dir)
     log = MetricsLog(out / cfg.logging.metrics_file, resume=cfg.checkpoint.resume)
-    a = cfg.algo
-    kl_ctl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else FixedKLController(a.kl_coef)
     with ray_session(cfg, min_cpus=required_resources(plan(cfg))["CPU"]):
         t0 = time.perf_counter()
         with running_roles(cfg) as groups:
             startup_s = time.perf_counter() - t0
-            final = train(cfg, groups, sampler, kl_ctl, log)
+            final = train(PPORun.start(cfg, groups, sampler), log)
     summary = summarize(log.rows, startup_s)
     summary.update(policy_path=final, metrics_path=str(log.path))
     if cfg.logging.plot and log.rows:
@@ -87,124 +119,101 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def train(cfg, groups, sampler, kl_ctl, log: MetricsLog) -> str | None:
+def train(run: PPORun, log: MetricsLog) -> str | None:
     """The loop; returns where the final policy was saved."""
-    sync = WeightPush(cfg, groups["policy"], groups["rollout"])
-    start, version = resume(cfg, groups, sampler, kl_ctl, sync) if cfg.checkpoint.resume else (0, 0)
-    log.truncate(start)
+    cfg = run.cfg
+    if cfg.checkpoint.resume:
+        resume(run)
+    log.truncate(run.iteration)
     progress = _progress(cfg)
-    compute_columns(groups)  # clears the actors' compute ledgers: start-up is not part of the first iteration
-    early = sync_in_train(cfg, sync)
-    for it in range(start, cfg.train.iterations):
-        t_it = time.perf_counter()
-        row = iteration(cfg, groups, sampler, kl_ctl, it, version, sync=sync if early else None)
-        version += 1
-        if not early:
-            row.update(sync.push(version))
-        row["time/iteration"] = sum(v for k, v in row.items() if k.startswith("time/"))
-        row.update(compute_columns(groups, row, time.perf_counter() - t_it, sync_overlapped=early))
+    collect_compute_stats(run.groups)  # empties the actors' ledgers: start-up is not part of the first iteration
+    while run.iteration < cfg.train.iterations:
+        t0, phases = time.perf_counter(), Phases()
+        row = iteration(run, phases)
+        row.update(timing_columns(run, phases, time.perf_counter() - t0))
         log.log(row)
-        progress(it, row)
-        if cfg.checkpoint.save_every and (it + 1) % cfg.checkpoint.save_every == 0:
-            save_checkpoint(cfg, groups, sampler, kl_ctl, it + 1, version)
+        progress(row)
+        if cfg.checkpoint.save_every and run.iteration % cfg.checkpoint.save_every == 0:
+            save_checkpoint(run)
     if not cfg.checkpoint.save_final:
         return None
     final = str(Path(cfg.output_dir) / "policy")
-    groups["policy"].call("save_hf", final).get()
+    run.groups["policy"].call("save_hf", final).get()
     return final
 
 
-def sync_in_train(cfg, sync) -> bool:
-    """Queue the object-store push right behind the policy's training, on its actor, instead of after the train
-    phase: the driver's round trip between the train results and the export goes (about 2 ms of the ~25 ms of
-    overhead per iteration of the tiny CPU job), and the push hides behind the critic's training where that is the
-    longer one. Not when rollout engines sleep between rollouts: waking one while colocated learners still train is
-    the memory spike sleep mode exists to avoid."""
-    return sync.name == "object_store" and not cfg.generation.enable_sleep
+def iteration(run: PPORun, phases: Phases) -> dict:
+    """One PPO iteration: generate, score in parallel, advantages, train, push the new weights; the metrics row."""
+    cfg, groups = run.cfg, run.groups
+    prompts = run.sampler.next_batch()
+    with phases.phase("generate"):
+        batch = phases.scatter(groups["rollout"], "generate", prompts, run.iteration).batch()
+        if cfg.generation.enable_sleep:  # free the engines' memory for the learners; the next push wakes them
+            phases.call(groups["rollout"], "sleep").get()
+    with phases.phase("score"):  # reward, reference, critic and the learner's own log-probs, all in flight at once
+        pending = [phases.scatter(groups["reward"], "score", batch),
+                   phases.scatter(groups["reference"], "logprobs", batch),
+                   phases.scatter(groups["policy"], "logprobs", batch)]
+        if "critic" in groups:
+            pending.append(phases.scatter(groups["critic"], "values", batch))
+        batch = merge_columns(batch, *(p.batch() for p in pending))
+    with phases.phase("advantages", on_driver=True):
+        batch, adv_stats = compute_advantages(batch, cfg.algo, run.kl_ctl.value)
+    with phases.phase("train"):
+        trains = [phases.scatter(group, "train", batch) for group in run.learners]
+        pushed = run.sync.push(run.version + 1, phases) if run.push_during_train() else None
+        train_stats = {k: v for t in trains for k, v in mean_of_dicts(t.get()).items()}
+    row = {"iteration": run.iteration, "policy_version": run.version}
+    if pushed is None:
+        with phases.phase("weight_sync"):
+            pushed = run.sync.push(run.version + 1, phases)
+    else:  # its own clock overlaps the train phase: kept out of the phases, which add up to the iteration
+        row["overlapped/weight_sync"] = pushed["seconds"]
+    run.kl_ctl.update(adv_stats["kl"], len(batch))
+    stats = batch_stats(batch)
+    check_fresh_weights(batch, run.version, stats["logprob_mismatch"], cfg.sync.max_logprob_mismatch)
+    run.iteration, run.version = run.iteration + 1, run.version + 1
+    return {**row, **stats, **adv_stats, **train_stats, "weight_sync_bytes": pushed["bytes"]}
 
 
-def compute_columns(groups, row: dict | None = None, wall_s: float = 0.0, sync_overlapped: bool = False) -> dict:
-    """Actor-side compute, peak memory and orchestration overhead of the iteration just done (trainers/timing.py).
-    One call per group, all in flight at once, after the iteration's clock stopped; it resets the actors' ledgers."""
+def timing_columns(run: PPORun, phases: Phases, wall_s: float) -> dict[str, float]:
+    """Wall time per phase, and the actors' compute, peak memory and the orchestration overhead of the iteration
+    just done (trainers/timing.py); collecting the actors' ledgers also empties them for the next one."""
+    out = {f"time/{p}": s for p, s in phases.seconds.items()}
+    out["time/iteration"] = phases.total()
     t0 = time.perf_counter()
-    stats = collect_compute_stats(groups)
-    if row is None:
-        return {}
-    chains = timing.SYNC_IN_TRAIN if sync_overlapped else timing.CHAINS
-    out = timing.iteration_metrics(stats, wall_s, {p: row[f"time/{p}"] for p in timing.DRIVER_PHASES}, chains)
+    stats = collect_compute_stats(run.groups)
+    out.update(timing.iteration_metrics(stats, wall_s, phases.chains(), phases.driver_seconds()))
     out["overhead/stats_s"] = time.perf_counter() - t0  # the cost of measuring, outside time/wall
     return out
 
 
-def save_checkpoint(cfg, groups, sampler, kl_ctl, next_iteration: int, version: int) -> None:
+def save_checkpoint(run: PPORun) -> None:
     """Learner states first, the driver's state last: only a checkpoint with driver.json is complete."""
-    path = checkpoint_root(cfg.output_dir) / f"iter_{next_iteration}"
-    for role in LEARNER_ROLES:
-        if role in groups:
-            groups[role].call("save_checkpoint", str(path / role)).get()
-    state = {"next_iteration": next_iteration, "version": version, "sampler": sampler.state_dict(), "kl_coef": kl_ctl.value}
-    save_driver_state(path, state)
+    cfg = run.cfg
+    path = checkpoint_root(cfg.output_dir) / f"iter_{run.iteration}"
+    for group in run.learners:
+        group.call("save_checkpoint", str(path / group.name)).get()
+    save_driver_state(path, {"next_iteration": run.iteration, "version": run.version,
+                             "sampler": run.sampler.state_dict(), "kl_coef": run.kl_ctl.value})
     prune(cfg.output_dir, keep=cfg.checkpoint.keep)
 
 
-def resume(cfg, groups, sampler, kl_ctl, sync) -> tuple[int, int]:
-    """Restores the newest complete checkpoint and pushes its weights to the rollout; (0, 0) when there is none."""
+def resume(run: PPORun) -> None:
+    """Restores the newest complete checkpoint and pushes its weights to the rollout; starts at 0 without one."""
+    cfg = run.cfg
     path = latest_checkpoint(cfg.output_dir)
     if path is None:
         print(f"checkpoint.resume: no checkpoint under {cfg.output_dir}/checkpoints; starting from iteration 0")
-        return 0, 0
-    for role in LEARNER_ROLES:
-        if role in groups:
-            groups[role].call("load_checkpoint", str(path / role)).get()
+        return
+    for group in run.learners:
+        group.call("load_checkpoint", str(path / group.name)).get()
     state = load_driver_state(path)
-    sampler.load_state_dict(state["sampler"])
-    kl_ctl.value = state["kl_coef"]
-    sync.push(state["version"])
-    print(f"resumed from {path}: next iteration {state['next_iteration']}, policy version {state['version']}")
-    return state["next_iteration"], state["version"]
-
-
-def iteration(cfg, groups, sampler, kl_ctl, it: int, version: int, sync=None) -> dict:
-    """One PPO iteration: generate, score in parallel, advantages, train, and report. With ``sync``, the new
-    weights (version + 1) are pushed during the train phase, queued right behind the policy's training."""
-    timer = _Timer()
-    prompts = sampler.next_batch()
-    with timer("generate"):
-        batch = groups["rollout"].scatter("generate", prompts, it).batch()
-        if cfg.generation.enable_sleep:  # free the engines' memory for the learners; the next push wakes them
-            groups["rollout"].call("sleep").get()
-    with timer("score"):  # reward, reference, critic and the learner's own log-probs, all in flight at once
-        pending = {
-            "reward": groups["reward"].scatter("score", batch),
-            "reference": groups["reference"].scatter("logprobs", batch),
-            "policy": groups["policy"].scatter("logprobs", batch),
-        }
-        if "critic" in groups:
-            pending["critic"] = groups["critic"].scatter("values", batch)
-        batch = merge_columns(batch, *(p.batch() for p in pending.values()))
-    with timer("advantages"):
-        batch, adv_stats = compute_advantages(batch, cfg.algo, kl_ctl.value)
-    with timer("train"):
-        trains = [groups["policy"].scatter("train", batch)]
-        if "critic" in groups:
-            trains.append(groups["critic"].scatter("train", batch))
-        # the push's own clock overlaps the train phase: kept out of time/* (which add up to the iteration)
-        pushed = {k.replace("time/", "overlapped/"): v for k, v in sync.push(version + 1).items()} if sync else {}
-        train_stats = {}
-        for t in trains:
-            train_stats.update(_mean_dicts(t.get()))
-    kl_ctl.update(adv_stats["kl"], len(batch))
-    stats = _batch_stats(batch)
-    check_fresh_weights(batch, version, stats["logprob_mismatch"], cfg.sync.max_logprob_mismatch)
-    return {
-        "iteration": it,
-        "policy_version": version,
-        **stats,
-        **adv_stats,
-        **train_stats,
-        **pushed,
-        **timer.times,
-    }
+    run.sampler.load_state_dict(state["sampler"])
+    run.kl_ctl.value = state["kl_coef"]
+    run.iteration, run.version = state["next_iteration"], state["version"]
+    run.sync.push(run.version)
+    print(f"resumed from {path}: next iteration {run.iteration}, policy version {run.version}")
 
 
 def check_fresh_weights(batch: pa.RecordBatch, version: int, mismatch: float, limit: float) -> None:
@@ -221,7 +230,7 @@ def check_fresh_weights(batch: pa.RecordBatch, version: int, mismatch: float, li
         )
 
 
-def _batch_stats(batch: pa.RecordBatch) -> dict[str, float]:
+def batch_stats(batch: pa.RecordBatch) -> dict[str, float]:
     reward = batch.column(S.REWARD).to_numpy(zero_copy_only=False)
     gold = batch.column(S.GOLD_REWARD).to_numpy(zero_copy_only=False)
     rollout, mask = to_padded(batch, S.ROLLOUT_LOGPROBS, dtype=torch.float32)
@@ -239,35 +248,13 @@ def _batch_stats(batch: pa.RecordBatch) -> dict[str, float]:
     }
 
 
-def _mean_dicts(dicts: list[dict]) -> dict[str, float]:
-    keys = dicts[0].keys()
-    return {k: float(np.mean([d[k] for d in dicts])) for k in keys}
-
-
-class _Timer:
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.times[f"time/{name}"] = time.perf_counter() - self.t
-
-        return _Span()
-
-
 def _progress(cfg):
     bar = None
     if cfg.logging.progress_bar:
         bar = tqdm(total=cfg.train.iterations, desc="ppo", unit="it")
 
-    def update(it: int, row: dict) -> None:
-        line = f"iter {it}: " + console_line(row, CONSOLE_KEYS)
+    def update(row: dict) -> None:
+        line = f"iter {row['iteration']}: " + console_line(row, CONSOLE_KEYS)
         if bar is not None:
             bar.write(line)
             bar.update(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rlhf_dist.config import ConfigError
+from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.metrics import MetricsLog
 from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.trainers import offline
@@ -12,7 +12,7 @@ from rlhf_dist.trainers.collect import output_path
 from rlhf_dist.workers.rm_learner import RMLearner
 
 
-def preferences_path(cfg, stage: str) -> Path:
+def preferences_path(cfg: RunConfig, stage: str) -> Path:
     """`<stage>.data.path`, else the file `rlhf-dist collect` writes (collect.output)."""
     path = Path(getattr(cfg, stage).data.path or output_path(cfg))
     if not path.exists():
@@ -21,7 +21,7 @@ def preferences_path(cfg, stage: str) -> Path:
     return path
 
 
-def run(cfg) -> dict:
+def run(cfg: RunConfig) -> dict:
     """Trains a reward model from rm.init (else model.policy) on rm.data; saves it to rm.output."""
     t0, stage = time.perf_counter(), cfg.rm
     data = offline.load_stage_data(cfg, "rm", "preferences", preferences_path(cfg, "rm"))

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rlhf_dist.config import ConfigError
+from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.data.datasets import write_parquet
 from rlhf_dist.data.synthetic import POSITIVE_WORDS, corpus
 from rlhf_dist.metrics import MetricsLog
 from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.trainers import offline
 from rlhf_dist.workers.sft_learner import SFTLearner
+from rlhf_dist.models.tiny import ensure_tiny_model
 
 
 def synthetic_demonstrations(n: int, seed: int) -> dict[str, list[str]]:
@@ -28,7 +29,7 @@ def synthetic_demonstrations(n: int, seed: int) -> dict[str, list[str]]:
     return rows
 
 
-def demonstrations_path(cfg) -> Path:
+def demonstrations_path(cfg: RunConfig) -> Path:
     """sft.data.path, or the synthetic demonstrations written (atomically) into the run dir."""
     if cfg.sft.data.path:
         return Path(cfg.sft.data.path)
@@ -42,10 +43,10 @@ def demonstrations_path(cfg) -> Path:
     return path
 
 
-def run(cfg) -> dict:
+def run(cfg: RunConfig) -> dict:
     """SFT of model.policy on sft.data; saves the model (Hugging Face format) to sft.output."""
     t0, stage = time.perf_counter(), cfg.sft
-    offline.ensure_base_model(cfg)
+    ensure_tiny_model(cfg)
     data = offline.load_stage_data(cfg, "sft", "demonstrations", demonstrations_path(cfg))
     out = offline.stage_output(cfg, "sft")
     log = MetricsLog(Path(cfg.output_dir) / "sft.metrics.jsonl")

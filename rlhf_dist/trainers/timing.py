@@ -4,9 +4,9 @@ Every actor reports the seconds it spent inside each role method (``RoleGroup.co
 become one metrics row:
 - ``compute/<role>``: the role's compute time, max over its actors within each phase, summed over phases (and
   ``compute/<role>/<method>`` for each method);
-- ``critical/<phase>``: the compute on the phase's critical path: its longest chain of calls (``CHAINS``: within a
-  phase the roles run side by side, the calls of one chain one after the other, such as the policy's training and
-  then its weight push when the push is queued behind it);
+- ``critical/<phase>``: the compute on the phase's critical path: its longest chain of calls (``chains``, as the
+  driver recorded them: within a phase the roles run side by side, the calls of one chain one after the other, such
+  as the policy's training and then its weight push when the push is queued behind it);
 - ``compute/critical_path``: the sum over phases, plus the driver's own math (advantages);
 - ``overhead_frac = 1 - compute/critical_path / time/wall``: the share of the iteration spent outside model compute
   (scheduling, serialisation, object transfer, waiting on a busy CPU, the driver's bookkeeping);
@@ -15,30 +15,13 @@ Pure functions on plain dicts: no Ray here.
 """
 from __future__ import annotations
 
-# How each phase of the PPO iteration (rlhf_dist.trainers.ppo) runs: chains of "role.method" calls that run side by
-# side; the calls within a chain run one after the other. A phase's critical path is its longest chain.
+# Per phase, chains of "role.method" calls that run side by side; the calls within a chain run one after the other.
+# A phase's critical path is its longest chain. The driver records them as it runs (orchestration/phases.py).
 Chains = dict[str, tuple[tuple[str, ...], ...]]
-CHAINS: Chains = {
-    "generate": (("rollout.generate",),),
-    "score": (("reward.score",), ("reference.logprobs",), ("policy.logprobs",), ("critic.values",)),
-    "train": (("policy.train",), ("critic.train",)),
-    # learner rank 0 drives the rollout engines' update from inside its push: the rollout's calls nest in it
-    "weight_sync": (("policy.push_weights",),
-                    ("rollout.start_weight_update", "rollout.update_weights", "rollout.finish_weight_update")),
-}
-# The driver can queue the object-store push right behind the policy's training (ppo.iteration(sync=...)): the push
-# is then part of the train phase, chained after the policy's train call, side by side with the critic's.
-SYNC_IN_TRAIN: Chains = {
-    **CHAINS,
-    "train": (("policy.train", "policy.push_weights"), ("critic.train",),
-              ("rollout.start_weight_update", "rollout.update_weights", "rollout.finish_weight_update")),
-    "weight_sync": (),
-}
-PHASES = ("generate", "score", "advantages", "train", "weight_sync")
-DRIVER_PHASES = ("advantages",)  # computed on the driver: their wall time is compute
+NOT_PHASES = ("time/iteration", "time/wall")  # time/ columns that are sums, not phases
 
 
-def phase_of(role: str, method: str, chains: Chains = CHAINS) -> str:
+def phase_of(role: str, method: str, chains: Chains) -> str:
     """A method the driver does not know about (an evaluation pass, say) is a phase of its own."""
     name = f"{role}.{method}"
     for phase, phase_chains in chains.items():
@@ -58,7 +41,7 @@ def method_seconds(stats_by_role: dict[str, list[dict]]) -> dict[str, float]:
     return out
 
 
-def role_phase_seconds(stats_by_role: dict[str, list[dict]], chains: Chains = CHAINS) -> dict[str, dict[str, float]]:
+def role_phase_seconds(stats_by_role: dict[str, list[dict]], chains: Chains) -> dict[str, dict[str, float]]:
     """``{role: {phase: seconds}}``: each actor's method seconds summed per phase, then the max over the actors."""
     out: dict[str, dict[str, float]] = {}
     for role, actors in stats_by_role.items():
@@ -74,8 +57,8 @@ def role_phase_seconds(stats_by_role: dict[str, list[dict]], chains: Chains = CH
     return out
 
 
-def critical_seconds(stats_by_role: dict[str, list[dict]], driver: dict[str, float] | None = None,
-                     chains: Chains = CHAINS) -> dict[str, float]:
+def critical_seconds(stats_by_role: dict[str, list[dict]], chains: Chains,
+                     driver: dict[str, float] | None = None) -> dict[str, float]:
     """``{phase: compute seconds on its critical path}``: the longest chain (each call the max over the role's
     actors), for every phase with a call this iteration; ``driver`` adds the driver's own phases as they are."""
     seconds = method_seconds(stats_by_role)
@@ -96,15 +79,15 @@ def overhead_fraction(critical_path_s: float, wall_s: float) -> float:
     return 1.0 - critical_path_s / wall_s if wall_s > 0 else float("nan")
 
 
-def iteration_metrics(stats_by_role: dict[str, list[dict]], wall_s: float, driver: dict[str, float] | None = None,
-                      chains: Chains = CHAINS) -> dict[str, float]:
+def iteration_metrics(stats_by_role: dict[str, list[dict]], wall_s: float, chains: Chains,
+                      driver: dict[str, float] | None = None) -> dict[str, float]:
     """The metrics row's timing and memory columns for one iteration (see the module docstring)."""
     row: dict[str, float] = {}
     for name, s in sorted(method_seconds(stats_by_role).items()):
         row["compute/" + name.replace(".", "/", 1)] = s
     role_phase = role_phase_seconds(stats_by_role, chains)
     row.update({f"compute/{role}": sum(phases.values()) for role, phases in role_phase.items()})
-    critical = critical_seconds(stats_by_role, driver, chains)
+    critical = critical_seconds(stats_by_role, chains, driver)
     row.update({f"critical/{phase}": s for phase, s in critical.items()})
     row["compute/critical_path"] = sum(critical.values())
     row["time/wall"] = wall_s
@@ -130,12 +113,9 @@ def phase_overhead(row: dict[str, float]) -> dict[str, float]:
     """Seconds outside compute in each driver phase (its wall time minus its critical-path compute), and
     ``between`` for the driver's time outside every phase (sampling prompts, batch statistics, the stale-weight
     check). Sums to ``time/wall - compute/critical_path``."""
-    out = {}
-    for phase in PHASES:
-        if f"time/{phase}" in row:
-            out[phase] = row[f"time/{phase}"] - row.get(f"critical/{phase}", 0.0)
+    phases = [k.removeprefix("time/") for k in row if k.startswith("time/") and k not in NOT_PHASES]
+    out = {p: row[f"time/{p}"] - row.get(f"critical/{p}", 0.0) for p in phases}
     extra = [k.removeprefix("critical/") for k in row if k.startswith("critical/")
-             and k.removeprefix("critical/") not in PHASES]
-    outside = sum(row.get(f"time/{p}", 0.0) for p in PHASES)
-    out["between"] = row["time/wall"] - outside - sum(row[f"critical/{p}"] for p in extra)
+             and k.removeprefix("critical/") not in phases]
+    out["between"] = row["time/wall"] - sum(row[f"time/{p}"] for p in phases) - sum(row[f"critical/{p}"] for p in extra)
     return out

@@ -24,16 +24,14 @@ class CriticWorker(Learner):
     def learning_rate(self) -> float:
         return self.cfg.train.critic_lr
 
-    def _values(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        return response_values(self.engine, x["input_ids"], x["attention_mask"], x["position_ids"], x["response_index"])
-
     @torch.no_grad()
     def values(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         self.engine.eval()
         parts = []
         for chunk in self.inference_chunks(batch):
-            x = self.tensors(chunk, ())
-            parts.append(from_padded((self._values(x) * x["mask"]).float().cpu(), x["mask"].sum(1).cpu()))
+            seqs, _ = self.tensors(chunk, ())
+            values = response_values(self.engine, seqs) * seqs.response_mask
+            parts.append(from_padded(values.float().cpu(), seqs.response_lens.cpu()))
         return make_batch({S.VALUES: pa.concat_arrays(parts) if parts else pa.array([], S.PER_TOKEN)})
 
     def train(self, batch: pa.RecordBatch) -> dict[str, float]:
@@ -41,8 +39,9 @@ class CriticWorker(Learner):
         clip = self.cfg.algo.value_clip
 
         def loss_fn(micro: pa.RecordBatch):
-            x = self.tensors(micro, (S.VALUES, S.RETURNS))
-            loss, stats = value_loss(self._values(x), x[S.VALUES], x[S.RETURNS], x["mask"], clip_eps=clip)
+            seqs, x = self.tensors(micro, (S.VALUES, S.RETURNS))
+            values = response_values(self.engine, seqs)
+            loss, stats = value_loss(values, x[S.VALUES], x[S.RETURNS], seqs.response_mask, clip_eps=clip)
             out = {f"critic/{k}": v for k, v in stats.items()}
             out["critic/value_loss"] = loss.detach()
             return loss, out

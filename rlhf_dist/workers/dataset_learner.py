@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from rlhf_dist.data import schema as S
-from rlhf_dist.data.batch import split_even
+from rlhf_dist.data.batch import Sequences, split_even
 from rlhf_dist.models.logprobs import response_logprobs
 from rlhf_dist.workers.learner import Learner
 
@@ -32,11 +32,9 @@ def stack_pairs(batch: pa.RecordBatch) -> pa.RecordBatch:
         schema=pa.schema([pa.field(S.PROMPT_IDS, S.TOKENS), pa.field(S.RESPONSE_IDS, S.TOKENS)]))
 
 
-def summed_logprobs(model, x: dict[str, torch.Tensor]) -> torch.Tensor:
+def summed_logprobs(model: torch.nn.Module, seqs: Sequences) -> torch.Tensor:
     """log pi(response | prompt) of every row: per-token log-probs at temperature 1 summed over the response, [B]."""
-    logprobs = response_logprobs(model, x["input_ids"], x["attention_mask"], x["position_ids"],
-                                 x["response_index"], x["response_ids"])
-    return (logprobs * x["mask"]).sum(dim=1)
+    return (response_logprobs(model, seqs) * seqs.response_mask).sum(dim=1)
 
 
 class DatasetLearner(Learner):

@@ -31,8 +31,8 @@ class DPOLearner(DatasetLearner):
 
     def _terms(self, batch: pa.RecordBatch):
         """(loss, implicit reward of chosen [B], of rejected [B]) of the pairs in `batch`."""
-        x = self.tensors(stack_pairs(batch), ())
-        logps = summed_logprobs(self.engine, x)
+        seqs, _ = self.tensors(stack_pairs(batch), ())
+        logps = summed_logprobs(self.engine, seqs)
         dev = logps.device
         ref_c, ref_r = (torch.tensor(batch.column(c).to_numpy(zero_copy_only=False), dtype=torch.float32,
                                      device=dev) for c in (REF_CHOSEN, REF_REJECTED))

@@ -62,7 +62,7 @@ def bradley_terry_prob(u_a: np.ndarray, u_b: np.ndarray, temperature: float) -> 
 
 
 class LabellerWorker:
-    def __init__(self, cfg, rank: int = 0):
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1):
         setup_process(derive_seed(cfg.seed, 7, rank), cfg.collect.labellers.num_cpus)
         self.cfg, self.rank = cfg, rank
         c = cfg.collect

@@ -10,7 +10,7 @@ import torch
 
 from rlhf_dist.comm.process_group import find_free_port, init_process_group, node_ip
 from rlhf_dist.data import schema as S
-from rlhf_dist.data.batch import split_even, to_padded, to_sequences
+from rlhf_dist.data.batch import Sequences, split_even, to_padded, to_sequences
 from rlhf_dist.engines.training import TrainOptions, make_train_engine
 from rlhf_dist.engines.weight_sync.client import RolloutClient
 from rlhf_dist.engines.weight_sync.senders import make_sender
@@ -93,20 +93,12 @@ class Learner:
             steps += 1
         return {k: v / max(1, steps) for k, v in totals.items()}
 
-    def tensors(self, batch: pa.RecordBatch, columns: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def tensors(self, batch: pa.RecordBatch, columns: tuple[str, ...]) -> tuple[Sequences, dict[str, torch.Tensor]]:
+        """The joined sequences of ``batch`` and its per-token float ``columns`` ``[B, T]`` (0 on padding), all on
+        this worker's device."""
         dev = device()
-        seqs = to_sequences(batch, self.tokenizer.pad_token_id)
-        out = {
-            "input_ids": seqs.input_ids.to(dev),
-            "attention_mask": seqs.attention_mask.to(dev),
-            "position_ids": seqs.position_ids.to(dev),
-            "response_index": seqs.response_index().to(dev),
-            "mask": seqs.response_mask.to(dev),
-        }
-        out["response_ids"] = to_padded(batch, S.RESPONSE_IDS, pad_value=self.tokenizer.pad_token_id)[0].to(dev)
-        for c in columns:
-            out[c] = to_padded(batch, c, pad_value=0.0, dtype=torch.float32)[0].to(dev)
-        return out
+        seqs = to_sequences(batch, self.tokenizer.pad_token_id).to(dev)
+        return seqs, {c: to_padded(batch, c, pad_value=0.0, dtype=torch.float32)[0].to(dev) for c in columns}
 
     def step(self, micro_batches: list[pa.RecordBatch], loss_fn) -> dict[str, float]:
         """Accumulate over micro-batches, then one optimizer step; returns token-weighted mean stats."""

@@ -8,9 +8,9 @@ from rlhf_dist.algo import kl_estimate, masked_mean, ppo_policy_loss, truncated_
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import make_batch
 from rlhf_dist.models.load import load_causal_lm
-from rlhf_dist.models.logprobs import response_logprobs
+from rlhf_dist.models.logprobs import chunk_logprobs, response_logprobs
+from rlhf_dist.workers.common import device
 from rlhf_dist.workers.learner import Learner
-from rlhf_dist.workers.reference import chunk_logprobs
 
 
 class PolicyWorker(Learner):
@@ -30,7 +30,8 @@ class PolicyWorker(Learner):
         """``old_logprobs``: the learner's view of the sampled tokens before this iteration's update."""
         self.engine.eval()
         lp = chunk_logprobs(
-            self.engine, self.inference_chunks(batch), self.tokenizer.pad_token_id, self.cfg.generation.temperature
+            self.engine, self.inference_chunks(batch), self.tokenizer.pad_token_id, self.cfg.generation.temperature,
+            device(),
         )
         return make_batch({S.OLD_LOGPROBS: lp})
 
@@ -40,21 +41,20 @@ class PolicyWorker(Learner):
         columns = (S.ADVANTAGES, S.OLD_LOGPROBS, S.REF_LOGPROBS, S.ROLLOUT_LOGPROBS)
 
         def loss_fn(micro: pa.RecordBatch):
-            x = self.tensors(micro, columns)
-            logprobs, entropy = response_logprobs(
-                self.engine, x["input_ids"], x["attention_mask"], x["position_ids"], x["response_index"],
-                x["response_ids"], temperature=g.temperature, return_entropy=True,
-            )
+            seqs, x = self.tensors(micro, columns)
+            mask = seqs.response_mask
+            logprobs, entropy = response_logprobs(self.engine, seqs, temperature=g.temperature, return_entropy=True)
             advantages = x[S.ADVANTAGES]
             if a.tis_cap is not None:  # correct for the gap between the rollout engine and the learner
-                advantages = advantages * truncated_is_weights(x[S.OLD_LOGPROBS], x[S.ROLLOUT_LOGPROBS], x["mask"], a.tis_cap)
+                tis = truncated_is_weights(x[S.OLD_LOGPROBS], x[S.ROLLOUT_LOGPROBS], mask, a.tis_cap)
+                advantages = advantages * tis
             loss, stats = ppo_policy_loss(
-                logprobs, x[S.OLD_LOGPROBS], advantages, x["mask"], clip_eps=a.clip_eps, dual_clip=a.dual_clip
+                logprobs, x[S.OLD_LOGPROBS], advantages, mask, clip_eps=a.clip_eps, dual_clip=a.dual_clip
             )
-            ent = masked_mean(entropy, x["mask"])
+            ent = masked_mean(entropy, mask)
             if a.entropy_coef:
                 loss = loss - a.entropy_coef * ent
-            kl = masked_mean(kl_estimate(logprobs, x[S.REF_LOGPROBS], x["mask"], a.kl_estimator), x["mask"])
+            kl = masked_mean(kl_estimate(logprobs, x[S.REF_LOGPROBS], mask, a.kl_estimator), mask)
             if a.kl_mode == "loss":  # GRPO-style leash in the loss instead of the reward
                 loss = loss + a.kl_coef * kl
             stats = {f"policy/{k}": v for k, v in stats.items()}

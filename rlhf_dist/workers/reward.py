@@ -17,7 +17,7 @@ from rlhf_dist.workers.common import derive_seed, device, setup_process
 
 
 class RewardWorker:
-    def __init__(self, cfg, rank: int = 0):
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1):
         setup_process(derive_seed(cfg.seed, 2, rank), cfg.roles.reward.num_cpus)
         self.cfg = cfg
         self.function = resolve_function("reward.function", cfg.reward.function) if cfg.reward.function else None
@@ -55,9 +55,6 @@ class RewardWorker:
 
     @torch.no_grad()
     def model_scores(self, batch: pa.RecordBatch) -> np.ndarray:
-        seqs = to_sequences(batch, self.pad_token_id)
-        dev = device()
-        scores = sequence_scores(
-            self.model, seqs.input_ids.to(dev), seqs.attention_mask.to(dev), seqs.last_token_index().to(dev)
-        )
+        seqs = to_sequences(batch, self.pad_token_id).to(device())
+        scores = sequence_scores(self.model, seqs.input_ids, seqs.attention_mask, seqs.last_token_index())
         return scores.float().cpu().numpy()

@@ -21,9 +21,9 @@ class RMLearner(DatasetLearner):
 
     def _scores(self, batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Reward of the chosen and of the rejected answer of every pair, [B] each, from one forward pass."""
-        x = self.tensors(stack_pairs(batch), ())
-        last = x["attention_mask"].sum(dim=1) - 1      # right padded: the last real token of each row
-        scores = sequence_scores(self.engine, x["input_ids"], x["attention_mask"], last, x["position_ids"])
+        seqs, _ = self.tensors(stack_pairs(batch), ())
+        scores = sequence_scores(self.engine, seqs.input_ids, seqs.attention_mask, seqs.last_token_index(),
+                                 seqs.position_ids)
         return scores[: len(batch)], scores[len(batch):]
 
     def loss(self, micro: pa.RecordBatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from rlhf_dist.config import RunConfig
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import add_column
 from rlhf_dist.engines.generation.base import GenerationEngine, SamplingConfig
@@ -15,7 +16,7 @@ from rlhf_dist.models.load import load_causal_lm, load_tokenizer
 from rlhf_dist.workers.common import derive_seed, device, setup_process
 
 
-def make_generation_engine(cfg, tokenizer) -> GenerationEngine:
+def make_generation_engine(cfg: RunConfig, tokenizer) -> GenerationEngine:
     gen = cfg.generation
     if gen.engine == "vllm":
         return VLLMEngine(
@@ -37,7 +38,7 @@ def make_generation_engine(cfg, tokenizer) -> GenerationEngine:
 
 
 class RolloutWorker:
-    def __init__(self, cfg, rank: int = 0):
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1):
         setup_process(derive_seed(cfg.seed, 1, rank), cfg.roles.rollout.num_cpus)
         self.cfg, self.rank = cfg, rank
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)

@@ -22,10 +22,9 @@ class SFTLearner(DatasetLearner):
 
     def _nll(self, batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Negative log-likelihood of every response token [B, T] and the response mask [B, T] (float)."""
-        x = self.tensors(batch, ())
-        logprobs = response_logprobs(self.engine, x["input_ids"], x["attention_mask"], x["position_ids"],
-                                     x["response_index"], x["response_ids"])
-        mask = x["mask"].float()
+        seqs, _ = self.tensors(batch, ())
+        logprobs = response_logprobs(self.engine, seqs)
+        mask = seqs.response_mask.float()
         return -logprobs * mask, mask
 
     def weight(self, micro: pa.RecordBatch) -> float:
