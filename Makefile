@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-vllm run test test-fast test-slow test-vllm bench clean
+.PHONY: setup setup-vllm run lint test test-fast test-slow test-vllm bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -15,6 +15,10 @@ setup-vllm:
 run: setup
 	.venv/bin/rlhf-dist train configs/tiny_cpu.yaml
 
+lint: setup
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not vllm"
 
@@ -24,7 +28,7 @@ test-slow: setup
 test-vllm: setup-vllm
 	.venv-vllm/bin/python -m pytest -q -m vllm
 
-test: setup setup-vllm
+test: setup setup-vllm lint
 	$(PY) -m pytest -q -m "not vllm"
 	.venv-vllm/bin/python -m pytest -q -m vllm
 

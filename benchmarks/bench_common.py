@@ -1,4 +1,5 @@
 """What the benchmark scripts share: the machine's description, plain-text tables, and the JSON they write."""
+
 from __future__ import annotations
 
 import json
@@ -50,6 +51,7 @@ def load_line(info: dict) -> str:
 
 def table(headers: list[str], rows: list[list], floatfmt: str = ".3g") -> str:
     """A Markdown table (readable as plain text too)."""
+
     def cell(v) -> str:
         if isinstance(v, float):
             return format(v, floatfmt)
@@ -57,7 +59,10 @@ def table(headers: list[str], rows: list[list], floatfmt: str = ".3g") -> str:
 
     cells = [[cell(v) for v in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda vals: "| " + " | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths))) + " |"
+
+    def line(vals: list[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths))) + " |"
+
     out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in cells]
     return "\n".join(out)

@@ -14,6 +14,7 @@ Every check runs in a process of its own, so a crash, a CUDA error or a hang cos
 <out>/gpu_check.json and .md (the dry run: gpu_check_dry_run.*), each check's output and traceback in
 <out>/<name>_logs/<check>.log, and copies them to $OUT when it is set. Exit code 1 when a check failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, RESULTS, machine  # noqa: E402
+from bench_common import RESULTS, ROOT, machine  # noqa: E402
 
 GIB = 2**30
 # id -> (letter for --only, title, timeout s on the GPU, timeout s in the dry run). On the GPU the timeouts add up
@@ -47,9 +48,16 @@ CHECKS = {
 # the 136M-parameter embedding / LM head and its [tokens, 151936] logits are a large share of a real 0.5B model's
 # memory and log-prob compute. Sampled ids above 340 decode to nothing, so answers run to max_new_tokens: a fixed
 # length, which suits timing.
-QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                max_position_embeddings=32768)
+QWEN_05B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+)
 
 
 @dataclass
@@ -69,12 +77,32 @@ class Sizes:
     ppo: tuple[str, ...]  # (d) config overrides on top of the shared ones
 
 
-GPU_SIZES = Sizes(batch=8, seq=256, steps=4, rows=4096, cols=4096, ipc_layers=32, ipc_bucket=256 << 20,  # 1 GiB
-                  ipc_rounds=3, bc_layers=8, bc_bucket=64 << 20,  # 256 MiB
-                  ppo=("roles.policy.num_gpus=1", "generation.max_new_tokens=64", "train.iterations=3"))
-DRY_SIZES = Sizes(batch=2, seq=32, steps=2, rows=128, cols=256, ipc_layers=16, ipc_bucket=256 << 10, ipc_rounds=2,
-                  bc_layers=8, bc_bucket=128 << 10,
-                  ppo=("roles.policy.num_gpus=0", "generation.max_new_tokens=16", "train.iterations=2"))
+GPU_SIZES = Sizes(
+    batch=8,
+    seq=256,
+    steps=4,
+    rows=4096,
+    cols=4096,
+    ipc_layers=32,
+    ipc_bucket=256 << 20,  # 1 GiB
+    ipc_rounds=3,
+    bc_layers=8,
+    bc_bucket=64 << 20,  # 256 MiB
+    ppo=("roles.policy.num_gpus=1", "generation.max_new_tokens=64", "train.iterations=3"),
+)
+DRY_SIZES = Sizes(
+    batch=2,
+    seq=32,
+    steps=2,
+    rows=128,
+    cols=256,
+    ipc_layers=16,
+    ipc_bucket=256 << 10,
+    ipc_rounds=2,
+    bc_layers=8,
+    bc_bucket=128 << 10,
+    ppo=("roles.policy.num_gpus=0", "generation.max_new_tokens=16", "train.iterations=2"),
+)
 
 
 class Context:
@@ -160,8 +188,9 @@ def check_train_step(ctx: Context, zero_stage: int) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
     # lr 1e-3: one Adam step moves a weight by about lr, which must exceed bf16's resolution to show up at all
-    engine = make_train_engine("deepspeed", model, TrainOptions(lr=1e-3, zero_stage=zero_stage, dtype="bfloat16",
-                                                                micro_batch_size=s.batch))
+    engine = make_train_engine(
+        "deepspeed", model, TrainOptions(lr=1e-3, zero_stage=zero_stage, dtype="bfloat16", micro_batch_size=s.batch)
+    )
     init_s = time.perf_counter() - t0  # includes any first-use build of DeepSpeed's GPU optimizer (FusedAdam: nvcc)
     before = dict(engine.named_full_parameters(device=device))
     # one batch of ids the tokenizer knows, repeated: the loss should fall from step to step (reported, not required)
@@ -185,9 +214,18 @@ def check_train_step(ctx: Context, zero_stage: int) -> dict:
     if changed == 0:
         raise RuntimeError(f"ZeRO-{zero_stage}: no weight changed after {s.steps} steps")
     step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
-    return {"zero_stage": zero_stage, "params": n_params, "batch": [s.batch, s.seq], "losses": losses,
-            "changed_frac": changed / total, "init_s": init_s, "first_step_s": times[0], "step_s": step_s,
-            "tokens_per_s": s.batch * s.seq / step_s, "peak_mb": _peak_mb(device)}
+    return {
+        "zero_stage": zero_stage,
+        "params": n_params,
+        "batch": [s.batch, s.seq],
+        "losses": losses,
+        "changed_frac": changed / total,
+        "init_s": init_s,
+        "first_step_s": times[0],
+        "step_s": step_s,
+        "tokens_per_s": s.batch * s.seq / step_s,
+        "peak_mb": _peak_mb(device),
+    }
 
 
 # ---- shared by b and c: named weights both sides can make from one seed ---------------------------------------------
@@ -205,8 +243,9 @@ def make_weights(shapes: dict, device, seed: int = 0) -> list:
     import torch
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    return [(name, torch.randn(shape, generator=gen, device=device).to(dtype))
-            for name, (shape, dtype) in shapes.items()]
+    return [
+        (name, torch.randn(shape, generator=gen, device=device).to(dtype)) for name, (shape, dtype) in shapes.items()
+    ]
 
 
 def _nbytes(shapes: dict) -> int:
@@ -268,9 +307,11 @@ def _get(queue, procs: list, timeout: float):
         except q.Empty:
             dead = [p for p in procs if p.exitcode not in (None, 0)]
             if dead:
-                raise RuntimeError(f"{dead[0].name} died with exit code {dead[0].exitcode} (its traceback is above)")
+                raise RuntimeError(
+                    f"{dead[0].name} died with exit code {dead[0].exitcode} (its traceback is above)"
+                ) from None
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no answer from {[p.name for p in procs]} in {timeout} s")
+                raise TimeoutError(f"no answer from {[p.name for p in procs]} in {timeout} s") from None
 
 
 def check_ipc(ctx: Context) -> dict:
@@ -281,8 +322,9 @@ def check_ipc(ctx: Context) -> dict:
     named = make_weights(shapes, device)
     spawn = mp.get_context("spawn")
     inbox, outbox = spawn.Queue(), spawn.Queue()
-    receiver = spawn.Process(target=_ipc_receiver, args=(str(device), shapes, inbox, outbox), name="receiver",
-                             daemon=True)
+    receiver = spawn.Process(
+        target=_ipc_receiver, args=(str(device), shapes, inbox, outbox), name="receiver", daemon=True
+    )
     receiver.start()
     try:
         if _get(outbox, [receiver], 60) != "ready":
@@ -309,9 +351,16 @@ def check_ipc(ctx: Context) -> dict:
     nbytes = _nbytes(shapes)
     copy_s = statistics.median(r["copy_s"] for r in rounds)
     handover_s = statistics.median(r["handover_s"] for r in rounds)
-    return {"bytes": nbytes, "buckets": rounds[0]["buckets"], "rounds": rounds, "equal": True,
-            "copy_s": copy_s, "handover_s": handover_s, "receive_gb_s": nbytes / copy_s / 1e9,
-            "end_to_end_gb_s": nbytes / handover_s / 1e9}
+    return {
+        "bytes": nbytes,
+        "buckets": rounds[0]["buckets"],
+        "rounds": rounds,
+        "equal": True,
+        "copy_s": copy_s,
+        "handover_s": handover_s,
+        "receive_gb_s": nbytes / copy_s / 1e9,
+        "end_to_end_gb_s": nbytes / handover_s / 1e9,
+    }
 
 
 # ---- c. NCCL broadcast between two processes on one GPU -------------------------------------------------------------
@@ -333,15 +382,26 @@ def _broadcast_rank(rank: int, port: int, device_name: str, shapes: dict, bucket
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                timeout=timedelta(seconds=60), device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=2,
+            timeout=timedelta(seconds=60),
+            device_id=device if device.type == "cuda" else None,
+        )
         buckets = list(pack_buckets(make_weights(shapes, device), bucket_bytes)) if rank == 0 else []
         layout = [[(e.name, e.shape, e.offset, e.numel) for e in b.entries] for b in buckets]
         box = [layout]
         dist.broadcast_object_list(box, src=0)  # also sets the communicator up, so it is not timed below
         if rank == 1:
-            buckets = [Bucket(torch.empty(sum(e[3] for e in entries), dtype=torch.bfloat16, device=device),
-                              [BucketEntry(*e) for e in entries]) for entries in box[0]]
+            buckets = [
+                Bucket(
+                    torch.empty(sum(e[3] for e in entries), dtype=torch.bfloat16, device=device),
+                    [BucketEntry(*e) for e in entries],
+                )
+                for entries in box[0]
+            ]
         _sync(device)
         t0 = time.perf_counter()
         for b in buckets:
@@ -370,8 +430,15 @@ def check_broadcast(ctx: Context) -> dict:
     spawn = mp.get_context("spawn")
     outbox = spawn.Queue()
     port = find_free_port()
-    ranks = [spawn.Process(target=_broadcast_rank, args=(r, port, str(device), shapes, s.bc_bucket, outbox),
-                           name=f"rank {r}", daemon=True) for r in range(2)]
+    ranks = [
+        spawn.Process(
+            target=_broadcast_rank,
+            args=(r, port, str(device), shapes, s.bc_bucket, outbox),
+            name=f"rank {r}",
+            daemon=True,
+        )
+        for r in range(2)
+    ]
     for p in ranks:
         p.start()
     try:
@@ -390,9 +457,15 @@ def check_broadcast(ctx: Context) -> dict:
     if not results[1]["equal"]:
         raise RuntimeError("the receiver's buckets differ from the learner's weights")
     nbytes, seconds = _nbytes(shapes), results[1]["seconds"]  # the receiver's clock: data has arrived
-    return {"backend": results[1]["backend"], "bytes": nbytes, "buckets": results[1]["buckets"], "equal": True,
-            "seconds": seconds, "gb_s": nbytes / seconds / 1e9,
-            "note": "NCCL over sockets on loopback (two ranks on one GPU): correctness, not representative speed"}
+    return {
+        "backend": results[1]["backend"],
+        "bytes": nbytes,
+        "buckets": results[1]["buckets"],
+        "equal": True,
+        "seconds": seconds,
+        "gb_s": nbytes / seconds / 1e9,
+        "note": "NCCL over sockets on loopback (two ranks on one GPU): correctness, not representative speed",
+    }
 
 
 # ---- d. PPO with every role on the one GPU --------------------------------------------------------------------------
@@ -403,13 +476,21 @@ def check_ppo(ctx: Context) -> dict:
     model = ctx.model_dir()
     out = ctx.work / "ppo"
     overrides = [
-        f"model.policy={model}", "model.dtype=bfloat16", "model.build_tiny_if_missing=false", f"output_dir={out}",
+        f"model.policy={model}",
+        "model.dtype=bfloat16",
+        "model.build_tiny_if_missing=false",
+        f"output_dir={out}",
         *(f"roles.{r}.colocate_with=policy" for r in ("rollout", "reward", "reference", "critic")),
         "generation.engine=hf",  # vLLM does not travel to the device
-        "train.engine=deepspeed", "train.zero_stage=2", "train.prompts_per_iteration=16",
-        "train.policy_lr=1e-5", "train.critic_lr=1e-5",
+        "train.engine=deepspeed",
+        "train.zero_stage=2",
+        "train.prompts_per_iteration=16",
+        "train.policy_lr=1e-5",
+        "train.critic_lr=1e-5",
         "sync.max_logprob_mismatch=1e9",  # bf16 engines disagree: report the gap instead of failing on it
-        "logging.progress_bar=false", "logging.plot=false", "checkpoint.save_final=false",
+        "logging.progress_bar=false",
+        "logging.plot=false",
+        "checkpoint.save_final=false",
         *ctx.sizes.ppo,
     ]
     summary = ppo.run(load_config(ROOT / "configs/tiny_cpu.yaml", overrides))
@@ -425,32 +506,48 @@ def check_ppo(ctx: Context) -> dict:
     suffix = "_gpu_peak_mb" if gpu else "_peak_mb"
     by_role = {k.removeprefix("memory/").removesuffix(suffix): v for k, v in memory.items() if k.endswith(suffix)}
     mismatch = [r["logprob_mismatch"] for r in rows]
-    return {"iterations": len(rows), "startup_s": summary["startup_s"], "model": str(model), "overrides": overrides,
-            "seconds_per_iteration": statistics.mean(r["time/iteration"] for r in warm),
-            "phase_s": {k: statistics.mean(v[len(v) - len(warm):]) for k, v in phases.items()},
-            "phase_s_per_iteration": phases, "memory_mb": by_role, "memory_kind": "gpu_peak" if gpu else "rss_peak",
-            "memory_all_mb": memory,
-            "logprob_mismatch": mismatch, "logprob_mismatch_max": max(mismatch),
-            "response_len": statistics.mean(r["response_len"] for r in rows)}
+    return {
+        "iterations": len(rows),
+        "startup_s": summary["startup_s"],
+        "model": str(model),
+        "overrides": overrides,
+        "seconds_per_iteration": statistics.mean(r["time/iteration"] for r in warm),
+        "phase_s": {k: statistics.mean(v[len(v) - len(warm) :]) for k, v in phases.items()},
+        "phase_s_per_iteration": phases,
+        "memory_mb": by_role,
+        "memory_kind": "gpu_peak" if gpu else "rss_peak",
+        "memory_all_mb": memory,
+        "logprob_mismatch": mismatch,
+        "logprob_mismatch_max": max(mismatch),
+        "response_len": statistics.mean(r["response_len"] for r in rows),
+    }
 
 
 # ---- one line per check for the table -------------------------------------------------------------------------------
 def key_numbers(cid: str, n: dict) -> str:
     if cid.startswith("a_"):
-        return (f"loss {n['losses'][0]:.3f} -> {n['losses'][-1]:.3f}; {n['changed_frac']:.0%} of weights changed; "
-                f"step {n['step_s']:.3f} s ({n['tokens_per_s']:.0f} tok/s), first {n['first_step_s']:.2f} s; "
-                f"engine init {n['init_s']:.1f} s; peak {n['peak_mb']:.0f} MB")
+        return (
+            f"loss {n['losses'][0]:.3f} -> {n['losses'][-1]:.3f}; {n['changed_frac']:.0%} of weights changed; "
+            f"step {n['step_s']:.3f} s ({n['tokens_per_s']:.0f} tok/s), first {n['first_step_s']:.2f} s; "
+            f"engine init {n['init_s']:.1f} s; peak {n['peak_mb']:.0f} MB"
+        )
     if cid == "b_cuda_ipc":
-        return (f"{_size(n['bytes'])} bf16 in {n['buckets']} buckets, bitwise equal; receive "
-                f"{n['receive_gb_s']:.3g} GB/s, end-to-end {n['end_to_end_gb_s']:.3g} GB/s")
+        return (
+            f"{_size(n['bytes'])} bf16 in {n['buckets']} buckets, bitwise equal; receive "
+            f"{n['receive_gb_s']:.3g} GB/s, end-to-end {n['end_to_end_gb_s']:.3g} GB/s"
+        )
     if cid == "c_nccl":
-        return (f"{n['backend']}: {_size(n['bytes'])} in {n['buckets']} buckets, bitwise equal; "
-                f"{n['gb_s']:.3g} GB/s (sockets, not representative)")
+        return (
+            f"{n['backend']}: {_size(n['bytes'])} in {n['buckets']} buckets, bitwise equal; "
+            f"{n['gb_s']:.3g} GB/s (sockets, not representative)"
+        )
     if cid == "d_ppo":
         phases = ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in n["phase_s"].items())
         memory = ", ".join(f"{r} {v:.0f}" for r, v in n["memory_mb"].items())
-        return (f"{n['iterations']} it, {n['seconds_per_iteration']:.2f} s/it ({phases}); "
-                f"{n['memory_kind']} MB: {memory}; log-prob gap max {n['logprob_mismatch_max']:.4f}")
+        return (
+            f"{n['iterations']} it, {n['seconds_per_iteration']:.2f} s/it ({phases}); "
+            f"{n['memory_kind']} MB: {memory}; log-prob gap max {n['logprob_mismatch_max']:.4f}"
+        )
     return ""
 
 
@@ -462,8 +559,13 @@ def _size(nbytes: int) -> str:
 def run_child(cid: str, ctx: Context, result_path: Path) -> int:
     """Inside the check's own process: run it, write its numbers (or its one-line error) as JSON."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # on timeout: unwind, so finally blocks stop Ray
-    fn = {"a_zero2": lambda c: check_train_step(c, 2), "a_zero3": lambda c: check_train_step(c, 3),
-          "b_cuda_ipc": check_ipc, "c_nccl": check_broadcast, "d_ppo": check_ppo}[cid]
+    fn = {
+        "a_zero2": lambda c: check_train_step(c, 2),
+        "a_zero3": lambda c: check_train_step(c, 3),
+        "b_cuda_ipc": check_ipc,
+        "c_nccl": check_broadcast,
+        "d_ppo": check_ppo,
+    }[cid]
     try:
         result = {"numbers": fn(ctx)}
     except BaseException as e:
@@ -595,9 +697,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{cid}] {title} ...", flush=True)
         c = checks[cid] = run_check(cid, args, out, log_dir)
         print(f"[{cid}] {c['status']} in {c['seconds']:.1f} s: {c['summary']}", flush=True)
-    payload = {"dry_run": args.dry_run, "ok": all(c["status"] != "FAIL" for c in checks.values()),
-               "wall_s": time.perf_counter() - t0, "machine": machine(), "versions": versions(),
-               "sizes": asdict(DRY_SIZES if args.dry_run else GPU_SIZES), "checks": checks}
+    payload = {
+        "dry_run": args.dry_run,
+        "ok": all(c["status"] != "FAIL" for c in checks.values()),
+        "wall_s": time.perf_counter() - t0,
+        "machine": machine(),
+        "versions": versions(),
+        "sizes": asdict(DRY_SIZES if args.dry_run else GPU_SIZES),
+        "checks": checks,
+    }
     write_results(payload, out, name, log_dir)
     return 0 if payload["ok"] else 1
 

@@ -10,6 +10,7 @@ CPU); the global batch stays the same, so more actors split the same work. On a 
 compute: the table measures what the extra actors cost (start-up, scatter/gather, collectives), not a speed-up.
 On a GPU node pass a GPU config; its roles' num_gpus are kept, only the actor counts change.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--name", default="scaling")
-    p.add_argument("--rounds", type=int, default=1, help="run the whole grid this many times, cells interleaved, and "
-                                                         "report each cell's median run (a shared CPU is noisy)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole grid this many times, cells interleaved, and "
+        "report each cell's median run (a shared CPU is noisy)",
+    )
     a = p.parse_args(argv)
 
     from rlhf_dist.config import load_config
@@ -42,33 +48,70 @@ def main(argv: list[str] | None = None) -> int:
     has_critic = base.roles.critic.num_actors > 0
     info = machine()
     runs: dict[tuple[int, int], list[dict]] = {}
-    grid = [(r, l) for l in (int(x) for x in a.learners.split(",")) for r in (int(x) for x in a.rollouts.split(","))]
-    for round_ in range(a.rounds):
+    grid = [(r, n) for n in (int(x) for x in a.learners.split(",")) for r in (int(x) for x in a.rollouts.split(","))]
+    for _ in range(a.rounds):
         for rollouts, learners in grid:
             name = f"{a.name}_r{rollouts}_l{learners}"
             actors = rollouts + learners * (2 if has_critic else 1) + sum(other.values())
-            overrides = [*a.overrides, f"roles.rollout.num_actors={rollouts}", f"roles.policy.num_actors={learners}",
-                         f"ray.num_cpus={max(actors, int(base.ray.num_cpus or 0))}"]
+            overrides = [
+                *a.overrides,
+                f"roles.rollout.num_actors={rollouts}",
+                f"roles.policy.num_actors={learners}",
+                f"ray.num_cpus={max(actors, int(base.ray.num_cpus or 0))}",
+            ]
             if has_critic:
                 overrides.append(f"roles.critic.num_actors={learners}")
             print(f"{name}: {' '.join(overrides)}", flush=True)
-            cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), a.config, *overrides,
-                   "--warmup", str(a.warmup), "--iters", str(a.iters), "--name", name, "--quiet"]
+            cmd = [
+                sys.executable,
+                str(ROOT / "benchmarks" / "throughput.py"),
+                a.config,
+                *overrides,
+                "--warmup",
+                str(a.warmup),
+                "--iters",
+                str(a.iters),
+                "--name",
+                name,
+                "--quiet",
+            ]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 runs.setdefault((rollouts, learners), []).append(
-                    {"rollouts": rollouts, "learners": learners, "error": proc.stderr[-600:]})
+                    {"rollouts": rollouts, "learners": learners, "error": proc.stderr[-600:]}
+                )
                 continue
             r = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
             runs.setdefault((rollouts, learners), []).append(
-                {"rollouts": rollouts, "learners": learners, "actors": actors, **{k: r[k] for k in (
-                    "seconds_per_iteration", "samples_per_s", "generated_tokens_per_s", "trained_tokens_per_s",
-                    "overhead_frac", "startup_s", "stages_s", "phases", "peak_memory_mb", "machine",
-                    "load_avg_after")}})
-            print(f"  {r['seconds_per_iteration']:.3f} s/iteration, overhead {100 * r['overhead_frac']:.1f} %, "
-                  f"start-up {r['startup_s']:.1f} s, load before {r['machine']['load_avg_1_5_15']} after "
-                  f"{r['load_avg_after']}", flush=True)
+                {
+                    "rollouts": rollouts,
+                    "learners": learners,
+                    "actors": actors,
+                    **{
+                        k: r[k]
+                        for k in (
+                            "seconds_per_iteration",
+                            "samples_per_s",
+                            "generated_tokens_per_s",
+                            "trained_tokens_per_s",
+                            "overhead_frac",
+                            "startup_s",
+                            "stages_s",
+                            "phases",
+                            "peak_memory_mb",
+                            "machine",
+                            "load_avg_after",
+                        )
+                    },
+                }
+            )
+            print(
+                f"  {r['seconds_per_iteration']:.3f} s/iteration, overhead {100 * r['overhead_frac']:.1f} %, "
+                f"start-up {r['startup_s']:.1f} s, load before {r['machine']['load_avg_1_5_15']} after "
+                f"{r['load_avg_after']}",
+                flush=True,
+            )
     cells = []
     for key in grid:
         ok = sorted((c for c in runs.get(key, []) if "error" not in c), key=lambda c: c["seconds_per_iteration"])
@@ -78,8 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         cell = dict(ok[(len(ok) - 1) // 2])  # the median run (the lower one of an even count)
         cell["seconds_per_iteration_runs"] = [c["seconds_per_iteration"] for c in runs[key] if "error" not in c]
         cells.append(cell)
-    res = {"config": a.config, "overrides": a.overrides, "warmup": a.warmup, "iterations": a.iters, "machine": info,
-           "rounds": a.rounds, "cells": cells}
+    res = {
+        "config": a.config,
+        "overrides": a.overrides,
+        "warmup": a.warmup,
+        "iterations": a.iters,
+        "machine": info,
+        "rounds": a.rounds,
+        "cells": cells,
+    }
     path = write_json(a.name, res)
     print(render(res))
     print(f"\nresults: {path}")
@@ -93,16 +143,46 @@ def render(res: dict) -> str:
             rows.append([c["rollouts"], c["learners"], "failed"] + [None] * 8)
             continue
         ph = c["phases"]
-        rows.append([c["rollouts"], c["learners"], c["actors"], c["seconds_per_iteration"],
-                     " ".join(f"{x:.3f}" for x in c["seconds_per_iteration_runs"]), c["samples_per_s"],
-                     c["generated_tokens_per_s"], f"{100 * c['overhead_frac']:.1f}",
-                     ph["generate"]["wall_s"], (ph.get("train") or ph["train + weight sync"])["wall_s"],
-                     c["startup_s"]])
-    head = (f"scaling: {res['config']} {' '.join(res['overrides'])}; {res['iterations']} measured iterations after "
-            f"{res['warmup']} per cell, {res['rounds']} round(s), the median run per cell; "
-            f"{load_line(res['machine'])}")
-    return head + "\n\n" + table(["rollouts", "learners", "actors", "s / iteration", "every round", "samples / s",
-                                  "generated tokens / s", "overhead %", "generate s", "train (+ sync) s", "start-up s"], rows)
+        rows.append(
+            [
+                c["rollouts"],
+                c["learners"],
+                c["actors"],
+                c["seconds_per_iteration"],
+                " ".join(f"{x:.3f}" for x in c["seconds_per_iteration_runs"]),
+                c["samples_per_s"],
+                c["generated_tokens_per_s"],
+                f"{100 * c['overhead_frac']:.1f}",
+                ph["generate"]["wall_s"],
+                (ph.get("train") or ph["train + weight sync"])["wall_s"],
+                c["startup_s"],
+            ]
+        )
+    head = (
+        f"scaling: {res['config']} {' '.join(res['overrides'])}; {res['iterations']} measured iterations after "
+        f"{res['warmup']} per cell, {res['rounds']} round(s), the median run per cell; "
+        f"{load_line(res['machine'])}"
+    )
+    return (
+        head
+        + "\n\n"
+        + table(
+            [
+                "rollouts",
+                "learners",
+                "actors",
+                "s / iteration",
+                "every round",
+                "samples / s",
+                "generated tokens / s",
+                "overhead %",
+                "generate s",
+                "train (+ sync) s",
+                "start-up s",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

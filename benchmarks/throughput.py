@@ -9,6 +9,7 @@ orchestration overhead (the share of an iteration outside model compute; see rlh
 benchmarks/results/<name>.json (name: throughput_<config name> unless --name is given). The run's own metrics go to
 runs/bench/<name>/metrics.jsonl.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,15 +41,26 @@ STAGES = (
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"YAML (default {DEFAULT_CONFIG})")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. roles.rollout.num_actors=2")
-    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"iterations not measured (default {DEFAULT_WARMUP})")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. roles.rollout.num_actors=2"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=DEFAULT_WARMUP, help=f"iterations not measured (default {DEFAULT_WARMUP})"
+    )
     p.add_argument("--iters", type=int, default=DEFAULT_ITERS, help=f"measured iterations (default {DEFAULT_ITERS})")
     p.add_argument("--name", default=None, help="result name (default throughput_<config name>)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
 
 
-def bench(config: str = DEFAULT_CONFIG, overrides: list[str] | tuple = (), warmup: int = DEFAULT_WARMUP,
-          iters: int = DEFAULT_ITERS, name: str | None = None, out: str | None = None, quiet: bool = False) -> dict:
+def bench(
+    config: str = DEFAULT_CONFIG,
+    overrides: list[str] | tuple = (),
+    warmup: int = DEFAULT_WARMUP,
+    iters: int = DEFAULT_ITERS,
+    name: str | None = None,
+    out: str | None = None,
+    quiet: bool = False,
+) -> dict:
     """Run the job, summarise the measured iterations, print the tables, write the JSON; returns the result."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -106,7 +118,9 @@ def job_shape(cfg) -> dict:
         "generation_engine": cfg.generation.engine,
         "train_engine": cfg.train.engine,
         "zero_stage": cfg.train.zero_stage,
-        "actors": {role: getattr(r, role).num_actors for role in ("rollout", "reward", "reference", "policy", "critic")},
+        "actors": {
+            role: getattr(r, role).num_actors for role in ("rollout", "reward", "reference", "policy", "critic")
+        },
     }
 
 
@@ -119,24 +133,35 @@ def summarize(rows: list[dict], cfg) -> dict:
     wall = sum(r["time/wall"] for r in rows)
     samples = cfg.train.prompts_per_iteration * cfg.generation.samples_per_prompt * len(rows)
     generated = sum(r["generated_tokens"] for r in rows)
-    stages = {label: mean(sum(r.get(k, 0.0) for k in keys) for r in rows) for label, keys in STAGES
-              if any(k in rows[0] for k in keys)}
+    stages = {
+        label: mean(sum(r.get(k, 0.0) for k in keys) for r in rows)
+        for label, keys in STAGES
+        if any(k in rows[0] for k in keys)
+    }
     critical = sum(r["compute/critical_path"] for r in rows)
     stages["idle (outside compute)"] = (wall - critical) / len(rows)
     phases = {}
     for p in ("generate", "score", "advantages", "train", "weight_sync"):
         if f"time/{p}" in rows[0]:
-            phases[p] = {"wall_s": mean(r[f"time/{p}"] for r in rows),
-                         "critical_compute_s": mean(r.get(f"critical/{p}", 0.0) for r in rows)}
+            phases[p] = {
+                "wall_s": mean(r[f"time/{p}"] for r in rows),
+                "critical_compute_s": mean(r.get(f"critical/{p}", 0.0) for r in rows),
+            }
     overheads = [phase_overhead(r) for r in rows]
     for p in phases:
         phases[p]["overhead_s"] = mean(o[p] for o in overheads)
     if "overlapped/weight_sync" in rows[0] and "train" in phases:  # the push was queued behind the policy's training
         phases = {("train + weight sync" if k == "train" else k): v for k, v in phases.items()}
-    phases["between phases"] = {"wall_s": mean(o["between"] for o in overheads), "critical_compute_s": 0.0,
-                                "overhead_s": mean(o["between"] for o in overheads)}
-    memory = {k.removeprefix("memory/").removesuffix("_mb").removesuffix("_peak"): max(r[k] for r in rows)
-              for k in rows[0] if k.startswith("memory/")}
+    phases["between phases"] = {
+        "wall_s": mean(o["between"] for o in overheads),
+        "critical_compute_s": 0.0,
+        "overhead_s": mean(o["between"] for o in overheads),
+    }
+    memory = {
+        k.removeprefix("memory/").removesuffix("_mb").removesuffix("_peak"): max(r[k] for r in rows)
+        for k in rows[0]
+        if k.startswith("memory/")
+    }
     return {
         "seconds_per_iteration": wall / len(rows),
         "seconds_per_iteration_median": sorted(r["time/wall"] for r in rows)[len(rows) // 2],
@@ -158,24 +183,33 @@ def summarize(rows: list[dict], cfg) -> dict:
 
 def render(res: dict) -> str:
     j = res["job"]
-    head = (f"{res['name']}: {res['config']} {' '.join(res['overrides'])}\n"
-            f"{j['estimator']}, {j['prompts_per_iteration']} prompts x {j['samples_per_prompt']} samples, "
-            f"{j['max_new_tokens']} new tokens, {j['ppo_epochs']} epoch(s) x {j['mini_batches']} mini-batch(es); "
-            f"actors {j['actors']}; {res['iterations']} measured after {res['warmup']} warm-up iterations; "
-            f"start-up {res['startup_s']:.1f} s\n{load_line(res['machine'])}, after: {res['load_avg_after']}")
-    rates = table(["metric", "value"], [
-        ["seconds / iteration", res["seconds_per_iteration"]],
-        ["samples / s", res["samples_per_s"]],
-        ["generated tokens / s", res["generated_tokens_per_s"]],
-        ["trained tokens / s", res["trained_tokens_per_s"]],
-        ["orchestration overhead", f"{100 * res['overhead_frac']:.1f} %"],
-        ["measuring it (s / iteration, not in the wall time)", res["stats_collect_s"]],
-    ])
+    head = (
+        f"{res['name']}: {res['config']} {' '.join(res['overrides'])}\n"
+        f"{j['estimator']}, {j['prompts_per_iteration']} prompts x {j['samples_per_prompt']} samples, "
+        f"{j['max_new_tokens']} new tokens, {j['ppo_epochs']} epoch(s) x {j['mini_batches']} mini-batch(es); "
+        f"actors {j['actors']}; {res['iterations']} measured after {res['warmup']} warm-up iterations; "
+        f"start-up {res['startup_s']:.1f} s\n{load_line(res['machine'])}, after: {res['load_avg_after']}"
+    )
+    rates = table(
+        ["metric", "value"],
+        [
+            ["seconds / iteration", res["seconds_per_iteration"]],
+            ["samples / s", res["samples_per_s"]],
+            ["generated tokens / s", res["generated_tokens_per_s"]],
+            ["trained tokens / s", res["trained_tokens_per_s"]],
+            ["orchestration overhead", f"{100 * res['overhead_frac']:.1f} %"],
+            ["measuring it (s / iteration, not in the wall time)", res["stats_collect_s"]],
+        ],
+    )
     wall = res["seconds_per_iteration"]
-    stages = table(["stage (actor compute)", "s / iteration", "% of wall"],
-                   [[k, v, f"{100 * v / wall:.1f}"] for k, v in res["stages_s"].items()])
-    phases = table(["driver phase", "wall s", "critical-path compute s", "overhead s"],
-                   [[k, v["wall_s"], v["critical_compute_s"], v["overhead_s"]] for k, v in res["phases"].items()])
+    stages = table(
+        ["stage (actor compute)", "s / iteration", "% of wall"],
+        [[k, v, f"{100 * v / wall:.1f}"] for k, v in res["stages_s"].items()],
+    )
+    phases = table(
+        ["driver phase", "wall s", "critical-path compute s", "overhead s"],
+        [[k, v["wall_s"], v["critical_compute_s"], v["overhead_s"]] for k, v in res["phases"].items()],
+    )
     memory = table(["role", "peak memory MiB"], [[k, v] for k, v in res["peak_memory_mb"].items()], floatfmt=".0f")
     return "\n\n".join([head, rates, stages, phases, memory])
 

@@ -4,6 +4,7 @@ controller and the RNG states; resuming gives the same next iteration as not sto
 Layout: ``<output_dir>/checkpoints/iter_<N>/{policy,critic}/`` (each learner engine's own format) and ``driver.json``,
 written last, so a checkpoint without ``driver.json`` is incomplete and never resumed from.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,9 @@ def load_driver_state(path: Path) -> dict:
 def prune(output_dir: str | os.PathLike, keep: int) -> None:
     """Keep the newest ``keep`` complete checkpoints; delete the rest."""
     root = checkpoint_root(output_dir)
-    done = sorted((p for p in root.glob("iter_*") if (p / DRIVER_STATE).exists()), key=lambda p: int(p.name.split("_")[1]))
+    done = sorted(
+        (p for p in root.glob("iter_*") if (p / DRIVER_STATE).exists()), key=lambda p: int(p.name.split("_")[1])
+    )
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 

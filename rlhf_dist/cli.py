@@ -3,14 +3,15 @@
 Building the parser imports the modules that add arguments (submit, orchestration.dry_run, doctor): they defer
 their Ray and torch imports (`# deferred: cli`).
 """
+
 import argparse
 import importlib
-import os
 import importlib.util
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from rlhf_dist.config import ConfigError, check_imports, check_paths, dump_yaml, load_config
 
@@ -35,6 +36,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def run_job(target: str) -> Callable[[argparse.Namespace], int]:
     """A handler that loads and checks the config, then calls `target(cfg)` (a driver's `run`)."""
+
     def handler(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
@@ -46,6 +48,7 @@ def run_job(target: str) -> Callable[[argparse.Namespace], int]:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         rc = _call(target, cfg)
         return rc if isinstance(rc, int) else 0
+
     return handler
 
 
@@ -109,25 +112,61 @@ class Command:
 
 # Adding `sft`, `rm`, `dpo`, `pipeline`, `submit`, `bench` is one entry each.
 COMMANDS = [
-    Command("train", "RL fine-tuning (PPO/GAE, GRPO, RLOO, REINFORCE++)", _add_config_args,
-            run_job("rlhf_dist.trainers.ppo:run")),
+    Command(
+        "train",
+        "RL fine-tuning (PPO/GAE, GRPO, RLOO, REINFORCE++)",
+        _add_config_args,
+        run_job("rlhf_dist.trainers.ppo:run"),
+    ),
     Command("sft", "supervised fine-tuning on demonstrations", _add_config_args, run_job("rlhf_dist.trainers.sft:run")),
-    Command("collect", "sample answer pairs from a policy and label them (simulated raters or an AI judge)",
-            _add_config_args, run_job("rlhf_dist.trainers.collect:run")),
-    Command("rm", "reward-model training on preference pairs (Bradley-Terry)", _add_config_args,
-            run_job("rlhf_dist.trainers.rm:run")),
-    Command("dpo", "direct preference optimisation on preference pairs", _add_config_args,
-            run_job("rlhf_dist.trainers.dpo:run")),
-    Command("pipeline", "SFT -> collect -> reward model -> PPO and DPO -> comparison table", _add_config_args,
-            run_job("rlhf_dist.trainers.pipeline:run")),
-    Command("submit", "run a config on a Ray cluster (Ray job submission); --status/--logs/--stop JOB",
-            _lazy("rlhf_dist.submit:add_submit_args"), _lazy("rlhf_dist.submit:run_submit")),
-    Command("plan", "dry-run: print which role goes on which node and GPUs, start nothing",
-            _lazy("rlhf_dist.orchestration.dry_run:add_args"), _lazy("rlhf_dist.orchestration.dry_run:run")),
-    Command("bench", "throughput benchmark: samples/s, tokens/s, seconds per phase, memory, overhead",
-            _add_bench_args, _bench),
-    Command("doctor", "installed versions, devices, and whether they are the tested set (constraints/*.txt)",
-            _lazy("rlhf_dist.doctor:add_args"), _lazy("rlhf_dist.doctor:run")),
+    Command(
+        "collect",
+        "sample answer pairs from a policy and label them (simulated raters or an AI judge)",
+        _add_config_args,
+        run_job("rlhf_dist.trainers.collect:run"),
+    ),
+    Command(
+        "rm",
+        "reward-model training on preference pairs (Bradley-Terry)",
+        _add_config_args,
+        run_job("rlhf_dist.trainers.rm:run"),
+    ),
+    Command(
+        "dpo",
+        "direct preference optimisation on preference pairs",
+        _add_config_args,
+        run_job("rlhf_dist.trainers.dpo:run"),
+    ),
+    Command(
+        "pipeline",
+        "SFT -> collect -> reward model -> PPO and DPO -> comparison table",
+        _add_config_args,
+        run_job("rlhf_dist.trainers.pipeline:run"),
+    ),
+    Command(
+        "submit",
+        "run a config on a Ray cluster (Ray job submission); --status/--logs/--stop JOB",
+        _lazy("rlhf_dist.submit:add_submit_args"),
+        _lazy("rlhf_dist.submit:run_submit"),
+    ),
+    Command(
+        "plan",
+        "dry-run: print which role goes on which node and GPUs, start nothing",
+        _lazy("rlhf_dist.orchestration.dry_run:add_args"),
+        _lazy("rlhf_dist.orchestration.dry_run:run"),
+    ),
+    Command(
+        "bench",
+        "throughput benchmark: samples/s, tokens/s, seconds per phase, memory, overhead",
+        _add_bench_args,
+        _bench,
+    ),
+    Command(
+        "doctor",
+        "installed versions, devices, and whether they are the tested set (constraints/*.txt)",
+        _lazy("rlhf_dist.doctor:add_args"),
+        _lazy("rlhf_dist.doctor:run"),
+    ),
     Command("init-tiny", "build the tiny local model and tokenizer", _add_init_tiny_args, _init_tiny),
     Command("config", "print the resolved config as YAML", _add_config_cmd_args, _config),
 ]

@@ -2,6 +2,7 @@
 (constraints/*.txt at the repository root). Versions come from package metadata, so a broken or slow-to-import vllm
 cannot stop it; only torch is imported, to list the devices.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -143,8 +144,12 @@ def summary(rows: list[Row], constraints: Path, found: bool) -> tuple[str, int]:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--constraints", metavar="FILE", default=None,
-                   help="tested set to compare with (default: constraints/{cpu,vllm-cpu,gpu}.txt to suit this machine)")
+    p.add_argument(
+        "--constraints",
+        metavar="FILE",
+        default=None,
+        help="tested set to compare with (default: constraints/{cpu,vllm-cpu,gpu}.txt to suit this machine)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
 """Per-iteration metrics: one JSON line each, a console line, and a plot at the end."""
+
 from __future__ import annotations
 
 import json

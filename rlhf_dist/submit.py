@@ -14,6 +14,7 @@ token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; tokens neve
 Exit codes: 0 the job SUCCEEDED (or, without following, was submitted / is not failed); 1 it FAILED or was
 STOPPED; 2 nothing was submitted or asked (bad config, no address, cluster unreachable, unknown job).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,16 +23,27 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rlhf_dist.config import ConfigError, load_config, read_yaml
 
 PROG = "rlhf-dist submit"
 OK, JOB_FAILED, ERROR = 0, 1, 2
 # gitignore-style patterns left out of the uploaded working dir (Ray also honours .gitignore and .rayignore there).
-EXCLUDES = [".venv/", ".venv-*/", "runs/", ".git/", "__pycache__/", "*.pyc", ".pytest_cache/", "*.egg-info/",
-            "/tiny_model/", "/out/", ".device/"]
+EXCLUDES = [
+    ".venv/",
+    ".venv-*/",
+    "runs/",
+    ".git/",
+    "__pycache__/",
+    "*.pyc",
+    ".pytest_cache/",
+    "*.egg-info/",
+    "/tiny_model/",
+    "/out/",
+    ".device/",
+]
 # Passed from this shell to the job when set here. Never secrets: the runtime_env is shown in the dashboard.
 PASSTHROUGH_ENV = ("RAY_AUTH_MODE",)
 
@@ -48,11 +60,15 @@ def resolve_address(address: str | None) -> str:
     """`--address`, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS; an http(s) URL of the job server."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise SubmitError("no cluster address: pass --address http://HEAD_IP:8265 or export "
-                          "RAY_ADDRESS=http://HEAD_IP:8265 (the head node's dashboard / job server)")
+        raise SubmitError(
+            "no cluster address: pass --address http://HEAD_IP:8265 or export "
+            "RAY_ADDRESS=http://HEAD_IP:8265 (the head node's dashboard / job server)"
+        )
     if address == "auto" or address.startswith("ray://"):
-        raise SubmitError(f"address {address!r} is not a job server; use the head's dashboard, "
-                          f"http://HEAD_IP:8265 (on the head node itself: http://127.0.0.1:8265 or its node IP)")
+        raise SubmitError(
+            f"address {address!r} is not a job server; use the head's dashboard, "
+            f"http://HEAD_IP:8265 (on the head node itself: http://127.0.0.1:8265 or its node IP)"
+        )
     return address if "://" in address else f"http://{address}"
 
 
@@ -64,11 +80,17 @@ def client(address: str | None):
     try:
         return JobSubmissionClient(url)
     except Exception as e:  # ConnectionError, auth RuntimeError, version mismatch...
-        hint = ("; the job server is the head's dashboard (default port 8265), not the GCS port 6379"
-                if url.rstrip("/").endswith(":6379") else "")
-        auth = ("; the cluster wants a token: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
-                if "uthenticat" in str(e) else "")
-        raise SubmitError(f"cannot reach the job server at {url}: {str(e).strip().splitlines()[0]}{hint}{auth}")
+        hint = (
+            "; the job server is the head's dashboard (default port 8265), not the GCS port 6379"
+            if url.rstrip("/").endswith(":6379")
+            else ""
+        )
+        auth = (
+            "; the cluster wants a token: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
+            if "uthenticat" in str(e)
+            else ""
+        )
+        raise SubmitError(f"cannot reach the job server at {url}: {str(e).strip().splitlines()[0]}{hint}{auth}") from e
 
 
 def _job_overrides(config_path: str, overrides: Sequence[str]) -> list[str]:
@@ -87,12 +109,21 @@ def _relative_to_working_dir(config_path: str, working_dir: str) -> str:
     try:
         return cfg.relative_to(wd).as_posix()
     except ValueError:
-        raise SubmitError(f"config {config_path} is outside the working dir {wd} that is uploaded with the job; "
-                          f"move it under {wd} or pass --working-dir to a directory that holds it") from None
+        raise SubmitError(
+            f"config {config_path} is outside the working dir {wd} that is uploaded with the job; "
+            f"move it under {wd} or pass --working-dir to a directory that holds it"
+        ) from None
 
 
-def submit(config_path: str, overrides: Sequence[str] = (), address: str | None = None, working_dir: str = ".",
-           follow: bool = True, env_vars: dict[str, str] | None = None, job_id: str | None = None) -> int:
+def submit(
+    config_path: str,
+    overrides: Sequence[str] = (),
+    address: str | None = None,
+    working_dir: str = ".",
+    follow: bool = True,
+    env_vars: dict[str, str] | None = None,
+    job_id: str | None = None,
+) -> int:
     """Validate the config here, then submit `rlhf-dist train CONFIG OVERRIDES...` and (by default) follow it."""
     overrides = list(overrides)
     try:
@@ -103,13 +134,21 @@ def submit(config_path: str, overrides: Sequence[str] = (), address: str | None 
         _err(f"{e} (nothing was submitted)")
         return ERROR
     entrypoint = shlex.join(["rlhf-dist", "train", rel, *overrides])
-    return submit_command(entrypoint, address, working_dir, follow, env_vars, job_id,
-                          metadata={"rlhf_dist_config": rel})
+    return submit_command(
+        entrypoint, address, working_dir, follow, env_vars, job_id, metadata={"rlhf_dist_config": rel}
+    )
 
 
-def submit_command(entrypoint: str, address: str | None = None, working_dir: str = ".", follow: bool = True,
-                   env_vars: dict[str, str] | None = None, job_id: str | None = None,
-                   metadata: dict[str, str] | None = None, excludes: Sequence[str] = EXCLUDES) -> int:
+def submit_command(
+    entrypoint: str,
+    address: str | None = None,
+    working_dir: str = ".",
+    follow: bool = True,
+    env_vars: dict[str, str] | None = None,
+    job_id: str | None = None,
+    metadata: dict[str, str] | None = None,
+    excludes: Sequence[str] = EXCLUDES,
+) -> int:
     """Submit any shell `entrypoint` with `working_dir` uploaded; prints the job id; follows it if asked."""
     env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
     # The driver's own ray.init(runtime_env=...) may set env vars too (rlhf_dist.orchestration.cluster.worker_env);
@@ -119,8 +158,7 @@ def submit_command(entrypoint: str, address: str | None = None, working_dir: str
     runtime_env = {"working_dir": str(Path(working_dir).resolve()), "excludes": list(excludes), "env_vars": env}
     try:
         c = client(address)
-        job_id = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
-                              metadata=metadata)
+        job_id = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id, metadata=metadata)
     except SubmitError as e:
         _err(f"{e} (nothing was submitted)")
         return ERROR
@@ -129,8 +167,11 @@ def submit_command(entrypoint: str, address: str | None = None, working_dir: str
         return ERROR
     print(f"{PROG}: submitted job {job_id} to {c.get_address()}: {entrypoint}", flush=True)
     if not follow:
-        print(f"{PROG}: follow it with `rlhf-dist submit --logs {job_id}`, stop it with "
-              f"`rlhf-dist submit --stop {job_id}`", flush=True)
+        print(
+            f"{PROG}: follow it with `rlhf-dist submit --logs {job_id}`, stop it with "
+            f"`rlhf-dist submit --stop {job_id}`",
+            flush=True,
+        )
         return OK
     return _follow(c, job_id)
 
@@ -151,8 +192,10 @@ def _follow(c, job_id: str) -> int:
         while not c.get_job_status(job_id).is_terminal():
             time.sleep(1.0)
     except KeyboardInterrupt:
-        print(f"\n{PROG}: stopped following; job {job_id} keeps running (`rlhf-dist submit --stop {job_id}` "
-              f"stops it)", file=sys.stderr)
+        print(
+            f"\n{PROG}: stopped following; job {job_id} keeps running (`rlhf-dist submit --stop {job_id}` stops it)",
+            file=sys.stderr,
+        )
         return 130
     return _report(c.get_job_info(job_id), job_id)
 
@@ -190,17 +233,20 @@ def status(job_id: str, address: str | None = None) -> int:
 
 def logs(job_id: str, address: str | None = None, follow: bool = False) -> int:
     """Print the job's logs so far (or follow them to the end: then the exit code is the job's, as for submit)."""
+
     def action(c):
         if follow:
             return _follow(c, job_id)
         sys.stdout.write(c.get_job_logs(job_id))
         sys.stdout.flush()
         return OK
+
     return _with_job(job_id, address, action)
 
 
 def stop(job_id: str, address: str | None = None, wait_s: float = 60.0) -> int:
     """Ask the job to stop and wait (up to `wait_s`) until it has; 0 once it is over, stopped or not."""
+
     def action(c):
         if c.stop_job(job_id):
             print(f"{PROG}: stopping job {job_id}", flush=True)
@@ -212,6 +258,7 @@ def stop(job_id: str, address: str | None = None, wait_s: float = 60.0) -> int:
             time.sleep(0.5)
         _report(c.get_job_info(job_id), job_id)
         return OK
+
     return _with_job(job_id, address, action)
 
 
@@ -230,8 +277,14 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--working-dir", default=".", help="directory uploaded with the job (default: .)")
     p.add_argument("--no-follow", dest="follow", action="store_false", help="print the job id and return")
     p.add_argument("--job-id", help="submission id to use (default: generated)")
-    p.add_argument("--env", action="append", type=_env_pair, default=[], metavar="KEY=VALUE",
-                   help="environment variable for the job (repeatable; not for secrets)")
+    p.add_argument(
+        "--env",
+        action="append",
+        type=_env_pair,
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the job (repeatable; not for secrets)",
+    )
     act = p.add_mutually_exclusive_group()
     act.add_argument("--status", metavar="JOB", help="print a job's status")
     act.add_argument("--logs", metavar="JOB", help="print a job's logs (with --follow: until it ends)")
@@ -254,14 +307,14 @@ def run_submit(args: argparse.Namespace) -> int:
     if not args.config:
         _err("missing CONFIG (or --status/--logs/--stop JOB)")
         return ERROR
-    return submit(args.config, args.overrides, args.address, args.working_dir, args.follow, dict(args.env),
-                  args.job_id)
+    return submit(args.config, args.overrides, args.address, args.working_dir, args.follow, dict(args.env), args.job_id)
 
 
 def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     """Register `submit` on an argparse subparsers object; sets `func` (and `handler`) to `run_submit`."""
-    p = subparsers.add_parser("submit", help="run a config on a Ray cluster (Ray Jobs)",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "submit", help="run a config on a Ray cluster (Ray Jobs)", description=__doc__.split("\n\n")[0]
+    )
     add_submit_args(p)
     p.set_defaults(func=run_submit, handler=run_submit)
     return p

@@ -19,6 +19,7 @@ process name, and namespaces share the pid space). Instead every process inside 
 (``ip netns pids``) gets SIGTERM, then SIGKILL, and the namespaces are deleted. Namespaces left by a run that was
 killed outright (their creator pid is gone) are cleaned the same way at the next start.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,18 +31,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import pytest
 
-PREFIX = "rlhfd-"            # namespaces this helper owns: rlhfd-<creator pid>-h / -w
-SUBNET = "10.213.77"         # unusual on purpose; private to the namespaces
+PREFIX = "rlhfd-"  # namespaces this helper owns: rlhfd-<creator pid>-h / -w
+SUBNET = "10.213.77"  # unusual on purpose; private to the namespaces
 HEAD_IP, WORKER_IP = f"{SUBNET}.1", f"{SUBNET}.2"
 GCS_PORT, DASHBOARD_PORT = 6379, 8265
-IFNAME = "rd0"               # the veth end's name in each namespace (like eth0 on a real node)
+IFNAME = "rd0"  # the veth end's name in each namespace (like eth0 on a real node)
 VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,11 +102,11 @@ def clean_stale() -> None:
         ns = line.split()[0] if line.strip() else ""
         if not ns.startswith(PREFIX):
             continue
-        creator = ns[len(PREFIX):].split("-")[0]
+        creator = ns[len(PREFIX) :].split("-")[0]
         if creator.isdigit() and int(creator) != os.getpid() and not Path(f"/proc/{creator}").exists():
             _destroy_ns(ns)
     for d in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
-        creator = d.name[len(PREFIX):].split("-")[0]
+        creator = d.name[len(PREFIX) :].split("-")[0]
         if creator.isdigit() and not Path(f"/proc/{creator}").exists():
             shutil.rmtree(d, ignore_errors=True)
 
@@ -116,23 +117,38 @@ class NetnsCluster:
     worker_ns: str
     head_ip: str
     worker_ip: str
-    head_address: str            # GCS, for `ray start --address` / `ray.init(address=...)`
-    dashboard_address: str       # job server, for JobSubmissionClient / rlhf_dist.submit
-    env: dict[str, str]          # what every command in the namespaces runs with
+    head_address: str  # GCS, for `ray start --address` / `ray.init(address=...)`
+    dashboard_address: str  # job server, for JobSubmissionClient / rlhf_dist.submit
+    env: dict[str, str]  # what every command in the namespaces runs with
     temp_root: Path
     head_resources: dict[str, float] = field(default_factory=dict)
     worker_resources: dict[str, float] = field(default_factory=dict)
 
-    def run(self, cmd: str | Sequence[str], *, node: str = "head", timeout: float = 300, env: dict | None = None,
-            cwd: str | os.PathLike | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        node: str = "head",
+        timeout: float = 300,
+        env: dict | None = None,
+        cwd: str | os.PathLike | None = None,
+        check: bool = False,
+    ) -> subprocess.CompletedProcess:
         """Run ``cmd`` (a list, or a string for bash) inside the head (or worker) namespace; output captured."""
         ns = {"head": self.head_ns, "worker": self.worker_ns}[node]
         argv = ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        proc = subprocess.run(["ip", "netns", "exec", ns, *argv], env={**self.env, **(env or {})},
-                              cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            ["ip", "netns", "exec", ns, *argv],
+            env={**self.env, **(env or {})},
+            cwd=cwd or REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{argv} in {ns} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n"
-                                 f"--- stderr\n{proc.stderr}")
+            raise AssertionError(
+                f"{argv} in {ns} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+            )
         return proc
 
     def logs(self, tail: int = 30) -> str:
@@ -169,11 +185,17 @@ sys.exit("nodes not alive after {timeout}s: " + str(last))
 
 
 @contextmanager
-def netns_cluster(head_cpus: int = 2, worker_cpus: int = 2, *,
-                  head_resources: dict[str, float] | None = None,
-                  worker_resources: dict[str, float] | None = None,
-                  object_store_mb: int = 300, auth: str = "disabled",
-                  start_with_scripts: bool = False, up_timeout: float = 120) -> Iterator[NetnsCluster]:
+def netns_cluster(
+    head_cpus: int = 2,
+    worker_cpus: int = 2,
+    *,
+    head_resources: dict[str, float] | None = None,
+    worker_resources: dict[str, float] | None = None,
+    object_store_mb: int = 300,
+    auth: str = "disabled",
+    start_with_scripts: bool = False,
+    up_timeout: float = 120,
+) -> Iterator[NetnsCluster]:
     """Two real Ray nodes in two network namespaces; torn down in ``finally`` whatever happens.
 
     ``head_resources``/``worker_resources`` default to ``{"netns_head": 1}``/``{"netns_worker": 1}`` so a test can pin
@@ -191,19 +213,37 @@ def netns_cluster(head_cpus: int = 2, worker_cpus: int = 2, *,
 
     tag = f"{PREFIX}{os.getpid()}-{secrets.token_hex(2)}"
     head_ns, worker_ns = f"{tag}-h", f"{tag}-w"
-    temp_root = Path(tempfile.gettempdir()) / tag   # short: Ray's unix socket paths must stay under 108 bytes
+    temp_root = Path(tempfile.gettempdir()) / tag  # short: Ray's unix socket paths must stay under 108 bytes
     head_resources = {"netns_head": 1} if head_resources is None else head_resources
     worker_resources = {"netns_worker": 1} if worker_resources is None else worker_resources
 
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("RAY_") and k not in ("PYTEST_CURRENT_TEST", "VIRTUAL_ENV")}
-    env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}", RAY_USAGE_STATS_ENABLED="0",
-               TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE=auth, PYTHONUNBUFFERED="1")
-    env["RAY_ADDRESS"] = f"{HEAD_IP}:{GCS_PORT}"   # a plain ray.init() in run() joins this cluster
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RAY_") and k not in ("PYTEST_CURRENT_TEST", "VIRTUAL_ENV")
+    }
+    env.update(
+        PATH=f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+        RAY_USAGE_STATS_ENABLED="0",
+        TOKENIZERS_PARALLELISM="false",
+        RAY_AUTH_MODE=auth,
+        PYTHONUNBUFFERED="1",
+    )
+    env["RAY_ADDRESS"] = f"{HEAD_IP}:{GCS_PORT}"  # a plain ray.init() in run() joins this cluster
     if auth == "token":
         env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    cluster = NetnsCluster(head_ns, worker_ns, HEAD_IP, WORKER_IP, f"{HEAD_IP}:{GCS_PORT}",
-                           f"http://{HEAD_IP}:{DASHBOARD_PORT}", env, temp_root, head_resources, worker_resources)
+    cluster = NetnsCluster(
+        head_ns,
+        worker_ns,
+        HEAD_IP,
+        WORKER_IP,
+        f"{HEAD_IP}:{GCS_PORT}",
+        f"http://{HEAD_IP}:{DASHBOARD_PORT}",
+        env,
+        temp_root,
+        head_resources,
+        worker_resources,
+    )
     made: list[str] = []
     try:
         for ns in (head_ns, worker_ns):
@@ -219,20 +259,79 @@ def netns_cluster(head_cpus: int = 2, worker_cpus: int = 2, *,
 
         common = ["--object-store-memory", str(object_store_mb * 1024 * 1024), "--disable-usage-stats"]
         if start_with_scripts:
-            head = ["bash", str(REPO / "cluster/start_head.sh"), "--node-ip", HEAD_IP, "--num-cpus", str(head_cpus),
-                    "--num-gpus", "0", "--", "--temp-dir", str(temp_root / "h"),
-                    "--resources", json.dumps(head_resources), *common]
-            worker = ["bash", str(REPO / "cluster/join_worker.sh"), cluster.head_address, "--node-ip", WORKER_IP,
-                      "--num-cpus", str(worker_cpus), "--num-gpus", "0", "--", "--temp-dir", str(temp_root / "w"),
-                      "--resources", json.dumps(worker_resources), *common]
+            head = [
+                "bash",
+                str(REPO / "cluster/start_head.sh"),
+                "--node-ip",
+                HEAD_IP,
+                "--num-cpus",
+                str(head_cpus),
+                "--num-gpus",
+                "0",
+                "--",
+                "--temp-dir",
+                str(temp_root / "h"),
+                "--resources",
+                json.dumps(head_resources),
+                *common,
+            ]
+            worker = [
+                "bash",
+                str(REPO / "cluster/join_worker.sh"),
+                cluster.head_address,
+                "--node-ip",
+                WORKER_IP,
+                "--num-cpus",
+                str(worker_cpus),
+                "--num-gpus",
+                "0",
+                "--",
+                "--temp-dir",
+                str(temp_root / "w"),
+                "--resources",
+                json.dumps(worker_resources),
+                *common,
+            ]
         else:
-            head = ["ray", "start", "--head", "--node-ip-address", HEAD_IP, "--port", str(GCS_PORT),
-                    "--dashboard-host", HEAD_IP, "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", str(head_cpus),
-                    "--num-gpus", "0", "--temp-dir", str(temp_root / "h"), "--resources", json.dumps(head_resources),
-                    *common]
-            worker = ["ray", "start", "--address", cluster.head_address, "--node-ip-address", WORKER_IP,
-                      "--num-cpus", str(worker_cpus), "--num-gpus", "0", "--temp-dir", str(temp_root / "w"),
-                      "--resources", json.dumps(worker_resources), *common]
+            head = [
+                "ray",
+                "start",
+                "--head",
+                "--node-ip-address",
+                HEAD_IP,
+                "--port",
+                str(GCS_PORT),
+                "--dashboard-host",
+                HEAD_IP,
+                "--dashboard-port",
+                str(DASHBOARD_PORT),
+                "--num-cpus",
+                str(head_cpus),
+                "--num-gpus",
+                "0",
+                "--temp-dir",
+                str(temp_root / "h"),
+                "--resources",
+                json.dumps(head_resources),
+                *common,
+            ]
+            worker = [
+                "ray",
+                "start",
+                "--address",
+                cluster.head_address,
+                "--node-ip-address",
+                WORKER_IP,
+                "--num-cpus",
+                str(worker_cpus),
+                "--num-gpus",
+                "0",
+                "--temp-dir",
+                str(temp_root / "w"),
+                "--resources",
+                json.dumps(worker_resources),
+                *common,
+            ]
         cluster.run(head, timeout=up_timeout, check=True)
         cluster.run(worker, node="worker", timeout=up_timeout, check=True)
         _wait_alive(cluster, 2, up_timeout)

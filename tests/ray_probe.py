@@ -1,4 +1,5 @@
 """A job target for tests: the address a local Ray run started from the CLI binds (see test_cli_binds_loopback)."""
+
 from rlhf_dist.orchestration.cluster import ray_session
 
 

@@ -1,4 +1,5 @@
 """Advantages: hand-worked GAE/GRPO/RLOO/REINFORCE++ numbers and per-row Python-loop references on ragged batches."""
+
 import math
 import statistics
 

@@ -1,4 +1,5 @@
 """KL estimators (sign convention pinned by exact expectations), KL-penalised rewards, KL controllers."""
+
 import math
 
 import pytest

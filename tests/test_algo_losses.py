@@ -1,5 +1,6 @@
 """Losses: hand-worked PPO / value / entropy / Bradley-Terry / DPO / TIS numbers, a per-token loop reference for
 the PPO loss on a ragged batch, and gradients (sign, zero where clipped, none into the old policy)."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """Masked reductions: hand-worked numbers, a per-row loop reference, and padding that holds garbage."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """Arrow batch helpers: expected numbers are written out by hand or rebuilt with a plain per-row loop."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,23 +7,35 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rlhf_dist.data import schema
 from rlhf_dist.data.batch import (
-    Sequences, add_column, concat_batches, concat_in_order, empty_like, from_padded, make_batch, num_tokens,
-    repeat_interleave, split_balanced, split_even, to_padded, to_sequences,
+    Sequences,
+    add_column,
+    concat_batches,
+    concat_in_order,
+    empty_like,
+    from_padded,
+    make_batch,
+    num_tokens,
+    repeat_interleave,
+    split_balanced,
+    split_even,
+    to_padded,
+    to_sequences,
 )
 
 PAD = 99
 
 
 def small_batch() -> pa.RecordBatch:
-    return make_batch({
-        "sample_id": [10, 11, 12, 13],
-        "prompt_ids": [[1, 2, 3], [4], [5, 6], [7, 8]],
-        "response_ids": [[21, 22], [], [23, 24, 25], [26]],
-        "rollout_logprobs": [[-0.5, -1.5], [], [-0.25, -2.0, -3.0], [-4.0]],
-        "reward": [1.0, 0.0, -1.0, 0.5],
-    })
+    return make_batch(
+        {
+            "sample_id": [10, 11, 12, 13],
+            "prompt_ids": [[1, 2, 3], [4], [5, 6], [7, 8]],
+            "response_ids": [[21, 22], [], [23, 24, 25], [26]],
+            "rollout_logprobs": [[-0.5, -1.5], [], [-0.25, -2.0, -3.0], [-4.0]],
+            "reward": [1.0, 0.0, -1.0, 0.5],
+        }
+    )
 
 
 def random_batch(rng: np.random.Generator, rows: int, max_prompt: int = 12, max_response: int = 9) -> pa.RecordBatch:
@@ -32,6 +45,7 @@ def random_batch(rng: np.random.Generator, rows: int, max_prompt: int = 12, max_
 
 
 # --- make_batch --------------------------------------------------------------------------------------------------
+
 
 def test_make_batch_uses_schema_types():
     b = small_batch()
@@ -62,6 +76,7 @@ def test_make_batch_errors_name_the_column():
 
 # --- padded <-> ragged --------------------------------------------------------------------------------------------
 
+
 def test_to_padded_int_right_and_left_by_hand():
     b = small_batch()
     right, rmask = to_padded(b, "prompt_ids", pad_value=0, side="right")
@@ -78,9 +93,11 @@ def test_to_padded_int_right_and_left_by_hand():
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_round_trip_int_and_float(side):
     b = small_batch()
-    for column, torch_dtype, pa_dtype in [("prompt_ids", torch.int64, pa.int32()),
-                                          ("response_ids", torch.int32, pa.int32()),
-                                          ("rollout_logprobs", torch.float32, pa.float32())]:
+    for column, torch_dtype, pa_dtype in [
+        ("prompt_ids", torch.int64, pa.int32()),
+        ("response_ids", torch.int32, pa.int32()),
+        ("rollout_logprobs", torch.float32, pa.float32()),
+    ]:
         padded, mask = to_padded(b, column, side=side, dtype=torch_dtype)
         assert padded.dtype == torch_dtype
         by_lengths = from_padded(padded, mask.sum(1), side=side, dtype=pa_dtype)
@@ -161,14 +178,14 @@ def test_num_tokens_and_empty_like():
 
 # --- joined sequences ---------------------------------------------------------------------------------------------
 
+
 def loop_sequences(batch: pa.RecordBatch, pad: int) -> dict:
     """The CONTRACTS.md layout built one row at a time, to check the vectorised version against."""
     prompts = batch.column("prompt_ids").to_pylist()
     responses = batch.column("response_ids").to_pylist()
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     longest = max(len(r) for r in responses)
-    out = {k: [] for k in ("input_ids", "attention_mask", "position_ids", "response_mask", "response_index",
-                           "last")}
+    out = {k: [] for k in ("input_ids", "attention_mask", "position_ids", "response_mask", "response_index", "last")}
     for p, r in zip(prompts, responses):
         row = p + r
         n = len(row)
@@ -186,19 +203,23 @@ def loop_sequences(batch: pa.RecordBatch, pad: int) -> dict:
 def test_to_sequences_by_hand():
     seqs = to_sequences(small_batch(), pad_token_id=PAD)
     # L = 5: the longest rows are 3 + 2 and 2 + 3 tokens
-    assert seqs.input_ids.tolist() == [[1, 2, 3, 21, 22],
-                                       [4, PAD, PAD, PAD, PAD],
-                                       [5, 6, 23, 24, 25],
-                                       [7, 8, 26, PAD, PAD]]
-    assert seqs.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0],
-                                            [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
-    assert seqs.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 0, 0],
-                                          [0, 1, 2, 3, 4], [0, 1, 2, 0, 0]]
+    assert seqs.input_ids.tolist() == [
+        [1, 2, 3, 21, 22],
+        [4, PAD, PAD, PAD, PAD],
+        [5, 6, 23, 24, 25],
+        [7, 8, 26, PAD, PAD],
+    ]
+    assert seqs.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert seqs.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 0, 0], [0, 1, 2, 3, 4], [0, 1, 2, 0, 0]]
     assert seqs.prompt_lens.tolist() == [3, 1, 2, 2]
     assert seqs.response_lens.tolist() == [2, 0, 3, 1]
     assert seqs.response_mask.dtype == torch.bool
-    assert seqs.response_mask.tolist() == [[True, True, False], [False, False, False],
-                                           [True, True, True], [True, False, False]]
+    assert seqs.response_mask.tolist() == [
+        [True, True, False],
+        [False, False, False],
+        [True, True, True],
+        [True, False, False],
+    ]
     assert seqs.response_index().tolist() == [[2, 3, 0], [0, 0, 0], [1, 2, 3], [1, 0, 0]]
     assert seqs.last_token_index().tolist() == [4, 0, 4, 2]
     assert seqs.response_tokens().tolist() == [[21, 22, 0], [0, 0, 0], [23, 24, 25], [26, 0, 0]]
@@ -233,8 +254,7 @@ def test_response_index_gathers_the_logits_that_predict_each_token():
     logits = torch.nn.functional.one_hot(nxt, vocab).float()
     idx = seqs.response_index()
     picked = logits.gather(1, idx[..., None].expand(-1, -1, vocab)).argmax(-1)
-    assert picked[seqs.response_mask].tolist() == [t for row in batch.column("response_ids").to_pylist()
-                                                   for t in row]
+    assert picked[seqs.response_mask].tolist() == [t for row in batch.column("response_ids").to_pylist() for t in row]
     # the same positions read the target token itself from input_ids, shifted by one
     assert seqs.input_ids.gather(1, idx + 1)[seqs.response_mask].tolist() == picked[seqs.response_mask].tolist()
 
@@ -267,12 +287,17 @@ def test_sequences_to_device_keeps_values():
 
 # --- splitting and joining ----------------------------------------------------------------------------------------
 
+
 def test_split_balanced_by_hand():
     # tokens per row 5, 1, 4, 2, 3, 3. Rounds of two, heaviest to the lightest shard:
     # (r0=5 -> s0, r2=4 -> s1), loads 5/4; (r4=3 -> s1, r5=3 -> s0), loads 8/7; (r3=2 -> s1, r1=1 -> s0), 9/9.
-    b = make_batch({"sample_id": list(range(6)),
-                    "prompt_ids": [[1, 1, 1], [1], [1, 1], [1], [1, 1], [1]],
-                    "response_ids": [[2, 2], [], [2, 2], [2], [2], [2, 2]]})
+    b = make_batch(
+        {
+            "sample_id": list(range(6)),
+            "prompt_ids": [[1, 1, 1], [1], [1, 1], [1], [1, 1], [1]],
+            "response_ids": [[2, 2], [], [2, 2], [2], [2], [2, 2]],
+        }
+    )
     shards, index = split_balanced(b, 2)
     assert [i.tolist() for i in index] == [[0, 1, 5], [2, 3, 4]]
     assert [s.column("sample_id").to_pylist() for s in shards] == [[0, 1, 5], [2, 3, 4]]
@@ -363,6 +388,7 @@ def test_repeat_interleave():
 
 
 # --- add_column ---------------------------------------------------------------------------------------------------
+
 
 def test_add_column_from_each_kind():
     b = small_batch()

@@ -90,8 +90,9 @@ def test_numpy_round_trip_including_bfloat16():
         assert isinstance(payload.flat, np.ndarray)
         if b.flat.dtype == torch.bfloat16:
             assert payload.flat.dtype == np.int16 and payload.dtype == "bfloat16"
-        assert np.shares_memory(payload.flat, b.flat.numpy() if b.flat.dtype != torch.bfloat16
-                                else b.flat.view(torch.int16).numpy())  # zero-copy
+        assert np.shares_memory(
+            payload.flat, b.flat.numpy() if b.flat.dtype != torch.bfloat16 else b.flat.view(torch.int16).numpy()
+        )  # zero-copy
         # What the object store does: serialise, and hand back a read-only array.
         restored = pickle.loads(pickle.dumps(payload))
         restored.flat.setflags(write=False)

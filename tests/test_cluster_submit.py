@@ -4,13 +4,13 @@ The cluster is started by cluster/start_head.sh and cluster/join_worker.sh with 
 would; every client call runs inside the head namespace (`cluster.run`), so no packet leaves the namespaces.
 Timings (submit -> job start, total) are printed: run with `-s` to see them.
 """
+
 import json
 import sys
 import textwrap
 import time
 
 import pytest
-
 from netns_cluster import HEAD_IP, REPO, WORKER_IP, netns_cluster
 
 SPREAD_JOB = """
@@ -33,8 +33,10 @@ print("NODES", json.dumps(ray.get([here.where.remote(), there.where.remote()])),
 def client(cluster, body: str, timeout: float = 300, env: dict | None = None):
     """Run Python `body` inside the head namespace with `from rlhf_dist import submit as S` and ADDR in scope;
     the body's last statement should be `sys.exit(rc)`."""
-    code = (f"import json, sys, time\nfrom rlhf_dist import submit as S\nADDR = {cluster.dashboard_address!r}\n"
-            f"print('SUBMIT_AT', time.time(), flush=True)\n" + textwrap.dedent(body))
+    code = (
+        f"import json, sys, time\nfrom rlhf_dist import submit as S\nADDR = {cluster.dashboard_address!r}\n"
+        f"print('SUBMIT_AT', time.time(), flush=True)\n" + textwrap.dedent(body)
+    )
     return cluster.run([sys.executable, "-c", code], timeout=timeout, env=env)
 
 
@@ -53,12 +55,14 @@ def cluster():
 
 # --- no cluster needed: a bad config or a missing address fails before anything is sent ---------------------------
 
+
 def test_bad_config_fails_before_submitting(capsys):
     from rlhf_dist.submit import submit
 
     # port 9 on loopback: nothing listens, and nothing may be sent there anyway
-    rc = submit(str(REPO / "configs/tiny_cpu.yaml"), ["train.iterationz=2"], address="http://127.0.0.1:9",
-                working_dir=str(REPO))
+    rc = submit(
+        str(REPO / "configs/tiny_cpu.yaml"), ["train.iterationz=2"], address="http://127.0.0.1:9", working_dir=str(REPO)
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "train.iterationz" in err and "nothing was submitted" in err
@@ -80,40 +84,64 @@ def test_cli_parses_actions():
 
     parser = argparse.ArgumentParser()
     add_submit_parser(parser.add_subparsers(dest="command"))
-    a = parser.parse_args(["submit", "configs/tiny_cpu.yaml", "train.iterations=2", "--no-follow",
-                           "--address", "http://h:8265", "--env", "A=1"])
+    a = parser.parse_args(
+        [
+            "submit",
+            "configs/tiny_cpu.yaml",
+            "train.iterations=2",
+            "--no-follow",
+            "--address",
+            "http://h:8265",
+            "--env",
+            "A=1",
+        ]
+    )
     assert (a.config, a.overrides, a.follow, a.address, a.env) == (
-        "configs/tiny_cpu.yaml", ["train.iterations=2"], False, "http://h:8265", [("A", "1")])
+        "configs/tiny_cpu.yaml",
+        ["train.iterations=2"],
+        False,
+        "http://h:8265",
+        [("A", "1")],
+    )
     a = parser.parse_args(["submit", "--stop", "raysubmit_1"])
     assert a.stop == "raysubmit_1" and a.config is None and a.func is a.handler
 
 
 # --- the two-node cluster ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_job_uses_both_nodes(cluster, tmp_path):
     (tmp_path / "spread.py").write_text(SPREAD_JOB)
     t0 = time.time()
-    proc = client(cluster, f"""
+    proc = client(
+        cluster,
+        f"""
         rc = S.submit_command("python spread.py", ADDR, working_dir={str(tmp_path)!r})
         print("JOB_END", time.time(), flush=True)
         sys.exit(rc)
-    """)
+    """,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr + cluster.logs()
     assert set(json.loads(stamp(proc.stdout, "NODES"))) == {HEAD_IP, WORKER_IP}
     assert "SUCCEEDED" in proc.stdout
     submit_at = float(stamp(proc.stdout, "SUBMIT_AT"))
-    print(f"\n[spread job] submit -> job start {float(stamp(proc.stdout, 'JOB_START')) - submit_at:.1f} s, "
-          f"submit -> done {float(stamp(proc.stdout, 'JOB_END')) - submit_at:.1f} s, "
-          f"client process {time.time() - t0:.1f} s")
+    print(
+        f"\n[spread job] submit -> job start {float(stamp(proc.stdout, 'JOB_START')) - submit_at:.1f} s, "
+        f"submit -> done {float(stamp(proc.stdout, 'JOB_END')) - submit_at:.1f} s, "
+        f"client process {time.time() - t0:.1f} s"
+    )
 
 
 @pytest.mark.slow
 def test_failing_job_is_nonzero(cluster, tmp_path):
-    proc = client(cluster, f"""
+    proc = client(
+        cluster,
+        f"""
         sys.exit(S.submit_command("python -c 'import sys; print(\\"boom\\"); sys.exit(3)'", ADDR,
                                   working_dir={str(tmp_path)!r}))
-    """)
+    """,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "boom" in proc.stdout
     assert "FAILED" in proc.stderr and "exit code 3" in proc.stderr
@@ -121,7 +149,9 @@ def test_failing_job_is_nonzero(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_status_logs_stop(cluster, tmp_path):
-    proc = client(cluster, f"""
+    proc = client(
+        cluster,
+        f"""
         job = "rlhfd-sleeper-{tmp_path.name}"
         assert S.submit_command("echo started; sleep 600", ADDR, working_dir={str(tmp_path)!r}, follow=False,
                                 job_id=job) == 0
@@ -138,16 +168,22 @@ def test_status_logs_stop(cluster, tmp_path):
         assert S.status(job, ADDR) == 1          # STOPPED
         assert S.status("raysubmit_nope", ADDR) == 2
         sys.exit(0)
-    """)
+    """,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RUNNING" in proc.stdout and "STOPPED" in proc.stderr and "started" in proc.stdout
 
 
 @pytest.mark.slow
 def test_client_without_token_is_refused(cluster, tmp_path):
-    proc = client(cluster, f"""
+    proc = client(
+        cluster,
+        f"""
         sys.exit(S.submit_command("true", ADDR, working_dir={str(tmp_path)!r}))
-    """, env={"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": ""}, timeout=60)
+    """,
+        env={"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": ""},
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "RAY_AUTH_TOKEN" in proc.stderr
 
@@ -155,11 +191,13 @@ def test_client_without_token_is_refused(cluster, tmp_path):
 @pytest.mark.slow
 def test_scripts_refuse_when_ray_already_runs(cluster):
     head = cluster.run(["bash", str(REPO / "cluster/start_head.sh"), "--node-ip", HEAD_IP], timeout=60)
-    worker = cluster.run(["bash", str(REPO / "cluster/join_worker.sh"), cluster.head_address,
-                          "--node-ip", WORKER_IP], node="worker", timeout=60)
+    worker = cluster.run(
+        ["bash", str(REPO / "cluster/join_worker.sh"), cluster.head_address, "--node-ip", WORKER_IP],
+        node="worker",
+        timeout=60,
+    )
     for proc in (head, worker):
         assert proc.returncode == 2 and "already runs on this node" in proc.stderr, proc.stdout + proc.stderr
-
 
 
 @pytest.mark.slow
@@ -167,18 +205,30 @@ def test_ppo_job_over_two_nodes(cluster, tiny_model, tmp_path):
     """`rlhf-dist submit configs/tiny_cpu.yaml` on the two-node cluster: the two policy learners land on different
     nodes (placement=spread), form one process group across them, and the run finishes with its metrics."""
     out = tmp_path / "run"
-    overrides = [f"model.policy={tiny_model}", f"output_dir={out}", "train.iterations=2",
-                 "train.prompts_per_iteration=8", "generation.max_new_tokens=6", "logging.plot=false",
-                 "logging.progress_bar=false", "roles.policy.num_actors=2", "roles.policy.placement=spread",
-                 "ray.actor_timeout_s=180"]   # a hang fails in minutes, not the default 10
-    proc = client(cluster, f"""
+    overrides = [
+        f"model.policy={tiny_model}",
+        f"output_dir={out}",
+        "train.iterations=2",
+        "train.prompts_per_iteration=8",
+        "generation.max_new_tokens=6",
+        "logging.plot=false",
+        "logging.progress_bar=false",
+        "roles.policy.num_actors=2",
+        "roles.policy.placement=spread",
+        "ray.actor_timeout_s=180",
+    ]  # a hang fails in minutes, not the default 10
+    proc = client(
+        cluster,
+        f"""
         rc = S.submit({str(REPO / "configs/tiny_cpu.yaml")!r}, {overrides!r}, ADDR, working_dir={str(REPO)!r})
         print("JOB_END", time.time(), flush=True)
         from ray.util.state import list_actors
         learners = list_actors(address=ADDR, filters=[("class_name", "=", "PolicyWorker")], detail=True)
         print("POLICY_NODES", json.dumps(sorted({{a.node_id for a in learners}})), flush=True)
         sys.exit(rc)
-    """, timeout=800)
+    """,
+        timeout=800,
+    )
     assert len(json.loads(stamp(proc.stdout, "POLICY_NODES"))) == 2, proc.stdout[-3000:]
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stdout

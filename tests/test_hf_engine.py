@@ -1,5 +1,6 @@
 """The Hugging Face generation engine on the tiny model: log-probs against a teacher-forced forward pass, memory that
 does not grow with steps x vocab, and a checkpoint generation_config.json that must not change sampling."""
+
 import json
 import os
 import shutil
@@ -111,8 +112,14 @@ def test_peak_memory_does_not_grow_with_steps_times_vocab():
     """8 rows x 100 steps x 50k vocab: each copy of the stacked logits is 160 MB, one step is 1.6 MB. Measured in a
     fresh process (a test process's peak RSS is whatever ran before), with glibc returning freed blocks at once."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # else reuse of freed heap blocks varies by 100 MB
-    run = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, timeout=600, env=env,
-                         cwd=Path(__file__).resolve().parents[1])
+    run = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     steps, grown_mb = run.stdout.splitlines()[-1].split()
     assert int(steps) > 75, "the rows stopped early; the probe measured too few steps"
@@ -127,8 +134,15 @@ def test_checkpoint_generation_config_does_not_leak(tiny_model, tmp_path, monkey
     gen_path = path / "generation_config.json"
     gen_cfg = json.loads(gen_path.read_text())
     # min_new_tokens bans EOS and suppress_tokens bans more: both are large effects, neither is set by our config.
-    gen_cfg.update(repetition_penalty=1.5, top_k=3, no_repeat_ngram_size=2, do_sample=True, temperature=0.3,
-                   min_new_tokens=MAX_NEW, suppress_tokens=list(range(4, 40)))
+    gen_cfg.update(
+        repetition_penalty=1.5,
+        top_k=3,
+        no_repeat_ngram_size=2,
+        do_sample=True,
+        temperature=0.3,
+        min_new_tokens=MAX_NEW,
+        suppress_tokens=list(range(4, 40)),
+    )
     gen_path.write_text(json.dumps(gen_cfg))
     sampling = SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.7, seed=5)
     eos = many_eos(tiny_model)
@@ -136,8 +150,9 @@ def test_checkpoint_generation_config_does_not_leak(tiny_model, tmp_path, monkey
     tuned = engine_for(str(path), eos)
     built = []
     real = tuned.model._get_logits_processor  # what generate really runs, to hold the report to it
-    monkeypatch.setattr(tuned.model, "_get_logits_processor",
-                        lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    monkeypatch.setattr(
+        tuned.model, "_get_logits_processor", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1]
+    )
     out = tuned.generate(PROMPTS, sampling)
     tuned.generate(PROMPTS, replace(sampling, seed=6))
     printed = capsys.readouterr().out
@@ -146,8 +161,14 @@ def test_checkpoint_generation_config_does_not_leak(tiny_model, tmp_path, monkey
     torch.testing.assert_close(out.logprobs, plain.logprobs, atol=1e-6, rtol=0)
 
     report = tuned.effective_sampling(sampling)
-    assert report == {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
-                      "processors": ["TemperatureLogitsWarper"]}
+    assert report == {
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_k": 0,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "processors": ["TemperatureLogitsWarper"],
+    }
     check_against_teacher_forced(tuned, out, report["temperature"])
     # The recorder comes first and sees raw logits; after it runs exactly what the report names.
     assert [type(p).__name__ for p in built[0]] == ["_LogprobRecorder", *report["processors"]]

@@ -1,5 +1,6 @@
 """The package's import graph, read from the source with `ast` (nothing is imported): no circles among top-of-file
 imports, and no import, at the top or inside a function, from a lower layer to a higher one."""
+
 from __future__ import annotations
 
 import ast
@@ -74,8 +75,10 @@ def imports_of(path: Path, name: str, known: dict[str, Path]) -> list[tuple[str,
 def graph(src: Path, package: str) -> dict[str, list[tuple[str, int, bool]]]:
     """Module -> its imports of `package` modules (module level and function level)."""
     known = find_modules(src, package)
-    return {m: [i for i in imports_of(p, m, known) if i[0] == package or i[0].startswith(package + ".")]
-            for m, p in known.items()}
+    return {
+        m: [i for i in imports_of(p, m, known) if i[0] == package or i[0].startswith(package + ".")]
+        for m, p in known.items()
+    }
 
 
 def cycles(edges: dict[str, list[tuple[str, int, bool]]]) -> list[list[str]]:
@@ -88,7 +91,7 @@ def cycles(edges: dict[str, list[tuple[str, int, bool]]]) -> list[list[str]]:
         stack.append(m)
         for t in nexts[m]:
             if state.get(t) == "open":
-                found.append(stack[stack.index(t):] + [t])
+                found.append(stack[stack.index(t) :] + [t])
             elif t not in state:
                 dfs(t)
         stack.pop()
@@ -122,8 +125,9 @@ def upward(edges: dict[str, list[tuple[str, int, bool]]], layers=LAYERS) -> list
                 continue
             if dst[0] >= src[0]:
                 where = "top" if top else "in a function"
-                bad.append(f"{m}:{line} ({where}) imports {target}: layer {src[0]} {src[1]!r} -> layer {dst[0]} "
-                           f"{dst[1]!r}")
+                bad.append(
+                    f"{m}:{line} ({where}) imports {target}: layer {src[0]} {src[1]!r} -> layer {dst[0]} {dst[1]!r}"
+                )
     return bad
 
 
@@ -133,7 +137,8 @@ EDGES = graph(ROOT, "rlhf_dist")
 
 def test_no_import_circles_among_top_of_file_imports():
     assert cycles(EDGES) == [], "import circles (module-level imports):\n" + "\n".join(
-        " -> ".join(c) for c in cycles(EDGES))
+        " -> ".join(c) for c in cycles(EDGES)
+    )
 
 
 def test_no_import_from_a_lower_layer_to_a_higher_one():
@@ -165,8 +170,13 @@ def test_every_import_and_function_reference_names_a_module_that_exists():
             module, _, attr = ref.partition(":")
             tree = ast.parse(known[module].read_text()) if module in known else None
             defined = {n.name for n in getattr(tree, "body", []) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-            defined |= {t.id for n in getattr(tree, "body", []) if isinstance(n, ast.Assign) for t in n.targets
-                        if isinstance(t, ast.Name)}
+            defined |= {
+                t.id
+                for n in getattr(tree, "body", [])
+                if isinstance(n, ast.Assign)
+                for t in n.targets
+                if isinstance(t, ast.Name)
+            }
             if attr not in defined:
                 missing.append(f"{path.relative_to(ROOT)}: {ref}")
     assert not missing, "names that do not resolve:\n" + "\n".join(missing)
@@ -196,21 +206,29 @@ def test_every_import_inside_a_function_says_why():
                     if line and (not marked or marked.group(1) not in DEFERRED):
                         unmarked.add(f"{path.relative_to(ROOT)}:{inner.lineno}: {line.strip()}")
     assert not unmarked, "move these to the top, or mark them `# deferred: REASON` (DEFERRED):\n" + "\n".join(
-        sorted(unmarked))
+        sorted(unmarked)
+    )
 
 
 def _fresh_modules(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     return set(out.stdout.split())
 
 
 def test_config_command_imports_neither_torch_nor_ray():
     """`rlhf-dist config` answers on a machine where only the config is at hand, and fast."""
-    loaded = _fresh_modules("import contextlib, io\nfrom rlhf_dist.cli import main\n"
-                            "with contextlib.redirect_stdout(io.StringIO()):\n"
-                            "    assert main(['config', 'configs/tiny_cpu.yaml']) == 0")
+    loaded = _fresh_modules(
+        "import contextlib, io\nfrom rlhf_dist.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['config', 'configs/tiny_cpu.yaml']) == 0"
+    )
     assert not {"torch", "ray", "transformers"} & loaded
 
 

@@ -1,4 +1,5 @@
 """The tiny model, local loading, the critic, and per-token log-probs checked against per-row reference runs."""
+
 import dataclasses
 import json
 import os
@@ -10,9 +11,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaF
 
 from rlhf_dist.data import synthetic
 from rlhf_dist.data.batch import Sequences
-from rlhf_dist.models import (CriticModel, build_tiny, load_causal_lm, load_critic, load_reward_model, load_tokenizer,
-                              response_logprobs, response_values, sequence_scores)
-from rlhf_dist.models import tiny
+from rlhf_dist.models import (
+    CriticModel,
+    build_tiny,
+    load_causal_lm,
+    load_critic,
+    load_reward_model,
+    load_tokenizer,
+    response_logprobs,
+    response_values,
+    sequence_scores,
+    tiny,
+)
 from rlhf_dist.models.value_head import VALUE_HEAD_FILE
 
 
@@ -27,6 +37,7 @@ def tokenizer(tiny_dir):
 
 
 # ---------------------------------------------------------------- build
+
 
 def test_build_reloads_to_the_seeded_init(tiny_dir):
     """from_pretrained gives exactly the model that LlamaForCausalLM(config) draws from the seed."""
@@ -57,7 +68,7 @@ def test_build_is_idempotent_and_refuses_to_clobber(tmp_path):
     out = build_tiny(tmp_path / "m", seed=0)
     stamp = os.stat(out / "model.safetensors").st_mtime_ns
     assert build_tiny(tmp_path / "m", seed=0) == out
-    assert os.stat(out / "model.safetensors").st_mtime_ns == stamp          # untouched
+    assert os.stat(out / "model.safetensors").st_mtime_ns == stamp  # untouched
     with pytest.raises(FileExistsError, match="overwrite=True"):
         build_tiny(tmp_path / "m", seed=1)
     rebuilt = build_tiny(tmp_path / "m", seed=1, overwrite=True)
@@ -69,12 +80,13 @@ def test_build_is_idempotent_and_refuses_to_clobber(tmp_path):
         build_tiny(foreign)
     (tmp_path / "empty").mkdir()
     assert tiny._is_complete(build_tiny(tmp_path / "empty"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "foreign", "m"]   # no temp dirs left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "foreign", "m"]  # no temp dirs left
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     def broken(config):
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(tiny, "LlamaForCausalLM", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         build_tiny(tmp_path / "m")
@@ -83,19 +95,25 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- tokenizer and loading
 
+
 def test_tokenizer_round_trips_synthetic_text(tiny_dir, tokenizer):
     assert isinstance(AutoTokenizer.from_pretrained(tiny_dir), type(tokenizer))
     assert tokenizer.padding_side == "left"
-    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) \
-        == (0, 1, 2, 3)
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        0,
+        1,
+        2,
+        3,
+    )
     for text in synthetic.corpus(50, seed=7) + synthetic.make_prompts(50, seed=7) + ["Hello, World! 42 (x+y)"]:
         ids = tokenizer(text).input_ids
         assert tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids) == text
-    for word in synthetic.VOCABULARY:      # one token per task word: what makes the task learnable
+    for word in synthetic.VOCABULARY:  # one token per task word: what makes the task learnable
         assert len(tokenizer(word).input_ids) == 1, word
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "the cat sat on"}], tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "the cat sat on"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "user: the cat sat on</s>\nassistant:"
 
 
@@ -135,6 +153,7 @@ def test_load_causal_lm_dtype(tiny_dir):
 
 # ---------------------------------------------------------------- joined sequences and per-row references
 
+
 def joined(rows: list[tuple[list[int], list[int]]], pad: int):
     """The contract's right-padded layout, built by hand: (input_ids, attention_mask, position_ids,
     response_index, response_ids, response_mask, last_index)."""
@@ -151,9 +170,9 @@ def joined(rows: list[tuple[list[int], list[int]]], pad: int):
         n = len(p) + len(r)
         input_ids[i, :n] = torch.tensor(p + r)
         attention_mask[i, :n] = 1
-        response_index[i, :len(r)] = torch.arange(len(p) - 1, n - 1)
-        response_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        response_mask[i, :len(r)] = True
+        response_index[i, : len(r)] = torch.arange(len(p) - 1, n - 1)
+        response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[i, : len(r)] = True
         last_index[i] = n - 1
     position_ids = torch.arange(L).expand(B, L)
     return input_ids, attention_mask, position_ids, response_index, response_ids, response_mask, last_index
@@ -163,8 +182,14 @@ def joined_sequences(rows: list[tuple[list[int], list[int]]], pad: int) -> Seque
     """`joined` as the `Sequences` the model functions take (position_ids 0 on pads, as the contract has them);
     the response index and tokens it derives must be the hand-built ones."""
     input_ids, attention_mask, position_ids, response_index, response_ids, response_mask, _ = joined(rows, pad)
-    seqs = Sequences(input_ids, attention_mask, position_ids * attention_mask,
-                     torch.tensor([len(p) for p, _ in rows]), torch.tensor([len(r) for _, r in rows]), response_mask)
+    seqs = Sequences(
+        input_ids,
+        attention_mask,
+        position_ids * attention_mask,
+        torch.tensor([len(p) for p, _ in rows]),
+        torch.tensor([len(r) for _, r in rows]),
+        response_mask,
+    )
     assert torch.equal(seqs.response_index(), response_index)
     assert torch.equal(seqs.response_tokens()[response_mask], response_ids[response_mask])
     return seqs
@@ -173,7 +198,7 @@ def joined_sequences(rows: list[tuple[list[int], list[int]]], pad: int) -> Seque
 @pytest.fixture(scope="module")
 def rows(tokenizer):
     """Rows of different lengths: the longest row, an empty response, a one-token response, one ending in eos."""
-    encode = lambda text: tokenizer(text).input_ids   # noqa: E731
+    encode = lambda text: tokenizer(text).input_ids  # noqa: E731
     return [
         (encode("the cat sat on the"), encode("happy kind warm dog near a bright hill")),
         (encode("my friend saw a"), []),
@@ -230,8 +255,8 @@ def test_response_values_match_per_row_runs(tiny_dir, tokenizer, rows):
         for i, (prompt, response) in enumerate(rows):
             row = torch.tensor([prompt + response])
             hidden = critic.backbone(row).last_hidden_state[0]
-            expected = hidden[len(prompt) - 1: len(prompt) + len(response) - 1] @ critic.value_head.weight[0] + 0.25
-            torch.testing.assert_close(values[i, :len(response)], expected, atol=1e-5, rtol=0)
+            expected = hidden[len(prompt) - 1 : len(prompt) + len(response) - 1] @ critic.value_head.weight[0] + 0.25
+            torch.testing.assert_close(values[i, : len(response)], expected, atol=1e-5, rtol=0)
     assert values.shape == response_mask.shape and values.dtype == torch.float32
 
 
@@ -243,7 +268,7 @@ def test_sequence_scores_read_the_last_real_token(tiny_dir, tokenizer, rows):
     assert not torch.equal(reward_model.score.weight, load_reward_model(tiny_dir, seed=1).score.weight)
     ids, mask, pos, _, _, _, last_index = joined(rows, tokenizer.pad_token_id)
 
-    class Wrapped(torch.nn.Module):   # what DeepSpeed / DDP hand back: the model sits in .module
+    class Wrapped(torch.nn.Module):  # what DeepSpeed / DDP hand back: the model sits in .module
         def __init__(self, module):
             super().__init__()
             self.module = module
@@ -262,9 +287,10 @@ def test_sequence_scores_read_the_last_real_token(tiny_dir, tokenizer, rows):
 
 # ---------------------------------------------------------------- critic on disk
 
+
 def test_critic_round_trip(tiny_dir, tmp_path):
     fresh = load_critic(tiny_dir)
-    assert not fresh.value_head.weight.any() and not fresh.value_head.bias.any()   # zero head from a plain LM
+    assert not fresh.value_head.weight.any() and not fresh.value_head.bias.any()  # zero head from a plain LM
     lm = load_causal_lm(tiny_dir)
     assert torch.equal(fresh.backbone.embed_tokens.weight, lm.model.embed_tokens.weight)
     with torch.no_grad():
@@ -287,6 +313,7 @@ def test_critic_round_trip(tiny_dir, tmp_path):
 
 # ---------------------------------------------------------------- the task is learnable from a random init
 
+
 def test_random_init_policy_has_a_low_but_nonzero_gold_rate(tiny_dir, tokenizer):
     model = load_causal_lm(tiny_dir)
     prompts = synthetic.make_prompts(64, seed=0)
@@ -294,11 +321,11 @@ def test_random_init_policy_has_a_low_but_nonzero_gold_rate(tiny_dir, tokenizer)
     torch.manual_seed(0)
     with torch.no_grad():
         out = model.generate(**batch, do_sample=True, max_new_tokens=16, top_k=0, top_p=1.0, temperature=1.0)
-    responses = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    responses = tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
     gold = [synthetic.gold_reward(p, r) for p, r in zip(prompts, responses)]
     mean = sum(gold) / len(gold)
     assert 0.03 < mean < 0.3, (mean, responses[:4])
-    assert sum(g > 0 for g in gold) >= 16          # many samples carry signal for PPO
+    assert sum(g > 0 for g in gold) >= 16  # many samples carry signal for PPO
     # and the optimum is reachable: distinct positive words decode from single tokens to a perfect score
     best = [tokenizer(w).input_ids[0] for w in synthetic.POSITIVE_WORDS[:8]]
     assert synthetic.gold_reward("", tokenizer.decode(best)) == 1.0
@@ -321,8 +348,9 @@ def test_critic_from_a_reward_model_starts_from_its_score_head(tiny_dir, tokeniz
     with torch.no_grad():
         values = response_values(critic, seqs)
         # the reward model's own path, one response position at a time, as if each were the last token
-        scores = torch.stack([sequence_scores(reward_model, ids, mask, index[:, t], pos)
-                              for t in range(index.shape[1])], dim=1)
+        scores = torch.stack(
+            [sequence_scores(reward_model, ids, mask, index[:, t], pos) for t in range(index.shape[1])], dim=1
+        )
     assert values.abs()[response_mask].min() > 0
     torch.testing.assert_close(values[response_mask], scores[response_mask], atol=1e-5, rtol=0)
 

@@ -3,6 +3,7 @@
 Two learner actors per offline stage (one DeepSpeed ZeRO-2 group over gloo), two rollout actors and two labellers,
 so every group really scatters and gathers.
 """
+
 import json
 
 import pyarrow.parquet as pq
@@ -11,13 +12,20 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SHORT = [
-    "sft.demonstrations=1000", "sft.learners.num_actors=2",
-    "collect.num_prompts=384", "collect.chunk_prompts=128", "collect.labellers.num_actors=2",
+    "sft.demonstrations=1000",
+    "sft.learners.num_actors=2",
+    "collect.num_prompts=384",
+    "collect.chunk_prompts=128",
+    "collect.labellers.num_actors=2",
     "roles.rollout.num_actors=2",
-    "rm.eval_fraction=0.2", "rm.learners.num_actors=2",
-    "train.iterations=12", "train.prompts_per_iteration=32",
-    "dpo.epochs=2", "dpo.learners.num_actors=2",
-    "data.eval_prompts=32", "pipeline.eval_samples=2",
+    "rm.eval_fraction=0.2",
+    "rm.learners.num_actors=2",
+    "train.iterations=12",
+    "train.prompts_per_iteration=32",
+    "dpo.epochs=2",
+    "dpo.learners.num_actors=2",
+    "data.eval_prompts=32",
+    "pipeline.eval_samples=2",
     "ray.num_cpus=null",
 ]
 
@@ -28,8 +36,7 @@ def test_pipeline_end_to_end(tiny_model, tmp_path, local_ray, capsys):
     from rlhf_dist.models.load import load_causal_lm, load_reward_model
 
     out = tmp_path / "run"
-    rc = main(["pipeline", "configs/pipeline_tiny_cpu.yaml", f"model.policy={tiny_model}", f"output_dir={out}",
-               *SHORT])
+    rc = main(["pipeline", "configs/pipeline_tiny_cpu.yaml", f"model.policy={tiny_model}", f"output_dir={out}", *SHORT])
     assert rc == 0
     table = json.loads((out / "pipeline.json").read_text())
     p = table["policies"]

@@ -1,5 +1,6 @@
 """SFT, reward-model and DPO learners and the labellers, driven in-process (no Ray): the classes the actors wrap,
 on real DeepSpeed engines (ZeRO-2, one rank) and real Arrow/Parquet data read through rlhf_dist.data.datasets."""
+
 import math
 import random
 
@@ -38,7 +39,8 @@ def pairs_batch(tokenizer, prompts, a, b) -> pa.RecordBatch:
     ids = lambda texts: pa.array(tokenizer(list(texts), add_special_tokens=False)["input_ids"], S.TOKENS)  # noqa
     return pa.RecordBatch.from_arrays(
         [pa.array(np.arange(len(a), dtype=np.int64)), pa.array(prompts), ids(prompts), pa.array(a), pa.array(b)],
-        schema=PAIR_SCHEMA)
+        schema=PAIR_SCHEMA,
+    )
 
 
 def random_answers(n: int, seed: int) -> list[str]:
@@ -47,8 +49,12 @@ def random_answers(n: int, seed: int) -> list[str]:
     out = []
     for _ in range(n):
         p = rng.random()
-        out.append(" ".join(rng.choice(POSITIVE_WORDS) if rng.random() < p else rng.choice(NEUTRAL_WORDS)
-                            for _ in range(rng.randint(3, 6))))
+        out.append(
+            " ".join(
+                rng.choice(POSITIVE_WORDS) if rng.random() < p else rng.choice(NEUTRAL_WORDS)
+                for _ in range(rng.randint(3, 6))
+            )
+        )
     return out
 
 
@@ -60,6 +66,7 @@ def labelled_pairs(cfg, tokenizer, n: int, path) -> str:
 
 
 # --- SFT ------------------------------------------------------------------------------------------------------------
+
 
 def test_synthetic_demonstrations_cut_corpus_lines_at_the_first_positive_word():
     from rlhf_dist.trainers.sft import synthetic_demonstrations
@@ -91,7 +98,7 @@ def test_sft_loss_is_response_only_and_falls(cfg, tmp_path):
     nll, n_tokens = 0.0, 0
     for p, r in zip(few.column(S.PROMPT_IDS).to_pylist(), few.column(S.RESPONSE_IDS).to_pylist()):
         logits = model(torch.tensor([p + r])).logits[0]
-        nll -= torch.log_softmax(logits[len(p) - 1:-1], -1).gather(1, torch.tensor(r)[:, None]).sum().item()
+        nll -= torch.log_softmax(logits[len(p) - 1 : -1], -1).gather(1, torch.tensor(r)[:, None]).sum().item()
         n_tokens += len(r)
     sums = learner.evaluate(few)
     assert sums["tokens"] == n_tokens
@@ -105,6 +112,7 @@ def test_sft_loss_is_response_only_and_falls(cfg, tmp_path):
 
 
 # --- reward model ---------------------------------------------------------------------------------------------------
+
 
 def test_reward_model_learns_simulated_preferences(cfg, tmp_path):
     from rlhf_dist.models.load import load_tokenizer
@@ -126,6 +134,7 @@ def test_reward_model_learns_simulated_preferences(cfg, tmp_path):
 
 # --- DPO ------------------------------------------------------------------------------------------------------------
 
+
 def test_dpo_raises_the_chosen_over_rejected_margin(cfg, tmp_path):
     from rlhf_dist.models.load import load_tokenizer
     from rlhf_dist.trainers.dpo import add_reference_logps, reference_config
@@ -133,8 +142,13 @@ def test_dpo_raises_the_chosen_over_rejected_margin(cfg, tmp_path):
     from rlhf_dist.workers.dpo_learner import DPOLearner
     from rlhf_dist.workers.reference import ReferenceWorker
 
-    c = cfg("collect.noise_temperature=0", "collect.flip_rate=0", "dpo.lr=1e-3", "dpo.eval_fraction=0.2",
-            "dpo.micro_batch_size=8")
+    c = cfg(
+        "collect.noise_temperature=0",
+        "collect.flip_rate=0",
+        "dpo.lr=1e-3",
+        "dpo.eval_fraction=0.2",
+        "dpo.micro_batch_size=8",
+    )
     tokenizer = load_tokenizer(c.model.policy)
     path = labelled_pairs(c, tokenizer, 240, tmp_path / "prefs.parquet")
     data, _ = offline.read_tokenized(offline.dataset_spec(c, "dpo", "preferences", path), tokenizer, "dpo.data.path")
@@ -142,7 +156,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin(cfg, tmp_path):
     data = add_reference_logps(data, reference.logprobs(stack_pairs(data)))
     train, held = offline.split_held_out(data, c.dpo, c.seed, "dpo")
     learner = start(DPOLearner, c)
-    assert learner.micro_per_step == 4   # 32 rows per step in micro-batches of 8: gradient accumulation
+    assert learner.micro_per_step == 4  # 32 rows per step in micro-batches of 8: gradient accumulation
 
     # Before any step the policy is the reference: implicit rewards are exactly 0 and the loss is log 2.
     before = DPOLearner.eval_metrics(learner.evaluate(held))
@@ -155,6 +169,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin(cfg, tmp_path):
 
 # --- labellers ------------------------------------------------------------------------------------------------------
 
+
 def _gold_pairs(tokenizer, n: int) -> pa.RecordBatch:
     return pairs_batch(tokenizer, make_prompts(n, seed=5), random_answers(n, 11), random_answers(n, 12))
 
@@ -165,8 +180,9 @@ def test_simulated_labellers_flip_the_configured_share(tiny_cfg):
     n, flip = 4000, 0.2
     c = tiny_cfg("collect.noise_temperature=0", f"collect.flip_rate={flip}")
     labels = LabellerWorker(c).label(_gold_pairs(load_tokenizer(c.model.policy), n))
-    chosen, rejected = (np.array([gold_reward("", t) for t in labels.column(k).to_pylist()]) for k in
-                        ("chosen", "rejected"))
+    chosen, rejected = (
+        np.array([gold_reward("", t) for t in labels.column(k).to_pylist()]) for k in ("chosen", "rejected")
+    )
     decided = chosen != rejected
     wrong = float(np.mean(chosen[decided] < rejected[decided]))
     sigma = math.sqrt(flip * (1 - flip) / decided.sum())
@@ -186,12 +202,13 @@ def test_simulated_labellers_follow_bradley_terry(tiny_cfg):
     labels = LabellerWorker(c).label(_gold_pairs(load_tokenizer(c.model.policy), n))
     u_c, u_r = labels.column("score_chosen").to_numpy(), labels.column("score_rejected").to_numpy()
     diff = np.abs(u_c - u_r)[u_c != u_r]
-    expected = float(np.mean(1 / (1 + np.exp(-diff / temperature))))   # P(the better one is chosen)
+    expected = float(np.mean(1 / (1 + np.exp(-diff / temperature))))  # P(the better one is chosen)
     observed = float(np.mean((u_c > u_r)[u_c != u_r]))
     assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / len(diff)), (observed, expected)
-    assert 0.6 < observed < 0.95   # noisy, but far from a coin toss
-    np.testing.assert_allclose(labels.column("p_chosen").to_numpy(),
-                               bradley_terry_prob(u_c, u_r, temperature), rtol=1e-5)
+    assert 0.6 < observed < 0.95  # noisy, but far from a coin toss
+    np.testing.assert_allclose(
+        labels.column("p_chosen").to_numpy(), bradley_terry_prob(u_c, u_r, temperature), rtol=1e-5
+    )
 
 
 def test_labels_do_not_depend_on_how_pairs_are_split_over_labellers(tiny_cfg):
@@ -234,14 +251,16 @@ def test_pair_up_drops_pairs_without_a_preference():
     from rlhf_dist.trainers.collect import pair_up
 
     texts = ["good kind", "warm", "same", "same ", "", "happy", "calm joy", "bright"]
-    samples = pa.RecordBatch.from_pydict({
-        S.PROMPT_TEXT: [f"p{i // 2}" for i in range(8)],
-        S.PROMPT_IDS: pa.array([[i // 2 + 5] for i in range(8)], S.TOKENS),
-        S.RESPONSE_IDS: pa.array([[i + 10] for i in range(8)], S.TOKENS),
-        S.RESPONSE_TEXT: texts,
-    })
+    samples = pa.RecordBatch.from_pydict(
+        {
+            S.PROMPT_TEXT: [f"p{i // 2}" for i in range(8)],
+            S.PROMPT_IDS: pa.array([[i // 2 + 5] for i in range(8)], S.TOKENS),
+            S.RESPONSE_IDS: pa.array([[i + 10] for i in range(8)], S.TOKENS),
+            S.RESPONSE_TEXT: texts,
+        }
+    )
     pairs = pair_up(samples, first_id=100)
-    assert pairs.column("pair_id").to_pylist() == [100, 103]       # equal texts and an empty answer are dropped
+    assert pairs.column("pair_id").to_pylist() == [100, 103]  # equal texts and an empty answer are dropped
     assert pairs.column("response_a").to_pylist() == ["good kind", "calm joy"]
     assert pairs.column("response_b").to_pylist() == ["warm", "bright"]
     assert pairs.column(S.PROMPT_TEXT).to_pylist() == ["p0", "p3"]

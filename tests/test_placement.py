@@ -1,14 +1,22 @@
 """Placement from the config, checked per node before any actor starts; the dry-run table."""
-import pytest
 
 import re
 import shlex
 import sys
 from pathlib import Path
 
+import pytest
+
 from rlhf_dist.config import load_config
-from rlhf_dist.orchestration.placement import (ResourceError, assign, bundles_by_owner, format_placement, plan,
-                                               required_resources, simulated_nodes)
+from rlhf_dist.orchestration.placement import (
+    ResourceError,
+    assign,
+    bundles_by_owner,
+    format_placement,
+    plan,
+    required_resources,
+    simulated_nodes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,8 +28,14 @@ def _by_role(slots):
     return out
 
 
-@pytest.mark.parametrize("path,nodes", [("configs/qwen0.5b_1x8_vllm.yaml", 1), ("configs/qwen0.5b_2x8_multinode.yaml", 2),
-                                        ("configs/qwen0.5b_4x8_multinode.yaml", 4)])
+@pytest.mark.parametrize(
+    "path,nodes",
+    [
+        ("configs/qwen0.5b_1x8_vllm.yaml", 1),
+        ("configs/qwen0.5b_2x8_multinode.yaml", 2),
+        ("configs/qwen0.5b_4x8_multinode.yaml", 4),
+    ],
+)
 def test_gpu_recipes_fit_their_layout_and_use_every_gpu_once(path, nodes):
     cfg = load_config(path)
     slots = assign(plan(cfg), simulated_nodes(nodes, 96, 8))
@@ -31,8 +45,10 @@ def test_gpu_recipes_fit_their_layout_and_use_every_gpu_once(path, nodes):
     for role in roles:
         assert len(roles[role]) == getattr(cfg.roles, role).num_actors
     # a vLLM engine gets tensor_parallel_size GPUs, all on one node
-    assert all(len(s.gpus) == cfg.generation.tensor_parallel_size for s in roles["rollout"]) or \
-        cfg.roles.rollout.colocate_with
+    assert (
+        all(len(s.gpus) == cfg.generation.tensor_parallel_size for s in roles["rollout"])
+        or cfg.roles.rollout.colocate_with
+    )
 
 
 def test_two_node_recipe_spreads_engines_and_refuses_one_node():
@@ -93,8 +109,12 @@ def _requests_per_bundle(plans, owner):
 
 def test_actors_sharing_a_bundle_ask_exactly_its_gpus():
     colocated = [f"roles.{r}.colocate_with=policy" for r in ("rollout", "reward", "reference", "critic")]
-    plans = plan(load_config("configs/tiny_cpu.yaml", ["roles.policy.num_gpus=1", "roles.rollout.num_actors=2",
-                                                       "ray.num_cpus=6", *colocated]))
+    plans = plan(
+        load_config(
+            "configs/tiny_cpu.yaml",
+            ["roles.policy.num_gpus=1", "roles.rollout.num_actors=2", "ray.num_cpus=6", *colocated],
+        )
+    )
     # 6 actors on the policy's one bundle: 1 policy + 2 rollout + reward + reference + critic
     assert required_resources(plans) == {"CPU": 6.0, "GPU": 1.0}
     assert bundles_by_owner(plans) == {"policy": (1, {"CPU": 6.0, "GPU": 1.0})}
@@ -109,9 +129,18 @@ def test_actors_sharing_a_bundle_ask_exactly_its_gpus():
 
 def test_uneven_sharing_fills_the_busiest_bundle_exactly():
     # policy 2 actors x 1 GPU; 3 rollout actors: bundle 0 holds policy 0, rollout 0 and 2; bundle 1 policy 1, rollout 1
-    plans = plan(load_config("configs/tiny_cpu.yaml", ["roles.policy.num_actors=2", "roles.policy.num_gpus=1",
-                                                       "roles.rollout.num_actors=3", "ray.num_cpus=8",
-                                                       "roles.rollout.colocate_with=policy"]))
+    plans = plan(
+        load_config(
+            "configs/tiny_cpu.yaml",
+            [
+                "roles.policy.num_actors=2",
+                "roles.policy.num_gpus=1",
+                "roles.rollout.num_actors=3",
+                "ray.num_cpus=8",
+                "roles.rollout.colocate_with=policy",
+            ],
+        )
+    )
     sums = _requests_per_bundle(plans, "policy")
     assert sums[0] == pytest.approx(1.0) and sums[1] <= 1.0
     assert bundles_by_owner(plans)["policy"] == (2, {"CPU": 3.0, "GPU": 1.0})  # the CPUs of the busiest bundle
@@ -119,10 +148,17 @@ def test_uneven_sharing_fills_the_busiest_bundle_exactly():
 
 
 def test_a_colocation_chain_places_every_role_in_the_anchors_bundles():
-    plans = plan(load_config("configs/tiny_cpu.yaml", ["roles.policy.num_gpus=1", "roles.rollout.colocate_with=policy",
-                                                       "roles.critic.colocate_with=rollout"]))
-    assert plans["critic"].bundle_owner == "policy" and set(bundles_by_owner(plans)) == {"policy", "reward",
-                                                                                          "reference"}
+    plans = plan(
+        load_config(
+            "configs/tiny_cpu.yaml",
+            ["roles.policy.num_gpus=1", "roles.rollout.colocate_with=policy", "roles.critic.colocate_with=rollout"],
+        )
+    )
+    assert plans["critic"].bundle_owner == "policy" and set(bundles_by_owner(plans)) == {
+        "policy",
+        "reward",
+        "reference",
+    }
     assert _requests_per_bundle(plans, "policy") == [pytest.approx(1.0)]
 
 
@@ -132,8 +168,9 @@ def _one_gpu_overrides() -> list[str]:
     return shlex.split(re.search(r'ONE_GPU="([^"]*)"', text).group(1).replace("\\\n", " "))
 
 
-@pytest.mark.parametrize("extra", [[], ["roles.rollout.num_actors=4", "ray.num_cpus=8"]],
-                         ids=["recipe", "scaling_4_rollouts"])
+@pytest.mark.parametrize(
+    "extra", [[], ["roles.rollout.num_actors=4", "ray.num_cpus=8"]], ids=["recipe", "scaling_4_rollouts"]
+)
 def test_one_gpu_recipe_validates_and_plans_on_one_gpu(extra, capsys):
     from rlhf_dist.cli import main
 

@@ -1,4 +1,6 @@
-"""End to end on real local Ray: five roles as actors, Arrow through the object store, weights synced every iteration."""
+"""End to end on real local Ray: five roles as actors, Arrow through the object store, weights synced every
+iteration."""
+
 import json
 
 import numpy as np
@@ -8,11 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_ppo_zero3_two_learners_two_rollouts(tiny_cfg, local_ray):
-    import ray
 
-    from rlhf_dist.data import schema as S
-    from rlhf_dist.orchestration.launch import launch_roles
-    from rlhf_dist.orchestration.weight_push import WeightPush
     from rlhf_dist.trainers.ppo import run
 
     cfg = tiny_cfg(
@@ -43,9 +41,9 @@ def test_ppo_zero3_two_learners_two_rollouts(tiny_cfg, local_ray):
 
 def test_weights_arrive_and_version_advances(tiny_cfg, local_ray):
     """Two ZeRO-3 learners gather, the object store carries one copy, both rollout actors load it."""
+    from rlhf_dist.models.load import load_causal_lm
     from rlhf_dist.orchestration.launch import launch_roles
     from rlhf_dist.orchestration.weight_push import WeightPush
-    from rlhf_dist.models.load import load_causal_lm
 
     cfg = tiny_cfg(
         "train.prompts_per_iteration=4",
@@ -91,8 +89,16 @@ def test_default_job_learns(tiny_model, tmp_path, capsys):
     from rlhf_dist.cli import main
 
     out = tmp_path / "run"
-    rc = main(["train", "configs/tiny_cpu.yaml", f"model.policy={tiny_model}", f"output_dir={out}",
-               "train.iterations=30", "logging.progress_bar=false"])
+    rc = main(
+        [
+            "train",
+            "configs/tiny_cpu.yaml",
+            f"model.policy={tiny_model}",
+            f"output_dir={out}",
+            "train.iterations=30",
+            "logging.progress_bar=false",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     first = np.mean([r["gold_reward_mean"] for r in rows[:5]])
@@ -112,8 +118,12 @@ def test_engines_start_first_and_sleep_while_learners_train(tiny_cfg, local_ray)
     from rlhf_dist.orchestration.role_group import collect_compute_stats
     from rlhf_dist.trainers.ppo import PPORun, iteration, prepare
 
-    cfg = tiny_cfg("generation.enable_sleep=true", "train.prompts_per_iteration=4", "generation.max_new_tokens=4",
-                   "ray.num_cpus=null")
+    cfg = tiny_cfg(
+        "generation.enable_sleep=true",
+        "train.prompts_per_iteration=4",
+        "generation.max_new_tokens=4",
+        "ray.num_cpus=null",
+    )
     sampler = prepare(cfg)
     with running_roles(cfg) as groups:
         run = PPORun.start(cfg, groups, sampler)
@@ -121,12 +131,12 @@ def test_engines_start_first_and_sleep_while_learners_train(tiny_cfg, local_ray)
         asleep = spans["rollout"]["sleep"][0][1]
         for role in ("reward", "reference", "policy", "critic"):
             assert spans[role]["__init__"][0][0] >= asleep, f"{role} started before the engines were up and asleep"
-        for it in range(2):
+        for _ in range(2):
             iteration(run, Phases())
             spans = _spans(collect_compute_stats(groups))
-            (_, generated), = spans["rollout"]["generate"]
-            (_, slept), = spans["rollout"]["sleep"]
-            (woke, _), = spans["rollout"]["start_weight_update"]
+            ((_, generated),) = spans["rollout"]["generate"]
+            ((_, slept),) = spans["rollout"]["sleep"]
+            ((woke, _),) = spans["rollout"]["start_weight_update"]
             trains = [s for role in ("policy", "critic") for s in spans[role]["train"]]
             assert generated <= slept and all(slept <= start and end <= woke for start, end in trains)
 

@@ -1,4 +1,5 @@
 """Resume gives the same next iterations as not stopping: learner, optimizer, data position, KL and RNG states."""
+
 import json
 
 import pytest
@@ -15,11 +16,22 @@ def test_resume_matches_uninterrupted_run(tiny_model, tmp_path, local_ray):
     from rlhf_dist.trainers.ppo import run
 
     def cfg(out, *extra):
-        return load_config("configs/tiny_cpu.yaml", [
-            f"model.policy={tiny_model}", f"output_dir={out}", "logging.progress_bar=false", "logging.plot=false",
-            "train.prompts_per_iteration=16", "generation.max_new_tokens=8", "checkpoint.save_every=2",
-            "checkpoint.save_final=false", "ray.num_cpus=null", "algo.kl_target=0.05", *extra,
-        ])
+        return load_config(
+            "configs/tiny_cpu.yaml",
+            [
+                f"model.policy={tiny_model}",
+                f"output_dir={out}",
+                "logging.progress_bar=false",
+                "logging.plot=false",
+                "train.prompts_per_iteration=16",
+                "generation.max_new_tokens=8",
+                "checkpoint.save_every=2",
+                "checkpoint.save_final=false",
+                "ray.num_cpus=null",
+                "algo.kl_target=0.05",
+                *extra,
+            ],
+        )
 
     straight = _rows(run(cfg(tmp_path / "a", "train.iterations=4"))["metrics_path"])
     run(cfg(tmp_path / "b", "train.iterations=2"))

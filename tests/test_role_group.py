@@ -1,4 +1,5 @@
 """RoleGroup's promises: shards come back in order, a late actor and a dead actor are errors naming role and rank."""
+
 import os
 import time
 

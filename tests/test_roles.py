@@ -1,8 +1,8 @@
 """Each role driven in-process, without Ray: the same classes the actors wrap."""
+
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
 from rlhf_dist.data import schema as S
 from rlhf_dist.trainers.ppo import merge_columns
@@ -62,7 +62,9 @@ def test_reward_function_and_gold(cfg, rollout, prompts):
     scored = RewardWorker(cfg).score(batch)
     p, r = batch.column(S.PROMPT_TEXT).to_pylist(), batch.column(S.RESPONSE_TEXT).to_pylist()
     np.testing.assert_allclose(scored.column(S.REWARD).to_numpy(), np.float32(preference_reward(p, r)), rtol=1e-6)
-    np.testing.assert_allclose(scored.column(S.GOLD_REWARD).to_numpy(), [gold_reward(a, b) for a, b in zip(p, r)], rtol=1e-6)
+    np.testing.assert_allclose(
+        scored.column(S.GOLD_REWARD).to_numpy(), [gold_reward(a, b) for a, b in zip(p, r)], rtol=1e-6
+    )
 
 
 def test_policy_trains_and_rollout_receives_its_weights(cfg, rollout, prompts):
@@ -78,7 +80,11 @@ def test_policy_trains_and_rollout_receives_its_weights(cfg, rollout, prompts):
     critic.init_group("127.0.0.1", find_free_port("127.0.0.1"))
     batch = rollout.generate(prompts, iteration=3)
     batch = merge_columns(
-        batch, RewardWorker(cfg).score(batch), ReferenceWorker(cfg).logprobs(batch), policy.logprobs(batch), critic.values(batch)
+        batch,
+        RewardWorker(cfg).score(batch),
+        ReferenceWorker(cfg).logprobs(batch),
+        policy.logprobs(batch),
+        critic.values(batch),
     )
     batch, _ = compute_advantages(batch, cfg.algo, cfg.algo.kl_coef)
     before = {k: v.copy() for k, v in rollout.weights().items()}

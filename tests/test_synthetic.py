@@ -1,4 +1,5 @@
 """The synthetic task: prompts, corpus, the gold scorer (hand-checked numbers) and the noisy preference reward."""
+
 import math
 import random
 import statistics
@@ -9,19 +10,22 @@ from rlhf_dist.data import synthetic
 from rlhf_dist.data.synthetic import gold_reward, preference_reward
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("", 0.0),
-    ("...", 0.0),                                  # no words at all
-    ("good kind warm nice", 1.0),                  # 4 distinct positive words
-    ("good", 0.25),                                # short answers count as 4 words
-    ("the cat good", 0.25),                        # 1 positive / max(3, 4)
-    ("good good good good", (4 - 0.5 * 3) / 4),    # 3 repeats cost 1.5
-    ("Happy, happy dog!", (2 - 0.5 * 1) / 4),      # case and punctuation do not split or hide words
-    ("the the the the the", 0.0),                  # negative before clipping
-    ("goods gooder", 0.0),                         # only whole words count
-    ("good kind warm nice calm fair joy fun the cat", 8 / 10),
-    ("happy5sunny", 2 / 4),                        # a digit ends a word
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("", 0.0),
+        ("...", 0.0),  # no words at all
+        ("good kind warm nice", 1.0),  # 4 distinct positive words
+        ("good", 0.25),  # short answers count as 4 words
+        ("the cat good", 0.25),  # 1 positive / max(3, 4)
+        ("good good good good", (4 - 0.5 * 3) / 4),  # 3 repeats cost 1.5
+        ("Happy, happy dog!", (2 - 0.5 * 1) / 4),  # case and punctuation do not split or hide words
+        ("the the the the the", 0.0),  # negative before clipping
+        ("goods gooder", 0.0),  # only whole words count
+        ("good kind warm nice calm fair joy fun the cat", 8 / 10),
+        ("happy5sunny", 2 / 4),  # a digit ends a word
+    ],
+)
 def test_gold_reward_hand_checked(response, expected):
     assert gold_reward("the cat sat on", response) == pytest.approx(expected, abs=1e-12)
 
@@ -44,7 +48,7 @@ def test_make_prompts_deterministic_neutral_and_short():
     for prompt in prompts:
         words = prompt.split()
         assert 4 <= len(words) <= 7 and set(words) <= neutral
-        assert gold_reward("", prompt) == 0.0   # prompts themselves earn nothing
+        assert gold_reward("", prompt) == 0.0  # prompts themselves earn nothing
     assert synthetic.make_prompts(0, seed=0) == []
     with pytest.raises(ValueError, match="n must be >= 0"):
         synthetic.make_prompts(-1, seed=0)
@@ -68,10 +72,10 @@ def test_preference_reward_is_gold_plus_small_fixed_noise():
     prompts = synthetic.make_prompts(3000, seed=1)
     responses = [" ".join(rng.choice(synthetic.VOCABULARY) for _ in range(rng.randint(1, 10))) for _ in prompts]
     preferred = preference_reward(prompts, responses)
-    assert preferred == preference_reward(prompts, responses)          # same text, same score
+    assert preferred == preference_reward(prompts, responses)  # same text, same score
     gold = [gold_reward(p, r) for p, r in zip(prompts, responses)]
     noise = [a - b for a, b in zip(preferred, gold)]
-    assert abs(statistics.fmean(noise)) < 0.005                        # 3 standard errors of 0.05/sqrt(3000)
+    assert abs(statistics.fmean(noise)) < 0.005  # 3 standard errors of 0.05/sqrt(3000)
     assert statistics.stdev(noise) == pytest.approx(synthetic.PREFERENCE_NOISE, rel=0.1)
     assert statistics.correlation(preferred, gold) > 0.9
     assert all(math.isfinite(x) for x in preferred)

@@ -1,4 +1,5 @@
 """Where an iteration's time goes: the overhead arithmetic against hand-worked numbers, and actors that report it."""
+
 import time
 
 import pytest
@@ -14,8 +15,12 @@ def ppo_chains(push_during_train: bool = False) -> timing.Chains:
     with phases.phase("generate"):
         phases.record("rollout", "generate")
     with phases.phase("score"):
-        for role, method in (("reward", "score"), ("reference", "logprobs"), ("policy", "logprobs"),
-                             ("critic", "values")):
+        for role, method in (
+            ("reward", "score"),
+            ("reference", "logprobs"),
+            ("policy", "logprobs"),
+            ("critic", "values"),
+        ):
             phases.record(role, method)
     with phases.phase("train"):
         phases.record("policy", "train")
@@ -34,14 +39,16 @@ CHAINS, SYNC_IN_TRAIN = ppo_chains(), ppo_chains(push_during_train=True)
 
 # Two rollout actors, two policy ranks, one of each other role; seconds inside each role method.
 STATS = {
-    "rollout": [{"seconds": {"generate": 1.0, "update_weights": 0.1}, "peak_rss_mb": 400.0},
-                {"seconds": {"generate": 1.5, "update_weights": 0.2}, "peak_rss_mb": 450.0}],
+    "rollout": [
+        {"seconds": {"generate": 1.0, "update_weights": 0.1}, "peak_rss_mb": 400.0},
+        {"seconds": {"generate": 1.5, "update_weights": 0.2}, "peak_rss_mb": 450.0},
+    ],
     "reward": [{"seconds": {"score": 0.2}, "peak_rss_mb": 300.0}],
     "reference": [{"seconds": {"logprobs": 0.5}, "peak_rss_mb": 420.0}],
-    "policy": [{"seconds": {"logprobs": 0.6, "train": 2.0, "push_weights": 0.5}, "peak_rss_mb": 500.0,
-                "peak_gpu_mb": 1000.0},
-               {"seconds": {"logprobs": 0.7, "train": 1.8, "push_weights": 0.1}, "peak_rss_mb": 520.0,
-                "peak_gpu_mb": 900.0}],
+    "policy": [
+        {"seconds": {"logprobs": 0.6, "train": 2.0, "push_weights": 0.5}, "peak_rss_mb": 500.0, "peak_gpu_mb": 1000.0},
+        {"seconds": {"logprobs": 0.7, "train": 1.8, "push_weights": 0.1}, "peak_rss_mb": 520.0, "peak_gpu_mb": 900.0},
+    ],
     "critic": [{"seconds": {"values": 0.4, "train": 2.5}, "peak_rss_mb": 510.0}],
 }
 
@@ -92,8 +99,9 @@ def test_unknown_method_is_a_phase_of_its_own():
 
 def test_phase_overhead_adds_up_to_wall_minus_critical_path():
     row = timing.iteration_metrics(STATS, 6.0, CHAINS, driver={"advantages": 0.3})
-    row.update({"time/generate": 1.6, "time/score": 0.9, "time/advantages": 0.3, "time/train": 2.6,
-                "time/weight_sync": 0.55})
+    row.update(
+        {"time/generate": 1.6, "time/score": 0.9, "time/advantages": 0.3, "time/train": 2.6, "time/weight_sync": 0.55}
+    )
     over = timing.phase_overhead(row)
     assert over["generate"] == pytest.approx(0.1)
     assert over["score"] == pytest.approx(0.2)
@@ -153,16 +161,20 @@ def test_actor_reports_compute_time(local_ray):
 
 def test_the_learners_push_contains_the_rollouts_load():
     # learner rank 0 drives the rollout's update from inside push_weights: the longer of the two chains counts
-    stats = {"policy": [{"seconds": {"push_weights": 0.5}}],
-             "rollout": [{"seconds": {"start_weight_update": 0.01, "update_weights": 0.3, "finish_weight_update": 0.05}}]}
+    stats = {
+        "policy": [{"seconds": {"push_weights": 0.5}}],
+        "rollout": [{"seconds": {"start_weight_update": 0.01, "update_weights": 0.3, "finish_weight_update": 0.05}}],
+    }
     assert timing.critical_seconds(stats, CHAINS) == pytest.approx({"weight_sync": 0.5})
 
 
 @pytest.mark.parametrize("critic_train, critical_train", [(2.2, 2.3), (2.6, 2.6)])
 def test_sync_queued_behind_the_policy_training_is_part_of_the_train_phase(critic_train, critical_train):
-    stats = {"policy": [{"seconds": {"train": 2.0, "push_weights": 0.3}}],
-             "rollout": [{"seconds": {"update_weights": 0.2}}],
-             "critic": [{"seconds": {"train": critic_train}}]}
+    stats = {
+        "policy": [{"seconds": {"train": 2.0, "push_weights": 0.3}}],
+        "rollout": [{"seconds": {"update_weights": 0.2}}],
+        "critic": [{"seconds": {"train": critic_train}}],
+    }
     # policy train 2.0 -> push 0.3 (the rollout's load of 0.2 inside it) = 2.3, side by side with the critic
     assert timing.critical_seconds(stats, SYNC_IN_TRAIN) == pytest.approx({"train": critical_train})
     row = timing.iteration_metrics(stats, 3.0, SYNC_IN_TRAIN)
@@ -170,7 +182,9 @@ def test_sync_queued_behind_the_policy_training_is_part_of_the_train_phase(criti
     assert row["overhead_frac"] == pytest.approx(1 - critical_train / 3.0)
     assert "critical/weight_sync" not in row
     # the same calls with the push after the train phase: max(2.0, critic) + max(0.3, 0.2)
-    assert timing.critical_seconds(stats, CHAINS) == pytest.approx({"train": max(2.0, critic_train), "weight_sync": 0.3})
+    assert timing.critical_seconds(stats, CHAINS) == pytest.approx(
+        {"train": max(2.0, critic_train), "weight_sync": 0.3}
+    )
 
 
 def test_a_late_actor_is_named(local_ray):

@@ -23,8 +23,15 @@ ENGINES = [("torch", 0), ("deepspeed", 0), ("deepspeed", 2), ("deepspeed", 3)]
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 
@@ -54,7 +61,7 @@ def test_loss_decreases(kind, stage):
     engine = make_train_engine(kind, tiny_llama(), options(stage))
     ids = batch(1)
     losses = []
-    for i in range(5):
+    for _ in range(5):
         loss, stats = train_step(engine, ids)
         losses.append(loss)
         assert stats["stepped"] and stats["lr"] == pytest.approx(1e-2)
@@ -263,13 +270,17 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
     init_process_group(rank, 2, "127.0.0.1", port, backend="gloo", timeout_s=120)
     result = {}
     for case, (kind, stage, accum) in TWO_RANK_CASES.items():
-        engine = make_train_engine(kind, tiny_llama(), options(stage, lr=1e-3, grad_accum_steps=accum),
-                                   rank=rank, world_size=2)
+        engine = make_train_engine(
+            kind, tiny_llama(), options(stage, lr=1e-3, grad_accum_steps=accum), rank=rank, world_size=2
+        )
         for ids in _rank_batches(rank, accum):
             engine.backward(engine(input_ids=ids, labels=ids).loss)
         stats = engine.step()  # once per accumulation
-        result[case] = {"stats": stats, "full": dict(engine.named_full_parameters(rank0_only=False)),
-                        "shard_numel": sum(p.numel() for p in engine.module.parameters())}
+        result[case] = {
+            "stats": stats,
+            "full": dict(engine.named_full_parameters(rank0_only=False)),
+            "shard_numel": sum(p.numel() for p in engine.module.parameters()),
+        }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

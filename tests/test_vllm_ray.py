@@ -6,7 +6,6 @@ After every sync the engine's weights equal the learner's bit for bit, its greed
 on the learner's saved weights, and the learner's log-probs agree with the engine's on the engine's own samples (the
 driver's stale-weight check).
 """
-import json
 
 import pytest
 
@@ -15,8 +14,10 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 try:
     import vllm  # noqa: F401
 except Exception as e:
-    pytest.skip(f"vllm does not import here ({type(e).__name__}: {e}); run scripts/setup_vllm.sh and use "
-                f".venv-vllm/bin/python", allow_module_level=True)
+    pytest.skip(
+        f"vllm does not import here ({type(e).__name__}: {e}); run scripts/setup_vllm.sh and use .venv-vllm/bin/python",
+        allow_module_level=True,
+    )
 
 
 def test_vllm_rollout_actor_takes_deepspeed_weights_every_iteration(tiny_cfg, local_ray, tmp_path):
@@ -30,10 +31,16 @@ def test_vllm_rollout_actor_takes_deepspeed_weights_every_iteration(tiny_cfg, lo
     from rlhf_dist.orchestration.phases import Phases
     from rlhf_dist.trainers.ppo import PPORun, iteration, prepare
 
-    cfg = tiny_cfg("generation.engine=vllm", "generation.vllm_cpu=true", "generation.tensor_parallel_size=2",
-                   "train.engine=deepspeed",
-                   "train.zero_stage=2", "train.prompts_per_iteration=16", "generation.max_new_tokens=8",
-                   "ray.num_cpus=null")
+    cfg = tiny_cfg(
+        "generation.engine=vllm",
+        "generation.vllm_cpu=true",
+        "generation.tensor_parallel_size=2",
+        "train.engine=deepspeed",
+        "train.zero_stage=2",
+        "train.prompts_per_iteration=16",
+        "generation.max_new_tokens=8",
+        "ray.num_cpus=null",
+    )
     sampler = prepare(cfg)
     probe = sampler.next_batch().slice(0, 4)
     tok = load_tokenizer(cfg.model.policy)
@@ -54,7 +61,8 @@ def test_vllm_rollout_actor_takes_deepspeed_weights_every_iteration(tiny_cfg, lo
             for name, weight in arrived.items():
                 assert np.array_equal(weight, learner[name].detach().numpy()), name
             hf = HFGenerationEngine(load_causal_lm(path), tok.pad_token_id, tok.eos_token_id).generate(
-                probe.column(S.PROMPT_IDS).to_pylist(), SamplingConfig(max_new_tokens=8, greedy=True))
+                probe.column(S.PROMPT_IDS).to_pylist(), SamplingConfig(max_new_tokens=8, greedy=True)
+            )
             assert greedy.column(S.RESPONSE_IDS).to_pylist() == hf.response_ids
             outputs.append(hf.response_ids)
     assert outputs[0] != outputs[-1], "three PPO updates changed no greedy output"

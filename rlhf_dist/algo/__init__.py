@@ -5,6 +5,7 @@ advantages  GAE, GRPO, RLOO, REINFORCE++, token rewards from scores
 kl          KL estimators k1/k2/k3, KL-penalised rewards, fixed and adaptive KL controllers
 losses      PPO policy / value losses, entropy, Bradley-Terry, DPO/IPO, truncated IS weights
 """
+
 from rlhf_dist.algo.advantages import (
     gae_advantages_and_returns,
     grpo_advantages,

@@ -3,6 +3,7 @@
 Shapes: per-token tensors `[batch, response_len]`, per-sample `[batch]`; `mask` 1 = a real response token, rows
 right-padded, possibly empty. Everything here produces training targets, so it runs under `torch.no_grad()`.
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ Schulman's estimators of KL(pi || ref) (http://joschu.net/blog/kl-approx.html) f
     k2 = 0.5 * (log r) ** 2                                biased, low variance, >= 0
     k3 = (r - 1) - log r                                   unbiased, low variance, >= 0
 """
+
 from __future__ import annotations
 
 import torch

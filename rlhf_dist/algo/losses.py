@@ -3,6 +3,7 @@ truncated importance-sampling weights for rollout/learner mismatch.
 
 Per-token tensors are `[batch, response_len]`; `mask` 1 = a real response token. Stats are detached 0-d tensors.
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ Conventions for the whole `algo` package:
 Padded positions may hold anything (garbage, -inf, NaN): every function here selects with `torch.where` instead of
 multiplying by the mask, because `NaN * 0 = NaN` would leak padding into the result and into gradients.
 """
+
 from __future__ import annotations
 
 import torch

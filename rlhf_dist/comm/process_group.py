@@ -139,13 +139,19 @@ def init_process_group(
         deepspeed = None
     if deepspeed is not None:
         # The first call on a CPU machine compiles DeepSpeed's shm comm op (~60 s, cached afterwards).
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
-                                   rank=rank, world_size=world_size, verbose=False)
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            timeout=timeout,
+            rank=rank,
+            world_size=world_size,
+            verbose=False,
+        )
     else:
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
-                                init_method=f"tcp://{master_addr}:{master_port}")
-    logger.info("process group up: rank %d/%d backend %s at %s:%s", rank, world_size, backend, master_addr,
-                master_port)
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timeout, init_method=f"tcp://{master_addr}:{master_port}"
+        )
+    logger.info("process group up: rank %d/%d backend %s at %s:%s", rank, world_size, backend, master_addr, master_port)
     return backend
 
 
@@ -169,8 +175,9 @@ def _bind_deepspeed_comm(backend: str, timeout_s: float) -> None:
     except ImportError:
         return
     if not ds_comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=timedelta(seconds=timeout_s), verbose=False)
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False
+        )
 
 
 def destroy_process_group() -> None:

@@ -1,6 +1,7 @@
 """Typed coercion of plain YAML values into the schema's dataclasses, generically over any dataclass in
 ``schema.py``; shared by loading (files, overrides) and validation (re-typing a built config).
 """
+
 import dataclasses
 import difflib
 import re
@@ -43,7 +44,7 @@ def describe_type(tp: Any) -> str:
 
 def section_type(tp: Any) -> type | None:
     """The dataclass behind a field type (also inside `X | None`), else None."""
-    for t in (typing.get_args(tp) if is_union(tp) else (tp,)):
+    for t in typing.get_args(tp) if is_union(tp) else (tp,):
         if dataclasses.is_dataclass(t):
             return t
     return None
@@ -92,8 +93,10 @@ def coerce(value: Any, tp: Any, key: str, root: type = RunConfig) -> Any:
         if isinstance(value, str) and value in choices:
             return value
         hint = difflib.get_close_matches(str(value), list(map(str, choices)), n=1)
-        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, choices))}"
-                               + (f"; did you mean {hint[0]}?" if hint else ""))
+        raise ConfigError(
+            key,
+            f"{value!r} is not one of {', '.join(map(str, choices))}" + (f"; did you mean {hint[0]}?" if hint else ""),
+        )
     if origin is list:
         if not isinstance(value, list):
             raise _Mismatch(key, f"expected {describe_type(tp)}, got {show_value(value)}")

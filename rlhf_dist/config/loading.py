@@ -2,11 +2,13 @@
 
 Every failure is a ``ConfigError`` whose message is one line: the key path, the bad value and the fix.
 """
+
 import dataclasses
 import os
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -48,8 +50,11 @@ class _StrictLoader(yaml.SafeLoader):
 def read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigFileNotFoundError(None, f"config file {str(path)!r} not found (cwd {os.getcwd()}); pass the path "
-                                            f"of a YAML file, e.g. configs/tiny_cpu.yaml")
+        raise ConfigFileNotFoundError(
+            None,
+            f"config file {str(path)!r} not found (cwd {os.getcwd()}); pass the path "
+            f"of a YAML file, e.g. configs/tiny_cpu.yaml",
+        )
     try:
         data = yaml.load(p.read_text(), Loader=_StrictLoader)
     except _DuplicateKey as err:
@@ -57,13 +62,15 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(None, f"{path}: invalid YAML{where}: {getattr(err, 'problem', err)}; fix the syntax") \
-            from None
+        raise ConfigError(
+            None, f"{path}: invalid YAML{where}: {getattr(err, 'problem', err)}; fix the syntax"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(None, f"{path}: the top level must be a mapping of sections (model:, train:, ...), "
-                                f"got {show_value(data)}")
+        raise ConfigError(
+            None, f"{path}: the top level must be a mapping of sections (model:, train:, ...), got {show_value(data)}"
+        )
     return data
 
 
@@ -112,8 +119,10 @@ def apply_override(data: dict, text: str, root: type = RunConfig) -> None:
             return
         cls = section_type(tp)
         if cls is None:
-            raise ConfigError(".".join(parts[:i + 1]), f"is a value ({describe_type(tp)}), not a section; "
-                                                       f"override it as {'.'.join(parts[:i + 1])}=VALUE")
+            raise ConfigError(
+                ".".join(parts[: i + 1]),
+                f"is a value ({describe_type(tp)}), not a section; override it as {'.'.join(parts[: i + 1])}=VALUE",
+            )
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]

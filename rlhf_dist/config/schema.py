@@ -9,12 +9,22 @@ all follow from the annotations.
 Relative paths (fields declared with ``path=True``) are relative to the current working directory of the process
 that loads the config, not to the YAML file; ``load_config`` makes them absolute for local runs.
 """
+
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 
-def option(default: Any, doc: str, *, gt: float | None = None, ge: float | None = None,
-           lt: float | None = None, le: float | None = None, path: bool = False, nonempty: bool = False) -> Any:
+def option(
+    default: Any,
+    doc: str,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    path: bool = False,
+    nonempty: bool = False,
+) -> Any:
     """A field with its doc and constraints in ``metadata`` (None bounds are left out)."""
     meta: dict[str, Any] = {"doc": doc, "path": path, "nonempty": nonempty}
     meta.update({k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None})
@@ -28,16 +38,21 @@ def section(cls: type, doc: str) -> Any:
 Dtype = Literal["float32", "bfloat16", "float16"]
 Estimator = Literal["gae", "grpo", "rloo", "reinforce_pp"]
 CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")  # estimators whose baseline is not a learned value
-GROUP_BASELINE = ("grpo", "rloo")               # baseline from the other samples of the same prompt
+GROUP_BASELINE = ("grpo", "rloo")  # baseline from the other samples of the same prompt
 
 
 @dataclass
 class ModelConfig:
     policy: str = option("", "Hugging Face model dir of the policy (the SFT model)", path=True)
-    reference: str | None = option(None, "frozen KL reference model dir; null = the policy's initial weights",
-                                   path=True)
-    critic: str | None = option(None, "critic init dir (a reward model's score head becomes the value head); "
-                                      "null = the policy with a zero value head", path=True)
+    reference: str | None = option(
+        None, "frozen KL reference model dir; null = the policy's initial weights", path=True
+    )
+    critic: str | None = option(
+        None,
+        "critic init dir (a reward model's score head becomes the value head); "
+        "null = the policy with a zero value head",
+        path=True,
+    )
     reward: str | None = option(None, "reward model dir; null = no reward model (use reward.function)", path=True)
     tokenizer: str | None = option(None, "tokenizer dir; null = the policy's", path=True)
     dtype: Dtype = option("float32", "parameter dtype of every model")
@@ -56,8 +71,11 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    function: str | None = option(None, "'module:function' called with lists of prompt and response texts, "
-                                        "returning one float per response; null = none")
+    function: str | None = option(
+        None,
+        "'module:function' called with lists of prompt and response texts, "
+        "returning one float per response; null = none",
+    )
     function_weight: float = option(1.0, "weight of the function's score in the reward")
     model_weight: float = option(1.0, "weight of the reward model's score in the reward")
     clip: float | None = option(None, "clip the reward to [-clip, clip]; null = no clipping", gt=0)
@@ -76,9 +94,12 @@ class GenerationConfig:
     gpu_memory_utilization: float = option(0.5, "fraction of GPU memory vLLM may take", gt=0, le=1)
     enable_sleep: bool = option(False, "free engine memory between rollouts (vLLM sleep/wake) for colocated roles")
     enforce_eager: bool | None = option(None, "vLLM without CUDA graphs; null = eager on CPU, CUDA graphs on GPU")
-    seed_per_request: bool = option(False, "vLLM: one seed per prompt (a call is reproducible whatever the engine "
-                                           "batches, but vLLM samples seeded requests one by one); false = one "
-                                           "engine seed, one vectorised draw")
+    seed_per_request: bool = option(
+        False,
+        "vLLM: one seed per prompt (a call is reproducible whatever the engine "
+        "batches, but vLLM samples seeded requests one by one); false = one "
+        "engine seed, one vectorised draw",
+    )
     batch_size: int = option(64, "prompts per engine call", ge=1)
 
 
@@ -97,8 +118,9 @@ class AlgoConfig:
     kl_mode: Literal["reward", "loss"] = option("reward", "reward: KL penalty in the reward; loss: KL term in the loss")
     entropy_coef: float = option(0.0, "entropy bonus coefficient", ge=0)
     normalize_advantages: bool = option(True, "whiten advantages over the batch")
-    tis_cap: float | None = option(None, "truncated importance sampling cap on rollout/learner ratios; null = off",
-                                   gt=0)
+    tis_cap: float | None = option(
+        None, "truncated importance sampling cap on rollout/learner ratios; null = off", gt=0
+    )
 
 
 @dataclass
@@ -107,8 +129,9 @@ class TrainConfig:
     prompts_per_iteration: int = option(32, "prompts sampled per iteration (x samples_per_prompt responses)", ge=1)
     ppo_epochs: int = option(1, "passes over one iteration's experience", ge=1)
     mini_batches: int = option(1, "optimizer steps per epoch, identical on every learner", ge=1)
-    micro_batch_size: int = option(0, "samples per forward/backward (gradient accumulation); 0 = whole mini-batch",
-                                   ge=0)
+    micro_batch_size: int = option(
+        0, "samples per forward/backward (gradient accumulation); 0 = whole mini-batch", ge=0
+    )
     policy_lr: float = option(1e-5, "policy learning rate", gt=0)
     critic_lr: float = option(1e-5, "critic learning rate", gt=0)
     weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
@@ -123,11 +146,13 @@ class TrainConfig:
 class RoleConfig:
     num_actors: int = option(1, "actors of this role (data-parallel ranks for learners)", ge=0)
     num_cpus: float = option(1.0, "CPUs per actor", ge=0)
-    num_gpus: float = option(0.0, "GPUs per actor (for a colocated role: GPUs of the anchor's it uses; "
-                                         "0 = a share of the anchor's)", ge=0)
+    num_gpus: float = option(
+        0.0, "GPUs per actor (for a colocated role: GPUs of the anchor's it uses; 0 = a share of the anchor's)", ge=0
+    )
     placement: Literal["pack", "spread"] = option("pack", "pack: fewest nodes; spread: across nodes")
-    colocate_with: str | None = option(None, "role whose placement-group bundles this role shares (same GPUs, "
-                                             "not reserved again); null = own bundles")
+    colocate_with: str | None = option(
+        None, "role whose placement-group bundles this role shares (same GPUs, not reserved again); null = own bundles"
+    )
 
 
 @dataclass(frozen=True)
@@ -181,8 +206,11 @@ class RolesConfig:
 
     def reserved(self, resource: Literal["num_cpus", "num_gpus"]) -> float:
         """CPUs or GPUs the roles reserve: every actor brings its CPUs, colocated roles reserve no GPUs of their own."""
-        return sum(r.num_actors * getattr(r, resource) for r in map(self.get, self.names())
-                   if r.colocate_with is None or resource == "num_cpus")
+        return sum(
+            r.num_actors * getattr(r, resource)
+            for r in map(self.get, self.names())
+            if r.colocate_with is None or resource == "num_cpus"
+        )
 
 
 if [f.name for f in fields(RolesConfig)] != [r.name for r in ROLE_TABLE]:
@@ -192,11 +220,14 @@ if [f.name for f in fields(RolesConfig)] != [r.name for r in ROLE_TABLE]:
 @dataclass
 class SyncConfig:
     transport: Literal["auto", "object_store", "nccl", "cuda_ipc", "sparse_nccl"] = option(
-        "auto", "policy -> rollout weight transport; auto picks by placement; sparse_nccl sends only changed "
-                "elements (vLLM's delta engine)")
+        "auto",
+        "policy -> rollout weight transport; auto picks by placement; sparse_nccl sends only changed "
+        "elements (vLLM's delta engine)",
+    )
     bucket_mb: int = option(64, "weights are flattened into buckets of this size, one send per bucket", ge=1)
-    max_logprob_mismatch: float = option(0.1, "mean |rollout - learner| log-prob gap after a sync above which the "
-                                              "run fails (stale weights)", gt=0)
+    max_logprob_mismatch: float = option(
+        0.1, "mean |rollout - learner| log-prob gap after a sync above which the run fails (stale weights)", gt=0
+    )
 
 
 @dataclass
@@ -216,8 +247,9 @@ class CheckpointConfig:
 
 @dataclass
 class RayConfig:
-    address: str | None = option(None, "null = embedded local Ray bound to 127.0.0.1; 'auto' or 'ray://host:port' "
-                                        "for a cluster")
+    address: str | None = option(
+        None, "null = embedded local Ray bound to 127.0.0.1; 'auto' or 'ray://host:port' for a cluster"
+    )
     actor_timeout_s: float = option(600.0, "longest wait on any actor call before it is an error", gt=0)
     num_cpus: int | None = option(None, "logical CPUs of the embedded Ray; null = detected", ge=1)
 
@@ -227,50 +259,67 @@ class RayConfig:
 # | pipeline`); a PPO run ignores them. Each offline stage sizes its own learner actors (`<stage>.learners`) instead of
 # borrowing a PPO role, so a pipeline can give SFT four learners and PPO one.
 
-PIPELINE_STAGES = ("sft", "collect", "rm", "ppo", "dpo")   # the order the pipeline runs them in
+PIPELINE_STAGES = ("sft", "collect", "rm", "ppo", "dpo")  # the order the pipeline runs them in
 Judge = Literal["simulated", "function", "reward_model"]
 
 
 @dataclass
 class DataSpecConfig:
     """Where one stage's data set lives: the fields of `rlhf_dist.data.datasets.DatasetSpec` (kind fixed by stage)."""
+
     path: str | None = option(None, "jsonl/parquet file, folder of shards, or datasets.save_to_disk folder", path=True)
-    columns: dict[str, str] = field(default_factory=dict, metadata={
-        "doc": "{canonical name: column in the file}, e.g. {prompt: question, chosen: good}; unnamed ones keep their "
-               "canonical name", "path": False, "nonempty": False})
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "{canonical name: column in the file}, e.g. {prompt: question, chosen: good}; unnamed ones keep "
+            "their canonical name",
+            "path": False,
+            "nonempty": False,
+        },
+    )
     split: str | None = option(None, "split of a DatasetDict folder; null for a plain file or dataset")
-    max_tokens: int | None = option(None, "longest prompt + answer (the longer of chosen/rejected) in tokens; "
-                                          "null = no limit", ge=1)
+    max_tokens: int | None = option(
+        None, "longest prompt + answer (the longer of chosen/rejected) in tokens; null = no limit", ge=1
+    )
     on_overlong: Literal["drop", "error"] = option("drop", "an over-long row: drop it (counted, logged) or fail")
 
 
 @dataclass
 class OfflineStageConfig:
     """What SFT, reward-model training and DPO share: passes over a fixed data set by a data-parallel learner group."""
+
     data: DataSpecConfig = section(DataSpecConfig, "the training set (a held-out share is split off for evaluation)")
     eval_fraction: float = option(0.1, "share of rows held out and evaluated after every epoch; 0 = none", ge=0, lt=1)
     epochs: int = option(2, "passes over the training rows", ge=1)
     lr: float = option(1e-4, "learning rate", gt=0)
-    batch_size: int = option(32, "rows per optimizer step over all learners; a multiple of learners.num_actors "
-                                 "(equal shards keep ZeRO ranks in lock-step)", ge=1)
-    micro_batch_size: int = option(0, "rows per forward/backward on one learner (gradient accumulation); 0 = its "
-                                      "whole shard", ge=0)
+    batch_size: int = option(
+        32,
+        "rows per optimizer step over all learners; a multiple of learners.num_actors "
+        "(equal shards keep ZeRO ranks in lock-step)",
+        ge=1,
+    )
+    micro_batch_size: int = option(
+        0, "rows per forward/backward on one learner (gradient accumulation); 0 = its whole shard", ge=0
+    )
     learners: RoleConfig = section(RoleConfig, "the learner actors (one DeepSpeed data-parallel group)")
-    output: str | None = option(None, "where the trained model is saved (Hugging Face format); null = "
-                                      "<output_dir>/<stage>", path=True)
+    output: str | None = option(
+        None, "where the trained model is saved (Hugging Face format); null = <output_dir>/<stage>", path=True
+    )
 
 
 @dataclass
 class SFTConfig(OfflineStageConfig):
     lr: float = option(1e-3, "learning rate", gt=0)
-    demonstrations: int = option(2000, "synthetic demonstrations written to the run dir when data.path is null "
-                                       "(data.task=synthetic only)", ge=1)
+    demonstrations: int = option(
+        2000, "synthetic demonstrations written to the run dir when data.path is null (data.task=synthetic only)", ge=1
+    )
 
 
 @dataclass
 class RMConfig(OfflineStageConfig):
-    init: str | None = option(None, "model the reward model starts from (a fresh score head on it); null = "
-                                    "model.policy", path=True)
+    init: str | None = option(
+        None, "model the reward model starts from (a fresh score head on it); null = model.policy", path=True
+    )
     epochs: int = option(3, "passes over the training rows", ge=1)
     lr: float = option(5e-4, "learning rate", gt=0)
 
@@ -280,27 +329,41 @@ class DPOConfig(OfflineStageConfig):
     beta: float = option(0.1, "DPO temperature: strength of the implicit KL leash to the reference", gt=0)
     loss_type: Literal["sigmoid", "ipo"] = option("sigmoid", "sigmoid: DPO (Rafailov et al.); ipo: IPO (Azar et al.)")
     label_smoothing: float = option(0.0, "conservative DPO: assumed share of wrong labels (sigmoid only)", ge=0, lt=0.5)
-    reference: str | None = option(None, "frozen reference model; null = model.reference, else model.policy",
-                                   path=True)
+    reference: str | None = option(None, "frozen reference model; null = model.reference, else model.policy", path=True)
 
 
 @dataclass
 class CollectConfig:
-    policy: str | None = option(None, "policy that samples the two responses; null = model.policy (the pipeline "
-                                      "uses its SFT model)", path=True)
+    policy: str | None = option(
+        None, "policy that samples the two responses; null = model.policy (the pipeline uses its SFT model)", path=True
+    )
     num_prompts: int = option(512, "prompts to sample pairs for (read like data.*: synthetic or data.prompts)", ge=1)
-    chunk_prompts: int = option(128, "prompts per generation call; labellers judge one chunk while the rollout "
-                                     "actors sample the next", ge=1)
-    judge: Judge = option("simulated", "simulated: noisy raters of a hidden utility; function: an AI judge "
-                                       "(reward function); reward_model: an AI judge (local reward model)")
-    utility: str = option("rlhf_dist.workers.labeller:synthetic_gold", "simulated raters' hidden score "
-                          "'module:function' (lists of prompts, responses -> floats)", nonempty=True)
-    noise_temperature: float = option(0.05, "Bradley-Terry temperature of simulated raters: P(a over b) = "
-                                            "sigmoid((u_a - u_b) / T); 0 = always the higher utility", ge=0)
-    flip_rate: float = option(0.1, "share of simulated labels flipped after the draw (rater disagreement, "
-                                   "misclicks)", ge=0, le=0.5)
-    judge_function: str | None = option("rlhf_dist.data.synthetic:preference_reward", "judge=function: "
-                                        "'module:function' scoring (prompts, responses) -> floats")
+    chunk_prompts: int = option(
+        128, "prompts per generation call; labellers judge one chunk while the rollout actors sample the next", ge=1
+    )
+    judge: Judge = option(
+        "simulated",
+        "simulated: noisy raters of a hidden utility; function: an AI judge "
+        "(reward function); reward_model: an AI judge (local reward model)",
+    )
+    utility: str = option(
+        "rlhf_dist.workers.labeller:synthetic_gold",
+        "simulated raters' hidden score 'module:function' (lists of prompts, responses -> floats)",
+        nonempty=True,
+    )
+    noise_temperature: float = option(
+        0.05,
+        "Bradley-Terry temperature of simulated raters: P(a over b) = "
+        "sigmoid((u_a - u_b) / T); 0 = always the higher utility",
+        ge=0,
+    )
+    flip_rate: float = option(
+        0.1, "share of simulated labels flipped after the draw (rater disagreement, misclicks)", ge=0, le=0.5
+    )
+    judge_function: str | None = option(
+        "rlhf_dist.data.synthetic:preference_reward",
+        "judge=function: 'module:function' scoring (prompts, responses) -> floats",
+    )
     judge_model: str | None = option(None, "judge=reward_model: reward model dir", path=True)
     labellers: RoleConfig = section(RoleConfig, "labeller actors (scale them with roles.rollout)")
     output: str | None = option(None, "preference Parquet file; null = <output_dir>/preferences.parquet", path=True)
@@ -310,13 +373,19 @@ class CollectConfig:
 class PipelineConfig:
     stages: list[Literal["sft", "collect", "rm", "ppo", "dpo"]] = field(
         default_factory=lambda: list(PIPELINE_STAGES),
-        metadata={"doc": "stages to run, in this order: sft, collect, rm, ppo, dpo; a left-out stage's output must "
-                         "exist from an earlier run (ppo and dpo may simply be left out)",
-                  "path": False, "nonempty": True})
+        metadata={
+            "doc": "stages to run, in this order: sft, collect, rm, ppo, dpo; a left-out stage's output must "
+            "exist from an earlier run (ppo and dpo may simply be left out)",
+            "path": False,
+            "nonempty": True,
+        },
+    )
     ppo_reward: Literal["reward_model", "function", "both"] = option(
-        "reward_model", "what PPO optimises: the trained reward model, reward.function, or both (weighted)")
-    eval_samples: int = option(4, "sampled responses per held-out prompt (data.eval_prompts) when comparing "
-                                  "policies", ge=1)
+        "reward_model", "what PPO optimises: the trained reward model, reward.function, or both (weighted)"
+    )
+    eval_samples: int = option(
+        4, "sampled responses per held-out prompt (data.eval_prompts) when comparing policies", ge=1
+    )
     table_file: str = option("pipeline.json", "the comparison table, as JSON under output_dir", nonempty=True)
 
 
@@ -339,10 +408,12 @@ class RunConfig:
     sft: SFTConfig = section(SFTConfig, "supervised fine-tuning on demonstrations (rlhf-dist sft)")
     rm: RMConfig = section(RMConfig, "reward-model training on preference pairs (rlhf-dist rm)")
     dpo: DPOConfig = section(DPOConfig, "direct preference optimisation on preference pairs (rlhf-dist dpo)")
-    collect: CollectConfig = section(CollectConfig, "preference collection: sample pairs, label them (rlhf-dist "
-                                                    "collect)")
-    pipeline: PipelineConfig = section(PipelineConfig, "SFT -> collect -> RM -> PPO and DPO -> comparison "
-                                                       "(rlhf-dist pipeline)")
+    collect: CollectConfig = section(
+        CollectConfig, "preference collection: sample pairs, label them (rlhf-dist collect)"
+    )
+    pipeline: PipelineConfig = section(
+        PipelineConfig, "SFT -> collect -> RM -> PPO and DPO -> comparison (rlhf-dist pipeline)"
+    )
 
     def weight_transport(self) -> str:
         """``sync.transport`` with ``auto`` resolved: CUDA IPC when vLLM rollouts share the policy's GPUs, NCCL when
@@ -353,4 +424,3 @@ class RunConfig:
         if self.generation.engine != "vllm" or not (roles.gpus("policy") > 0 and roles.gpus("rollout") > 0):
             return "object_store"
         return "cuda_ipc" if roles.anchor("policy") == roles.anchor("rollout") else "nccl"
-

@@ -10,11 +10,12 @@ Ragged columns must be null-free: an empty sequence is an empty list, not a null
 
 The joined-sequence layout of ``to_sequences`` is the one in docs/CONTRACTS.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +24,7 @@ import torch
 
 from rlhf_dist.data.schema import FIELDS, PER_TOKEN_COLUMNS, PROMPT_IDS, RESPONSE_IDS
 
-Batch = Union[pa.RecordBatch, pa.Table]
+Batch = pa.RecordBatch | pa.Table
 
 _SIDES = ("right", "left")
 
@@ -44,8 +45,9 @@ def make_batch(columns: Mapping[str, Any]) -> pa.RecordBatch:
     arrays = [_to_arrow(name, values) for name, values in columns.items()]
     lengths = {name: len(arr) for name, arr in zip(columns, arrays)}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"make_batch: columns have different numbers of rows: {lengths}; every column needs one "
-                         "value per row")
+        raise ValueError(
+            f"make_batch: columns have different numbers of rows: {lengths}; every column needs one value per row"
+        )
     schema = pa.schema([pa.field(name, arr.type) for name, arr in zip(columns, arrays)])
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
@@ -74,33 +76,42 @@ def add_column(batch: Batch, name: str, values: Any) -> Batch:
     target = FIELDS.get(name)
     if _is_2d(values):
         if target is None or not _is_list_type(target):
-            raise ValueError(f"add_column: 2-D values for column {name!r} need a ragged (list) schema column; "
-                             f"{name!r} is {target or 'not in the schema'}. Pass one value per row instead")
+            raise ValueError(
+                f"add_column: 2-D values for column {name!r} need a ragged (list) schema column; "
+                f"{name!r} is {target or 'not in the schema'}. Pass one value per row instead"
+            )
         if RESPONSE_IDS not in batch.schema.names:
-            raise ValueError(f"add_column: padded values for {name!r} take their row lengths from "
-                             f"{RESPONSE_IDS!r}, which this batch lacks; pass a pa.ListArray instead")
+            raise ValueError(
+                f"add_column: padded values for {name!r} take their row lengths from "
+                f"{RESPONSE_IDS!r}, which this batch lacks; pass a pa.ListArray instead"
+            )
         lengths = num_tokens(batch, (RESPONSE_IDS,))
         shape = tuple(values.shape)
         if shape[0] != batch.num_rows:
             raise ValueError(f"add_column: {name!r} has {shape[0]} rows, the batch has {batch.num_rows}")
         if lengths.size and shape[1] < lengths.max():
-            raise ValueError(f"add_column: {name!r} is {shape[0]}x{shape[1]} but the longest response has "
-                             f"{int(lengths.max())} tokens; pad it to at least that width")
+            raise ValueError(
+                f"add_column: {name!r} is {shape[0]}x{shape[1]} but the longest response has "
+                f"{int(lengths.max())} tokens; pad it to at least that width"
+            )
         values = from_padded(values, lengths, side="right", dtype=target.value_type)
 
     arr = _to_arrow(name, values)
     if len(arr) != batch.num_rows:
-        raise ValueError(f"add_column: column {name!r} has {len(arr)} rows, the batch has {batch.num_rows}; "
-                         "give one value per row")
+        raise ValueError(
+            f"add_column: column {name!r} has {len(arr)} rows, the batch has {batch.num_rows}; give one value per row"
+        )
     if name in PER_TOKEN_COLUMNS and RESPONSE_IDS in batch.schema.names:
         got = _lengths(arr)
         want = num_tokens(batch, (RESPONSE_IDS,))
         bad = np.flatnonzero(got != want)
         if bad.size:
             row = int(bad[0])
-            raise ValueError(f"add_column: per-token column {name!r} row {row} has {int(got[row])} values but "
-                             f"{RESPONSE_IDS!r} has {int(want[row])} tokens ({bad.size} rows differ); a per-token "
-                             "column needs one value per response token")
+            raise ValueError(
+                f"add_column: per-token column {name!r} row {row} has {int(got[row])} values but "
+                f"{RESPONSE_IDS!r} has {int(want[row])} tokens ({bad.size} rows differ); a per-token "
+                "column needs one value per response token"
+            )
 
     new_field = pa.field(name, arr.type)
     arrays = list(batch.columns)
@@ -118,8 +129,14 @@ def add_column(batch: Batch, name: str, values: Any) -> Batch:
 # ragged <-> padded
 
 
-def to_padded(batch: Batch, column: str, pad_value: float = 0, side: str = "right",
-              dtype: torch.dtype = torch.int64, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def to_padded(
+    batch: Batch,
+    column: str,
+    pad_value: float = 0,
+    side: str = "right",
+    dtype: torch.dtype = torch.int64,
+    length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged ``column`` as a padded tensor ``[B, L]`` of ``dtype`` and its mask ``[B, L]`` bool (True = real).
 
     ``L`` is the longest row, or ``length`` when given (must be >= the longest row). ``side="right"`` puts each
@@ -128,16 +145,20 @@ def to_padded(batch: Batch, column: str, pad_value: float = 0, side: str = "righ
     _check_side(side)
     arr = _list_column(batch, column)
     if pa.types.is_floating(arr.type.value_type) and not (dtype.is_floating_point or dtype.is_complex):
-        raise TypeError(f"to_padded: column {column!r} holds {arr.type.value_type} values; converting to {dtype} "
-                        "would truncate them, ask for a floating dtype (e.g. torch.float32)")
+        raise TypeError(
+            f"to_padded: column {column!r} holds {arr.type.value_type} values; converting to {dtype} "
+            "would truncate them, ask for a floating dtype (e.g. torch.float32)"
+        )
     offsets, values = _ragged(arr, column)
     lengths = np.diff(offsets)
     longest = int(lengths.max(initial=0))
     if length is None:
         length = longest
     elif length < longest:
-        raise ValueError(f"to_padded: length={length} is shorter than the longest row of {column!r} "
-                         f"({longest} values); pass length >= {longest} or None")
+        raise ValueError(
+            f"to_padded: length={length} is shorter than the longest row of {column!r} "
+            f"({longest} values); pass length >= {longest} or None"
+        )
     rows, cols = _scatter_index(offsets)
     if side == "left":
         cols = cols + (length - lengths)[rows]
@@ -148,14 +169,16 @@ def to_padded(batch: Batch, column: str, pad_value: float = 0, side: str = "righ
     return torch.from_numpy(out).to(dtype), torch.from_numpy(mask)
 
 
-def from_padded(tensor: torch.Tensor | np.ndarray, lengths_or_mask: Any, side: str = "right",
-                dtype: pa.DataType = pa.float32()) -> pa.ListArray:
+def from_padded(
+    tensor: torch.Tensor | np.ndarray, lengths_or_mask: Any, side: str = "right", dtype: pa.DataType | None = None
+) -> pa.ListArray:
     """The inverse of ``to_padded``: ``tensor [B, L]`` back to a ``list<dtype>`` array of B rows.
 
     ``lengths_or_mask`` is either ``lengths [B]`` (row i keeps its first ``lengths[i]`` entries for
     ``side="right"``, its last ones for ``"left"``) or a bool ``mask [B, L]`` (row i keeps its masked entries in
     order; ``side`` is then unused).
     """
+    dtype = pa.float32() if dtype is None else dtype
     _check_side(side)
     if not isinstance(dtype, pa.DataType):
         raise TypeError(f"from_padded: dtype must be a pyarrow type such as pa.float32() or pa.int32(), got {dtype!r}")
@@ -166,8 +189,10 @@ def from_padded(tensor: torch.Tensor | np.ndarray, lengths_or_mask: Any, side: s
     spec = _as_tensor(lengths_or_mask)
     if spec.dim() == 2:
         if spec.dtype != torch.bool or tuple(spec.shape) != tuple(t.shape):
-            raise ValueError(f"from_padded: a mask must be bool with the tensor's shape {tuple(t.shape)}, got "
-                             f"{spec.dtype} {tuple(spec.shape)}")
+            raise ValueError(
+                f"from_padded: a mask must be bool with the tensor's shape {tuple(t.shape)}, got "
+                f"{spec.dtype} {tuple(spec.shape)}"
+            )
         mask = spec
         lengths = mask.sum(dim=1)
     elif spec.dim() == 1:
@@ -177,8 +202,10 @@ def from_padded(tensor: torch.Tensor | np.ndarray, lengths_or_mask: Any, side: s
             raise ValueError(f"from_padded: {spec.shape[0]} lengths for a tensor of {batch_size} rows")
         lengths = spec.to(torch.int64)
         if batch_size and (lengths.min() < 0 or lengths.max() > width):
-            raise ValueError(f"from_padded: lengths must lie in [0, {width}] (the tensor's width), got "
-                             f"min {int(lengths.min())} max {int(lengths.max())}")
+            raise ValueError(
+                f"from_padded: lengths must lie in [0, {width}] (the tensor's width), got "
+                f"min {int(lengths.min())} max {int(lengths.max())}"
+            )
         positions = torch.arange(width)
         if side == "right":
             mask = positions[None, :] < lengths[:, None]
@@ -192,8 +219,10 @@ def from_padded(tensor: torch.Tensor | np.ndarray, lengths_or_mask: Any, side: s
         work = torch.float64 if dtype == pa.float64() else torch.float32
     elif pa.types.is_integer(dtype):
         if t.dtype.is_floating_point:
-            raise TypeError(f"from_padded: a {t.dtype} tensor cannot become {dtype} without truncation; round it "
-                            "first or ask for a floating pyarrow type")
+            raise TypeError(
+                f"from_padded: a {t.dtype} tensor cannot become {dtype} without truncation; round it "
+                "first or ask for a floating pyarrow type"
+            )
         work = torch.int64
     else:
         raise TypeError(f"from_padded: dtype must be a pyarrow integer or floating type, got {dtype}")
@@ -213,12 +242,13 @@ class Sequences:
 
     B rows, L = longest prompt + response, T = longest response (0 when every response is empty).
     """
-    input_ids: torch.Tensor        # [B, L] int64, pad_token_id after each row's last token
-    attention_mask: torch.Tensor   # [B, L] int64, 1 = real token
-    position_ids: torch.Tensor     # [B, L] int64, 0..len-1 on real tokens, 0 on pads
-    prompt_lens: torch.Tensor      # [B] int64, >= 1
-    response_lens: torch.Tensor    # [B] int64, >= 0
-    response_mask: torch.Tensor    # [B, T] bool, True = real response token
+
+    input_ids: torch.Tensor  # [B, L] int64, pad_token_id after each row's last token
+    attention_mask: torch.Tensor  # [B, L] int64, 1 = real token
+    position_ids: torch.Tensor  # [B, L] int64, 0..len-1 on real tokens, 0 on pads
+    prompt_lens: torch.Tensor  # [B] int64, >= 1
+    response_lens: torch.Tensor  # [B] int64, >= 0
+    response_mask: torch.Tensor  # [B, T] bool, True = real response token
 
     def response_index(self) -> torch.Tensor:
         """``[B, T]`` int64: position in ``input_ids`` whose logits predict response token t of row i.
@@ -239,10 +269,9 @@ class Sequences:
         """``[B]`` int64: position of each row's last real token (the one the reward model scores)."""
         return self.prompt_lens + self.response_lens - 1
 
-    def to(self, device: torch.device | str) -> "Sequences":
+    def to(self, device: torch.device | str) -> Sequences:
         """All tensors moved to ``device``."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
-                                           for f in dataclasses.fields(self)})
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 
 def to_sequences(batch: Batch, pad_token_id: int) -> Sequences:
@@ -251,16 +280,20 @@ def to_sequences(batch: Batch, pad_token_id: int) -> Sequences:
     Every prompt needs at least one token: the first response token is predicted from the last prompt token.
     """
     if not isinstance(pad_token_id, (int, np.integer)) or isinstance(pad_token_id, bool):
-        raise TypeError(f"to_sequences: pad_token_id must be an int, got {pad_token_id!r} (a tokenizer without a "
-                        "pad token can use its eos id)")
+        raise TypeError(
+            f"to_sequences: pad_token_id must be an int, got {pad_token_id!r} (a tokenizer without a "
+            "pad token can use its eos id)"
+        )
     p_offsets, p_values = _ragged(_list_column(batch, PROMPT_IDS), PROMPT_IDS)
     r_offsets, r_values = _ragged(_list_column(batch, RESPONSE_IDS), RESPONSE_IDS)
     prompt_lens = np.diff(p_offsets)
     response_lens = np.diff(r_offsets)
     empty = np.flatnonzero(prompt_lens == 0)
     if empty.size:
-        raise ValueError(f"to_sequences: {PROMPT_IDS!r} row {int(empty[0])} is empty ({empty.size} rows are); "
-                         "every prompt needs at least one token (e.g. BOS) to predict the first response token")
+        raise ValueError(
+            f"to_sequences: {PROMPT_IDS!r} row {int(empty[0])} is empty ({empty.size} rows are); "
+            "every prompt needs at least one token (e.g. BOS) to predict the first response token"
+        )
     total = prompt_lens + response_lens
     batch_size = len(total)
     width = int(total.max(initial=0))
@@ -289,8 +322,9 @@ def to_sequences(batch: Batch, pad_token_id: int) -> Sequences:
 # splitting and joining
 
 
-def split_balanced(batch: Batch, n: int, token_columns: Sequence[str] = (PROMPT_IDS, RESPONSE_IDS)
-                   ) -> tuple[list[Batch], list[np.ndarray]]:
+def split_balanced(
+    batch: Batch, n: int, token_columns: Sequence[str] = (PROMPT_IDS, RESPONSE_IDS)
+) -> tuple[list[Batch], list[np.ndarray]]:
     """``n`` shards with balanced token counts; shard sizes differ by at most one row.
 
     Rows are dealt in rounds of ``n``, heaviest first: within a round the heaviest row goes to the lightest shard.
@@ -307,8 +341,8 @@ def split_balanced(batch: Batch, n: int, token_columns: Sequence[str] = (PROMPT_
     assignment = np.empty(len(tokens), dtype=np.int64)
     # one Python step per round of n rows, each vectorised over the n shards; rounds depend on earlier loads
     for start in range(0, len(order), n):
-        rows = order[start:start + n]
-        lightest = np.argsort(loads, kind="stable")[:len(rows)]
+        rows = order[start : start + n]
+        lightest = np.argsort(loads, kind="stable")[: len(rows)]
         assignment[rows] = lightest
         loads[lightest] += tokens[rows]
     index = [np.flatnonzero(assignment == k).astype(np.int64) for k in range(n)]
@@ -333,10 +367,11 @@ def concat_in_order(shards: Sequence[Batch], index: Sequence[np.ndarray]) -> pa.
             raise ValueError(f"concat_in_order: shard {k} has {shard.num_rows} rows but its index has {len(idx)}")
     order = np.concatenate([np.asarray(idx, dtype=np.int64) for idx in index]) if index else np.zeros(0, np.int64)
     total = len(order)
-    if total and (order.min() < 0 or order.max() >= total
-                  or np.bincount(order, minlength=total).max() != 1):
-        raise ValueError(f"concat_in_order: the index arrays are not a permutation of 0..{total - 1}; pass the "
-                         "index returned by split_balanced unchanged")
+    if total and (order.min() < 0 or order.max() >= total or np.bincount(order, minlength=total).max() != 1):
+        raise ValueError(
+            f"concat_in_order: the index arrays are not a permutation of 0..{total - 1}; pass the "
+            "index returned by split_balanced unchanged"
+        )
     inverse = np.empty(total, dtype=np.int64)
     inverse[order] = np.arange(total)
     return concat_batches(shards).take(pa.array(inverse))
@@ -356,13 +391,17 @@ def concat_batches(batches: Sequence[Batch]) -> pa.RecordBatch:
         missing = [name for name in schema.names if name not in b.schema.names]
         extra = [name for name in b.schema.names if name not in schema.names]
         if missing or extra:
-            raise ValueError(f"concat_batches: batch {k} lacks columns {missing} and has extra columns {extra} "
-                             "compared with batch 0; give every batch the same columns")
+            raise ValueError(
+                f"concat_batches: batch {k} lacks columns {missing} and has extra columns {extra} "
+                "compared with batch 0; give every batch the same columns"
+            )
         for f in schema:
             other = b.schema.field(f.name).type
             if other != f.type:
-                raise TypeError(f"concat_batches: column {f.name!r} is {f.type} in batch 0 but {other} in batch "
-                                f"{k}; build batches with make_batch so schema columns share one type")
+                raise TypeError(
+                    f"concat_batches: column {f.name!r} is {f.type} in batch 0 but {other} in batch "
+                    f"{k}; build batches with make_batch so schema columns share one type"
+                )
         aligned.append(b.select(schema.names))
     if hasattr(pa, "concat_batches"):
         return pa.concat_batches(aligned)
@@ -390,8 +429,7 @@ def _list_column(batch: Batch, column: str) -> pa.Array:
     if not _is_list_type(arr.type):
         raise TypeError(f"column {column!r} is {arr.type}, expected a list column such as list<int32>")
     if arr.null_count:
-        raise ValueError(f"column {column!r} has {arr.null_count} null rows; use an empty list for an empty "
-                         "sequence")
+        raise ValueError(f"column {column!r} has {arr.null_count} null rows; use an empty list for an empty sequence")
     return arr
 
 
@@ -401,8 +439,10 @@ def _ragged(arr: pa.Array, column: str) -> tuple[np.ndarray, np.ndarray]:
     # .offsets follows the slice but .values is the parent's whole buffer: cut it to this slice's span
     values = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
     if values.null_count:
-        raise ValueError(f"column {column!r} has {values.null_count} null values inside its rows; fill them "
-                         "(e.g. 0 or NaN) before building the batch")
+        raise ValueError(
+            f"column {column!r} has {values.null_count} null values inside its rows; fill them "
+            "(e.g. 0 or NaN) before building the batch"
+        )
     return offsets - offsets[0], values.to_numpy(zero_copy_only=False)
 
 
@@ -429,25 +469,30 @@ def _to_arrow(name: str, values: Any) -> pa.Array:
             try:
                 arr = arr.cast(target, safe=True)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-                raise TypeError(f"column {name!r} must be {target}, got {values.type} that does not cast safely "
-                                f"({err}); convert the values first") from None
+                raise TypeError(
+                    f"column {name!r} must be {target}, got {values.type} that does not cast safely "
+                    f"({err}); convert the values first"
+                ) from None
     elif target is None:
-        raise ValueError(f"unknown column {name!r}: pass it as a pa.Array with an explicit type, or add it to "
-                         "rlhf_dist.data.schema.FIELDS")
+        raise ValueError(
+            f"unknown column {name!r}: pass it as a pa.Array with an explicit type, or add it to "
+            "rlhf_dist.data.schema.FIELDS"
+        )
     else:
         if isinstance(values, torch.Tensor):
             values = _as_tensor(values).numpy()
         if isinstance(values, np.ndarray) and values.ndim != 1:
-            raise ValueError(f"column {name!r} needs one value per row (1-D), got shape {values.shape}; padded 2-D "
-                             "per-token values go through add_column or from_padded")
+            raise ValueError(
+                f"column {name!r} needs one value per row (1-D), got shape {values.shape}; padded 2-D "
+                "per-token values go through add_column or from_padded"
+            )
         try:
             arr = pa.array(values, type=target)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as err:
             raise TypeError(f"column {name!r} must be {target}; could not convert the given values ({err})") from None
     if _is_list_type(arr.type):
         if arr.null_count:
-            raise ValueError(f"column {name!r} has {arr.null_count} null rows; use an empty list for an empty "
-                             "sequence")
+            raise ValueError(f"column {name!r} has {arr.null_count} null rows; use an empty list for an empty sequence")
         if arr.flatten().null_count:
             raise ValueError(f"column {name!r} has null values inside its rows; fill them (e.g. 0 or NaN)")
     return arr
@@ -500,5 +545,7 @@ def _check_parts(n: int, rows: int, who: str) -> None:
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{who}: n must be an int >= 1, got {n!r}")
     if n > rows:
-        raise ValueError(f"{who}: cannot split {rows} rows into {n} shards (each shard needs at least one row); "
-                         f"use n <= {rows} or a bigger batch")
+        raise ValueError(
+            f"{who}: cannot split {rows} rows into {n} shards (each shard needs at least one row); "
+            f"use n <= {rows} or a bigger batch"
+        )

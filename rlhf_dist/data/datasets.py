@@ -9,14 +9,16 @@
 every batch with vectorised pyarrow.compute as it goes; the first bad row stops the read with a `DataError` that
 names the file, the 0-based row within that file, the column as the file names it, and the fix.
 """
+
 from __future__ import annotations
 
 import itertools
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -36,8 +38,17 @@ KINDS: dict[str, tuple[str, ...]] = {
 # Provenance rides on each batch's schema metadata, so tokenize() can name the file and row of an over-long row.
 META_FILE, META_ROW = b"rlhf_dist.file", b"rlhf_dist.row"
 
-__all__ = ["DataError", "DatasetSpec", "DropReport", "KINDS", "load_table", "read_batches", "tokenize", "validate",
-           "write_parquet"]
+__all__ = [
+    "DataError",
+    "DatasetSpec",
+    "DropReport",
+    "KINDS",
+    "load_table",
+    "read_batches",
+    "tokenize",
+    "validate",
+    "write_parquet",
+]
 
 
 @dataclass(frozen=True)
@@ -65,19 +76,25 @@ class DatasetSpec:
             raise ValueError(f"DatasetSpec.kind={self.kind!r}; use one of {', '.join(KINDS)}")
         unknown = sorted(set(self.columns) - set(self.names))
         if unknown:
-            raise ValueError(f"DatasetSpec.columns has {unknown} for kind {self.kind!r}, which reads only "
-                             f"{list(self.names)}; key columns by those canonical names")
+            raise ValueError(
+                f"DatasetSpec.columns has {unknown} for kind {self.kind!r}, which reads only "
+                f"{list(self.names)}; key columns by those canonical names"
+            )
         sources = list(self.source_columns.values())
         if len(set(sources)) != len(sources):
-            raise ValueError(f"DatasetSpec.columns maps two columns to one source column ({self.source_columns}); "
-                             f"give each its own column")
+            raise ValueError(
+                f"DatasetSpec.columns maps two columns to one source column ({self.source_columns}); "
+                f"give each its own column"
+            )
         if self.on_overlong not in ("drop", "error"):
             raise ValueError(f"DatasetSpec.on_overlong={self.on_overlong!r}; use 'drop' or 'error'")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"DatasetSpec.max_tokens={self.max_tokens}; use a positive count or None for no limit")
         if self.batch_size < 1 or self.json_block_bytes < 1:
-            raise ValueError(f"DatasetSpec.batch_size={self.batch_size}, json_block_bytes={self.json_block_bytes}; "
-                             f"both must be positive")
+            raise ValueError(
+                f"DatasetSpec.batch_size={self.batch_size}, json_block_bytes={self.json_block_bytes}; "
+                f"both must be positive"
+            )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -97,8 +114,9 @@ def read_batches(spec: DatasetSpec) -> Iterator[pa.RecordBatch]:
     """
     wanted = spec.source_columns
     out_schema = pa.schema([pa.field(name, pa.string()) for name in spec.names])
-    for file, row, batch in iter_source(Path(spec.path), wanted, split=spec.split, batch_size=spec.batch_size,
-                                        json_block_bytes=spec.json_block_bytes):
+    for file, row, batch in iter_source(
+        Path(spec.path), wanted, split=spec.split, batch_size=spec.batch_size, json_block_bytes=spec.json_block_bytes
+    ):
         validate(batch, spec, file, row)
         arrays = [_as_string(batch.column(source)) for source in wanted.values()]
         meta = {META_FILE: str(file).encode(), META_ROW: str(row).encode()}
@@ -112,6 +130,7 @@ def load_table(spec: DatasetSpec) -> pa.Table:
 
 
 # --- validation ----------------------------------------------------------------------------------------------------
+
 
 def validate(batch: pa.RecordBatch, spec: DatasetSpec, file: str | os.PathLike, row_offset: int) -> None:
     """Raise a DataError for the first bad row of `batch`, whose columns are named as in the file (spec.columns).
@@ -130,22 +149,32 @@ def validate(batch: pa.RecordBatch, spec: DatasetSpec, file: str | os.PathLike, 
         if pa.types.is_null(column.type):
             _fail_first(pa.array(np.ones(len(column), bool)), where, "null", "give every row a value or remove it")
         if not _is_text(column.type):
-            raise DataError(f"{where(0)}: type {column.type}, expected text (string); convert the column to strings "
-                            f"or point columns={{{canonical!r}: ...}} at a text column")
+            raise DataError(
+                f"{where(0)}: type {column.type}, expected text (string); convert the column to strings "
+                f"or point columns={{{canonical!r}: ...}} at a text column"
+            )
         column = _as_string(column)
         _fail_first(column.is_null(), where, "null", "give every row a value or remove it")
         stripped[canonical] = pc.utf8_trim_whitespace(column)
-        _fail_first(pc.equal(pc.utf8_length(stripped[canonical]), 0), where, "empty text (after stripping "
-                    "whitespace)", "fill it in or remove the row")
+        _fail_first(
+            pc.equal(pc.utf8_length(stripped[canonical]), 0),
+            where,
+            "empty text (after stripping whitespace)",
+            "fill it in or remove the row",
+        )
     if spec.kind == "preferences":
         source = wanted["rejected"]
         where = lambda i: f"{file}: row {row_offset + i}, column {describe(source, 'rejected')}"  # noqa: E731
-        _fail_first(pc.equal(stripped["chosen"], stripped["rejected"]), where,
-                    f"same text as column {describe(wanted['chosen'], 'chosen')}", "a pair must differ; remove the row")
+        _fail_first(
+            pc.equal(stripped["chosen"], stripped["rejected"]),
+            where,
+            f"same text as column {describe(wanted['chosen'], 'chosen')}",
+            "a pair must differ; remove the row",
+        )
 
 
 def _fail_first(mask: pa.Array, where, problem: str, fix: str) -> None:
-    hits = pc.sum(pc.cast(mask, pa.int64())).as_py() or 0   # nulls in the mask (from null rows) count as no hit
+    hits = pc.sum(pc.cast(mask, pa.int64())).as_py() or 0  # nulls in the mask (from null rows) count as no hit
     if hits:
         first = pc.index(mask, True).as_py()
         also = f" ({hits} rows of this batch)" if hits > 1 else ""
@@ -164,8 +193,7 @@ def _as_string(column: pa.Array) -> pa.Array:
 
 # --- tokenisation --------------------------------------------------------------------------------------------------
 
-TOKEN_COLUMNS = {"prompt": S.PROMPT_IDS, "response": S.RESPONSE_IDS,
-                 "chosen": "chosen_ids", "rejected": "rejected_ids"}
+TOKEN_COLUMNS = {"prompt": S.PROMPT_IDS, "response": S.RESPONSE_IDS, "chosen": "chosen_ids", "rejected": "rejected_ids"}
 
 
 @dataclass
@@ -180,8 +208,9 @@ class DropReport:
 
     def __str__(self) -> str:
         shown = ", ".join(f"{f} row {r}" for f, r in self.examples)
-        return (f"{self.rows_out} of {self.rows_in} rows kept, {self.dropped_overlong} dropped as over-long"
-                + (f" (e.g. {shown})" if shown else ""))
+        return f"{self.rows_out} of {self.rows_in} rows kept, {self.dropped_overlong} dropped as over-long" + (
+            f" (e.g. {shown})" if shown else ""
+        )
 
 
 class TokenizedBatches:
@@ -198,8 +227,13 @@ class TokenizedBatches:
         return next(self._gen)
 
 
-def tokenize(batches: Iterable[pa.RecordBatch], tokenizer, spec: DatasetSpec, apply_chat_template: bool | None = None,
-             append_eos: bool = True) -> TokenizedBatches:
+def tokenize(
+    batches: Iterable[pa.RecordBatch],
+    tokenizer,
+    spec: DatasetSpec,
+    apply_chat_template: bool | None = None,
+    append_eos: bool = True,
+) -> TokenizedBatches:
     """Token batches: the text columns plus `prompt_ids` and `response_ids` / `chosen_ids`, `rejected_ids`
     (`list<int32>`, `rlhf_dist.data.schema.TOKENS`), no padding.
 
@@ -213,8 +247,10 @@ def tokenize(batches: Iterable[pa.RecordBatch], tokenizer, spec: DatasetSpec, ap
     if apply_chat_template is None:
         apply_chat_template = has_template
     elif apply_chat_template and not has_template:
-        raise ValueError(f"apply_chat_template=True but the tokenizer ({type(tokenizer).__name__}) has no "
-                         f"chat_template; set tokenizer.chat_template or pass apply_chat_template=False")
+        raise ValueError(
+            f"apply_chat_template=True but the tokenizer ({type(tokenizer).__name__}) has no "
+            f"chat_template; set tokenizer.chat_template or pass apply_chat_template=False"
+        )
     eos = tokenizer.eos_token_id if append_eos else None
     if append_eos and eos is None:
         raise ValueError("append_eos=True but the tokenizer has no eos_token; set one or pass append_eos=False")
@@ -225,8 +261,14 @@ def tokenize(batches: Iterable[pa.RecordBatch], tokenizer, spec: DatasetSpec, ap
             if out is not None and out.num_rows:
                 yield out
         if report.dropped_overlong:
-            log.warning("%s: dropped %d of %d rows longer than max_tokens=%d (prompt + longest answer); %s",
-                        spec.path, report.dropped_overlong, report.rows_in, spec.max_tokens, report)
+            log.warning(
+                "%s: dropped %d of %d rows longer than max_tokens=%d (prompt + longest answer); %s",
+                spec.path,
+                report.dropped_overlong,
+                report.rows_in,
+                spec.max_tokens,
+                report,
+            )
 
     return TokenizedBatches(generate, DropReport())
 
@@ -234,14 +276,16 @@ def tokenize(batches: Iterable[pa.RecordBatch], tokenizer, spec: DatasetSpec, ap
 def _tokenize_batch(batch, tokenizer, spec, chat, eos, report: DropReport) -> pa.RecordBatch | None:
     meta = batch.schema.metadata or {}
     file = meta.get(META_FILE, str(spec.path).encode()).decode()
-    first_row = int(meta[META_ROW]) if META_ROW in meta else report.rows_in   # batches not from read_batches: count
+    first_row = int(meta[META_ROW]) if META_ROW in meta else report.rows_in  # batches not from read_batches: count
     report.rows_in += batch.num_rows
     if batch.num_rows == 0:
         return None
     for name in spec.names:
         if name not in batch.schema.names:
-            raise ValueError(f"tokenize: the batch has columns {batch.schema.names}, not {name!r}; feed it "
-                             f"read_batches(spec) for kind {spec.kind!r}")
+            raise ValueError(
+                f"tokenize: the batch has columns {batch.schema.names}, not {name!r}; feed it "
+                f"read_batches(spec) for kind {spec.kind!r}"
+            )
     prompts = batch.column("prompt").to_pylist()
     if chat:
         conversations = [[{"role": "user", "content": p}] for p in prompts]
@@ -265,9 +309,11 @@ def _tokenize_batch(batch, tokenizer, spec, chat, eos, report: DropReport) -> pa
             worst = max(spec.names[1:], key=lambda n: lengths[n][i].as_py(), default="prompt")
             total = lengths["prompt"][i].as_py() + (lengths[worst][i].as_py() if worst != "prompt" else 0)
             label = "prompt" if worst == "prompt" else f"prompt + {worst}"
-            raise DataError(f"{file}: row {first_row + i}, column {describe(spec.source_columns[worst], worst)}: "
-                            f"{label} is {total} tokens, over max_tokens={spec.max_tokens}; raise max_tokens, "
-                            f"shorten the row, or set on_overlong='drop'")
+            raise DataError(
+                f"{file}: row {first_row + i}, column {describe(spec.source_columns[worst], worst)}: "
+                f"{label} is {total} tokens, over max_tokens={spec.max_tokens}; raise max_tokens, "
+                f"shorten the row, or set on_overlong='drop'"
+            )
         if dropped:
             report.dropped_overlong += dropped
             for i in np.flatnonzero(over.to_numpy(zero_copy_only=False))[: report.max_examples - len(report.examples)]:
@@ -278,7 +324,8 @@ def _tokenize_batch(batch, tokenizer, spec, chat, eos, report: DropReport) -> pa
 
     columns = [batch.column(name) for name in spec.names] + [arrays[name] for name in spec.names]
     fields = [pa.field(name, pa.string()) for name in spec.names] + [
-        pa.field(TOKEN_COLUMNS[name], S.TOKENS) for name in spec.names]
+        pa.field(TOKEN_COLUMNS[name], S.TOKENS) for name in spec.names
+    ]
     report.rows_out += batch.num_rows
     return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields))
 
@@ -294,6 +341,7 @@ def _token_array(ids: list[list[int]]) -> pa.Array:
 
 # --- writing -------------------------------------------------------------------------------------------------------
 
+
 def write_parquet(batches: Iterable[pa.RecordBatch], path: str | os.PathLike, schema: pa.Schema | None = None) -> int:
     """Stream batches into one Parquet file and return the row count.
 
@@ -306,7 +354,7 @@ def write_parquet(batches: Iterable[pa.RecordBatch], path: str | os.PathLike, sc
     writer, rows = None, 0
     try:
         for batch in batches:
-            batch = batch.replace_schema_metadata(None)   # per-batch provenance would make every schema differ
+            batch = batch.replace_schema_metadata(None)  # per-batch provenance would make every schema differ
             if writer is None:
                 writer = pq.ParquetWriter(tmp, schema.remove_metadata() if schema is not None else batch.schema)
             writer.write_batch(batch)
@@ -316,7 +364,7 @@ def write_parquet(batches: Iterable[pa.RecordBatch], path: str | os.PathLike, sc
                 raise ValueError(f"{path}: no batches to write and no schema; pass schema= to write an empty set")
             writer = pq.ParquetWriter(tmp, schema.remove_metadata())
         writer.close()
-        os.replace(tmp, path)   # atomic on one file system: readers see the old file or the new one
+        os.replace(tmp, path)  # atomic on one file system: readers see the old file or the new one
     except BaseException:
         if writer is not None:
             try:

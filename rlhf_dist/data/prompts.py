@@ -1,4 +1,5 @@
 """Prompt sets for RL: tokenised once into an Arrow table, then served a fixed number per iteration."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -70,7 +71,9 @@ class PromptSampler:
         # Each prompt repeated n times in a row; group_id ties siblings together for GRPO/RLOO.
         take = np.repeat(np.arange(len(rows)), self.n)
         batch = prompts.take(pa.array(take)).combine_chunks().to_batches()[0]
-        batch = batch.append_column(S.GROUP_ID, pa.array(rows[take].astype(np.int64) + self.epoch * self.table.num_rows))
+        batch = batch.append_column(
+            S.GROUP_ID, pa.array(rows[take].astype(np.int64) + self.epoch * self.table.num_rows)
+        )
         return batch.append_column(S.SAMPLE_ID, pa.array(np.arange(len(take), dtype=np.int64)))
 
     def state_dict(self) -> dict:

@@ -8,13 +8,15 @@ a memory-mapped IPC reader. The `datasets` library is never imported; its on-dis
 its `save_to_disk`: `state.json` lists the `data-*.arrow` shards (Arrow IPC streams) in order, and a `DatasetDict`
 folder holds `dataset_dict.json` (`{"splits": [...]}`) and one such folder per split.
 """
+
 from __future__ import annotations
 
 import gzip
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.json as pj
@@ -34,8 +36,8 @@ class DataError(ValueError):
 
 class SourceBatch(NamedTuple):
     file: Path
-    row_offset: int          # 0-based index, within `file`, of the batch's first row
-    batch: pa.RecordBatch    # only the requested source columns, named as in the file
+    row_offset: int  # 0-based index, within `file`, of the batch's first row
+    batch: pa.RecordBatch  # only the requested source columns, named as in the file
 
 
 def describe(column: str, canonical: str) -> str:
@@ -50,8 +52,9 @@ def missing_column(file: Path, canonical: str, source: str, present: list[str]) 
     )
 
 
-def iter_source(path: Path, wanted: dict[str, str], *, split: str | None, batch_size: int,
-                json_block_bytes: int) -> Iterator[SourceBatch]:
+def iter_source(
+    path: Path, wanted: dict[str, str], *, split: str | None, batch_size: int, json_block_bytes: int
+) -> Iterator[SourceBatch]:
     """Batches of at most `batch_size` rows holding the source columns `wanted` ({canonical: source}), file by file.
 
     `path` is a JSONL or Parquet file, a folder of such shards (read in name order), a `save_to_disk` folder, or a
@@ -59,16 +62,20 @@ def iter_source(path: Path, wanted: dict[str, str], *, split: str | None, batch_
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder; point the data spec's path at a .jsonl or .parquet "
-                                f"file, or a folder written by datasets' save_to_disk")
+        raise FileNotFoundError(
+            f"{path}: no such file or folder; point the data spec's path at a .jsonl or .parquet "
+            f"file, or a folder written by datasets' save_to_disk"
+        )
     hf_files = _hf_files(path, split)
     if hf_files is not None:
         for file in hf_files:
             yield from _rechunk(_read_arrow(file, wanted), batch_size)
         return
     if split is not None:
-        raise ValueError(f"{path}: split={split!r} applies only to a DatasetDict folder (with {HF_DICT}); "
-                         f"this is not one, so remove split from the data spec")
+        raise ValueError(
+            f"{path}: split={split!r} applies only to a DatasetDict folder (with {HF_DICT}); "
+            f"this is not one, so remove split from the data spec"
+        )
     for file in _shards(path):
         if file.name.endswith(PARQUET_SUFFIXES):
             reader = _read_parquet(file, wanted, batch_size)
@@ -88,15 +95,19 @@ def _rechunk(reader: Iterator[SourceBatch], batch_size: int) -> Iterator[SourceB
 def _shards(path: Path) -> list[Path]:
     if path.is_file():
         if not path.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
-            raise ValueError(f"{path}: unknown format {''.join(path.suffixes)!r}; use JSON Lines "
-                             f"({', '.join(JSONL_SUFFIXES)}), Parquet ({', '.join(PARQUET_SUFFIXES)}) or a "
-                             f"save_to_disk folder")
+            raise ValueError(
+                f"{path}: unknown format {''.join(path.suffixes)!r}; use JSON Lines "
+                f"({', '.join(JSONL_SUFFIXES)}), Parquet ({', '.join(PARQUET_SUFFIXES)}) or a "
+                f"save_to_disk folder"
+            )
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES))
     kinds = {p.name.endswith(PARQUET_SUFFIXES) for p in files}
     if not files:
-        raise ValueError(f"{path}: folder has no .jsonl or .parquet files and no {HF_STATE} or {HF_DICT}; point the "
-                         f"data spec at a data file or a folder written by datasets' save_to_disk")
+        raise ValueError(
+            f"{path}: folder has no .jsonl or .parquet files and no {HF_STATE} or {HF_DICT}; point the "
+            f"data spec at a data file or a folder written by datasets' save_to_disk"
+        )
     if len(kinds) > 1:
         raise ValueError(f"{path}: folder mixes JSON Lines and Parquet shards; keep one format per folder")
     return files
@@ -104,13 +115,15 @@ def _shards(path: Path) -> list[Path]:
 
 # --- Hugging Face save_to_disk -------------------------------------------------------------------------------------
 
+
 def _hf_files(path: Path, split: str | None) -> list[Path] | None:
     """The Arrow shards of a save_to_disk folder in order, or None when `path` is not one."""
     if not path.is_dir():
         return None
     if (path / HF_DICT).is_file():
         splits = _load_json(path / HF_DICT).get("splits") or sorted(
-            p.name for p in path.iterdir() if (p / HF_STATE).is_file())
+            p.name for p in path.iterdir() if (p / HF_STATE).is_file()
+        )
         if split is None:
             if len(splits) != 1:
                 raise ValueError(f"{path}: DatasetDict with splits {splits}; set split to one of them in the data spec")
@@ -122,13 +135,17 @@ def _hf_files(path: Path, split: str | None) -> list[Path] | None:
         return None
     state = _load_json(path / HF_STATE)
     if split is not None and state.get("_split") not in (None, split):
-        raise ValueError(f"{path}: this folder holds split {state['_split']!r}, not {split!r}; "
-                         f"remove split from the data spec or point path at the DatasetDict folder")
+        raise ValueError(
+            f"{path}: this folder holds split {state['_split']!r}, not {split!r}; "
+            f"remove split from the data spec or point path at the DatasetDict folder"
+        )
     if state.get("_indices_data_files"):
         # Old `datasets` saved shuffles/selections as an indices file over the full table; reading the table raw
         # would silently return the wrong rows.
-        raise ValueError(f"{path / HF_STATE}: the set was saved with an indices mapping; re-save it with a recent "
-                         f"`datasets` (or call .flatten_indices() before save_to_disk)")
+        raise ValueError(
+            f"{path / HF_STATE}: the set was saved with an indices mapping; re-save it with a recent "
+            f"`datasets` (or call .flatten_indices() before save_to_disk)"
+        )
     names = [entry["filename"] for entry in state.get("_data_files") or []]
     if not names:
         raise ValueError(f"{path / HF_STATE}: lists no _data_files; re-save the set with datasets' save_to_disk")
@@ -150,7 +167,7 @@ def _load_json(file: Path) -> dict:
 
 
 def _read_arrow(file: Path, wanted: dict[str, str]) -> Iterator[SourceBatch]:
-    source = pa.memory_map(str(file))   # batches reference the mapped file: no copy into process memory
+    source = pa.memory_map(str(file))  # batches reference the mapped file: no copy into process memory
     # `datasets` writes IPC streams; accept the IPC file format too (it starts with the magic "ARROW1").
     reader = pa.ipc.open_file(source) if source.read(6) == b"ARROW1" else None
     source.seek(0)
@@ -175,6 +192,7 @@ def _select(file: Path, present: list[str], wanted: dict[str, str]) -> list[str]
 
 # --- Parquet -------------------------------------------------------------------------------------------------------
 
+
 def _read_parquet(file: Path, wanted: dict[str, str], batch_size: int) -> Iterator[SourceBatch]:
     parquet = pq.ParquetFile(file)
     columns = _select(file, parquet.schema_arrow.names, wanted)
@@ -186,10 +204,11 @@ def _read_parquet(file: Path, wanted: dict[str, str], batch_size: int) -> Iterat
 
 # --- JSON Lines ----------------------------------------------------------------------------------------------------
 
+
 def _read_jsonl(file: Path, wanted: dict[str, str], block_bytes: int) -> Iterator[SourceBatch]:
     first = _first_record(file)
     if first is None:
-        return   # an empty file adds no rows
+        return  # an empty file adds no rows
     _select(file, list(first), wanted)
     # An explicit string schema for the wanted columns keeps a null-only first block from fixing the type to null;
     # other fields are ignored, so a key that first appears late cannot break the block-wise type inference.
@@ -213,11 +232,14 @@ def _first_record(file: Path) -> dict | None:
                 try:
                     record = json.loads(line)
                 except ValueError as e:
-                    raise DataError(f"{file}: row 0: not valid JSON ({e}); the file must be JSON Lines, one object "
-                                    f"per line") from e
+                    raise DataError(
+                        f"{file}: row 0: not valid JSON ({e}); the file must be JSON Lines, one object per line"
+                    ) from e
                 if not isinstance(record, dict):
-                    raise DataError(f"{file}: row 0: a JSON {type(record).__name__}, not an object; the file must be "
-                                    f"JSON Lines, one object per line (convert a JSON array with `jq -c '.[]'`)")
+                    raise DataError(
+                        f"{file}: row 0: a JSON {type(record).__name__}, not an object; the file must be "
+                        f"JSON Lines, one object per line (convert a JSON array with `jq -c '.[]'`)"
+                    )
                 return record
     return None
 
@@ -226,16 +248,21 @@ def _json_error(file: Path, block_start: int, message: str, wanted: dict[str, st
     # pyarrow counts rows from the start of the failing block; the block starts right after the rows yielded so far.
     names = {source: canonical for canonical, source in wanted.items()}
     if "straddles" in message:
-        return DataError(f"{file}: row {block_start} or later: one row is longer than the JSON block of {block_bytes} "
-                         f"bytes; raise json_block_bytes in the data spec")
+        return DataError(
+            f"{file}: row {block_start} or later: one row is longer than the JSON block of {block_bytes} "
+            f"bytes; raise json_block_bytes in the data spec"
+        )
     m = _JSON_ERROR.search(message)
     if m:
         source = m["col"].lstrip("/")
         column = describe(source, names.get(source, source))
-        return DataError(f"{file}: row {block_start + int(m['row'])}, column {column}: {m['what']}, expected text; "
-                         f"store the column as JSON strings")
+        return DataError(
+            f"{file}: row {block_start + int(m['row'])}, column {column}: {m['what']}, expected text; "
+            f"store the column as JSON strings"
+        )
     m = _JSON_ROW.search(message.strip())
     if m:
-        return DataError(f"{file}: row {block_start + int(m['row'])}: {m['what']}; fix that line (one JSON object "
-                         f"per line)")
+        return DataError(
+            f"{file}: row {block_start + int(m['row'])}: {m['what']}; fix that line (one JSON object per line)"
+        )
     return DataError(f"{file}: row {block_start} or later: {message}; fix the file (one JSON object per line)")

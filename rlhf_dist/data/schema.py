@@ -4,6 +4,7 @@ Ragged token columns are ``list<int32>``, ragged per-token floats are ``list<flo
 token, aligned with ``response_ids``), scalars are plain columns. A batch only carries the columns its phase has
 produced so far; ``EXPERIENCE_SCHEMA`` is the full set, in canonical order.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -12,24 +13,24 @@ TOKENS = pa.list_(pa.int32())
 PER_TOKEN = pa.list_(pa.float32())
 
 # identity
-SAMPLE_ID = "sample_id"          # int64, unique within an iteration
-GROUP_ID = "group_id"            # int64, the prompt a sample answers (GRPO/RLOO groups share it)
+SAMPLE_ID = "sample_id"  # int64, unique within an iteration
+GROUP_ID = "group_id"  # int64, the prompt a sample answers (GRPO/RLOO groups share it)
 # tokens
-PROMPT_IDS = "prompt_ids"        # list<int32>, no padding
-RESPONSE_IDS = "response_ids"    # list<int32>, no padding; may be empty
+PROMPT_IDS = "prompt_ids"  # list<int32>, no padding
+RESPONSE_IDS = "response_ids"  # list<int32>, no padding; may be empty
 # text (reward functions and judges read text)
-PROMPT_TEXT = "prompt_text"      # string
+PROMPT_TEXT = "prompt_text"  # string
 RESPONSE_TEXT = "response_text"  # string
 # per response token
 ROLLOUT_LOGPROBS = "rollout_logprobs"  # list<float32>, log-prob of each response token under the rollout engine
-REF_LOGPROBS = "ref_logprobs"          # list<float32>, under the frozen reference model
-OLD_LOGPROBS = "old_logprobs"          # list<float32>, under the learner before this iteration's update
-VALUES = "values"                      # list<float32>, critic value before each response token's action
-ADVANTAGES = "advantages"              # list<float32>
-RETURNS = "returns"                    # list<float32>
+REF_LOGPROBS = "ref_logprobs"  # list<float32>, under the frozen reference model
+OLD_LOGPROBS = "old_logprobs"  # list<float32>, under the learner before this iteration's update
+VALUES = "values"  # list<float32>, critic value before each response token's action
+ADVANTAGES = "advantages"  # list<float32>
+RETURNS = "returns"  # list<float32>
 # scalars
-REWARD = "reward"                # float32, the score the algorithm optimises (reward model and/or function)
-GOLD_REWARD = "gold_reward"      # float32, hidden true score of a synthetic task (NaN where unknown)
+REWARD = "reward"  # float32, the score the algorithm optimises (reward model and/or function)
+GOLD_REWARD = "gold_reward"  # float32, hidden true score of a synthetic task (NaN where unknown)
 POLICY_VERSION = "policy_version"  # int64, version of the weights that generated the sample
 
 FIELDS: dict[str, pa.DataType] = {

@@ -11,6 +11,7 @@ iterations on a CPU. `preference_reward` stands for a human rater: the gold scor
 function of the text, so it is correlated with the gold score but not identical, and the same text always gets the
 same score.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,17 +21,64 @@ from statistics import NormalDist
 
 DETERMINERS = ("the", "a", "my", "our", "this", "that", "every")
 NOUNS = (
-    "cat", "dog", "bird", "child", "friend", "teacher", "farmer", "garden", "house", "river", "tree", "road",
-    "city", "book", "song", "letter", "window", "table", "morning", "evening", "boat", "hill",
+    "cat",
+    "dog",
+    "bird",
+    "child",
+    "friend",
+    "teacher",
+    "farmer",
+    "garden",
+    "house",
+    "river",
+    "tree",
+    "road",
+    "city",
+    "book",
+    "song",
+    "letter",
+    "window",
+    "table",
+    "morning",
+    "evening",
+    "boat",
+    "hill",
 )
 VERBS = ("sat", "ran", "saw", "found", "made", "walked", "read", "wrote", "opened", "watched", "carried", "painted")
 PREPOSITIONS = ("on", "in", "by", "with", "near", "under", "over", "to", "from", "behind")
 CONJUNCTIONS = ("and", "then", "so", "but", "because")
 NEUTRAL_WORDS = DETERMINERS + NOUNS + VERBS + PREPOSITIONS + CONJUNCTIONS
 POSITIVE_WORDS = (
-    "good", "great", "happy", "kind", "warm", "bright", "calm", "gentle", "lovely", "joy", "love", "fun", "nice",
-    "sweet", "glad", "brave", "fair", "smile", "hope", "cheer", "proud", "cozy", "sunny", "friendly", "thank",
-    "wonderful", "peace", "bliss", "delight", "laugh",
+    "good",
+    "great",
+    "happy",
+    "kind",
+    "warm",
+    "bright",
+    "calm",
+    "gentle",
+    "lovely",
+    "joy",
+    "love",
+    "fun",
+    "nice",
+    "sweet",
+    "glad",
+    "brave",
+    "fair",
+    "smile",
+    "hope",
+    "cheer",
+    "proud",
+    "cozy",
+    "sunny",
+    "friendly",
+    "thank",
+    "wonderful",
+    "peace",
+    "bliss",
+    "delight",
+    "laugh",
 )
 VOCABULARY = NEUTRAL_WORDS + POSITIVE_WORDS
 _POSITIVE = frozenset(POSITIVE_WORDS)
@@ -113,7 +161,7 @@ def gold_reward(prompt_text: str, response_text: str) -> float:
 def _text_noise(prompt_text: str, response_text: str) -> float:
     """A N(0, PREFERENCE_NOISE) draw that is a fixed function of the text (same on every machine and run)."""
     digest = hashlib.blake2b(f"{prompt_text}\x1f{response_text}".encode(), digest_size=8).digest()
-    uniform = (int.from_bytes(digest, "big") + 0.5) / 2**64   # strictly inside (0, 1)
+    uniform = (int.from_bytes(digest, "big") + 0.5) / 2**64  # strictly inside (0, 1)
     return NormalDist(0.0, PREFERENCE_NOISE).inv_cdf(uniform)
 
 

@@ -3,25 +3,34 @@
 Only local paths: there is no model hub here, so a name like "Qwen/Qwen2.5-0.5B" must be a directory on disk. Every
 loader checks the directory first and says what is missing and how to get a model (`rlhf-dist init-tiny DIR`).
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rlhf_dist.models.value_head import CriticModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-_FIX = "build the tiny default model there with `rlhf-dist init-tiny DIR`, or point to a directory saved with " \
-       "save_pretrained (config.json, weights, tokenizer files)"
+_FIX = (
+    "build the tiny default model there with `rlhf-dist init-tiny DIR`, or point to a directory saved with "
+    "save_pretrained (config.json, weights, tokenizer files)"
+)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """"float32" | "bfloat16" | "float16" (or a torch.dtype) -> torch.dtype."""
+    """ "float32" | "bfloat16" | "float16" (or a torch.dtype) -> torch.dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -33,13 +42,16 @@ def check_model_dir(path: str | os.PathLike, *, need_tokenizer: bool = False) ->
     """The directory as a Path, or a FileNotFoundError naming what is missing and the fix."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist (models load from local paths only); "
-                                f"{_FIX}")
+        raise FileNotFoundError(
+            f"model directory {directory} does not exist (models load from local paths only); {_FIX}"
+        )
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json, so it is not a saved model; {_FIX}")
     if need_tokenizer and not any((directory / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"{directory} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save the "
-                                f"tokenizer next to the model with tokenizer.save_pretrained(dir), or {_FIX}")
+        raise FileNotFoundError(
+            f"{directory} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save the "
+            f"tokenizer next to the model with tokenizer.save_pretrained(dir), or {_FIX}"
+        )
     return directory
 
 
@@ -54,15 +66,18 @@ def load_tokenizer(path: str | os.PathLike, padding_side: str = "left") -> PreTr
     if tokenizer.pad_token is None:
         stand_in = tokenizer.eos_token or tokenizer.unk_token
         if stand_in is None:
-            raise ValueError(f"the tokenizer in {path} has no pad, eos or unk token to pad with; add a pad token "
-                             f"(tokenizer.add_special_tokens({{'pad_token': '<pad>'}})) and save it again")
+            raise ValueError(
+                f"the tokenizer in {path} has no pad, eos or unk token to pad with; add a pad token "
+                f"(tokenizer.add_special_tokens({{'pad_token': '<pad>'}})) and save it again"
+            )
         tokenizer.pad_token = stand_in
     tokenizer.padding_side = padding_side
     return tokenizer
 
 
-def load_causal_lm(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
-                   device: str | torch.device | None = None) -> PreTrainedModel:
+def load_causal_lm(
+    path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None
+) -> PreTrainedModel:
     """AutoModelForCausalLM from `path` in `dtype`, on `device` (CPU when None), in eval mode."""
     model = AutoModelForCausalLM.from_pretrained(check_model_dir(path), dtype=resolve_dtype(dtype))
     if device is not None:
@@ -70,8 +85,9 @@ def load_causal_lm(path: str | os.PathLike, dtype: str | torch.dtype = "float32"
     return model.eval()
 
 
-def load_reward_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
-                      seed: int = 0) -> PreTrainedModel:
+def load_reward_model(
+    path: str | os.PathLike, dtype: str | torch.dtype = "float32", *, seed: int = 0
+) -> PreTrainedModel:
     """A scalar reward model: AutoModelForSequenceClassification with num_labels=1.
 
     A directory holding only a causal LM gets a freshly initialised score head (that is how reward-model training
@@ -85,7 +101,8 @@ def load_reward_model(path: str | os.PathLike, dtype: str | torch.dtype = "float
         torch.manual_seed(seed)
         extra = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
         model = AutoModelForSequenceClassification.from_pretrained(
-            directory, num_labels=1, dtype=resolve_dtype(dtype), **extra)
+            directory, num_labels=1, dtype=resolve_dtype(dtype), **extra
+        )
     return model.eval()
 
 

@@ -11,6 +11,7 @@ Indexing, for row i and response token t (t < response_lens[i]), as ``Sequences`
 Under a false response_mask the index and the token are placeholders (clamped into range); their outputs are
 finite but meaningless, and the caller masks them.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -32,8 +33,12 @@ def _gather_positions(per_position: torch.Tensor, index: torch.Tensor) -> torch.
     return per_position[rows, index.to(per_position.device).clamp(0, per_position.shape[1] - 1)]
 
 
-def response_logprobs(model: nn.Module, seqs: Sequences, temperature: float = 1.0, return_entropy: bool = False,
-                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def response_logprobs(
+    model: nn.Module,
+    seqs: Sequences,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each response token under `model`, from one forward pass over the joined sequences.
 
     seqs: on the model's device; its input_ids, attention_mask and position_ids [B, L] go through the model, and
@@ -44,8 +49,9 @@ def response_logprobs(model: nn.Module, seqs: Sequences, temperature: float = 1.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
-    logits = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids,
-                   use_cache=False).logits                                          # [B, L, V], model dtype
+    logits = model(
+        input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids, use_cache=False
+    ).logits  # [B, L, V], model dtype
     picked = _gather_positions(logits, seqs.response_index()).float() / temperature  # [B, T, V]
     log_probs = torch.log_softmax(picked, dim=-1)
     tokens = seqs.response_tokens().to(logits.device).clamp(0, logits.shape[-1] - 1)
@@ -56,8 +62,9 @@ def response_logprobs(model: nn.Module, seqs: Sequences, temperature: float = 1.
     return token_logprobs, entropy
 
 
-def chunk_logprobs(model: nn.Module, chunks: list[pa.RecordBatch], pad_token_id: int, temperature: float,
-                   device: torch.device) -> pa.Array:
+def chunk_logprobs(
+    model: nn.Module, chunks: list[pa.RecordBatch], pad_token_id: int, temperature: float, device: torch.device
+) -> pa.Array:
     """Per-token log-probs of every response, one forward pass per chunk on `device`, as one ``list<float32>``
     column (the reference's ``ref_logprobs``, the policy's ``old_logprobs``)."""
     parts = []
@@ -70,25 +77,35 @@ def chunk_logprobs(model: nn.Module, chunks: list[pa.RecordBatch], pad_token_id:
 
 def response_values(critic: nn.Module, seqs: Sequences) -> torch.Tensor:
     """Critic value of the state before each response token: ``seqs`` on the critic's device -> [B, T] float32."""
-    values = critic(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
-                    position_ids=seqs.position_ids)                                 # [B, L]
+    values = critic(
+        input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids
+    )  # [B, L]
     return _gather_positions(values, seqs.response_index()).float()
 
 
 def _score_head(model: nn.Module) -> nn.Module:
     head = getattr(model, "score", None)
     if head is None:
-        raise TypeError(f"{type(model).__name__} has no `score` head; load reward models with "
-                        f"rlhf_dist.models.load.load_reward_model (AutoModelForSequenceClassification, num_labels=1)")
+        raise TypeError(
+            f"{type(model).__name__} has no `score` head; load reward models with "
+            f"rlhf_dist.models.load.load_reward_model (AutoModelForSequenceClassification, num_labels=1)"
+        )
     out_features = getattr(head, "out_features", 1)
     if out_features != 1:
-        raise ValueError(f"{type(model).__name__}.score has {out_features} outputs; a reward model needs "
-                         f"num_labels=1 (load it with load_reward_model)")
+        raise ValueError(
+            f"{type(model).__name__}.score has {out_features} outputs; a reward model needs "
+            f"num_labels=1 (load it with load_reward_model)"
+        )
     return head
 
 
-def sequence_scores(reward_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    last_index: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_scores(
+    reward_model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    last_index: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reward-model score of each sequence at its last real token: [B, L] inputs, last_index [B] -> [B] float32.
 
     The score head runs on the hidden state at `last_index` picked here, not through Hugging Face's own pooling,
@@ -97,7 +114,8 @@ def sequence_scores(reward_model: nn.Module, input_ids: torch.Tensor, attention_
     """
     model = _unwrap(reward_model)
     head = _score_head(model)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state                  # [B, L, H]
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # [B, L, H]
     last_hidden = _gather_positions(hidden, last_index.reshape(-1, 1)).squeeze(1)  # [B, H]
     return head(last_hidden).squeeze(-1).float()

@@ -6,6 +6,7 @@ exactly 0 and the first updates come from the returns. Loading a scalar reward m
 with num_labels=1, as `rlhf-dist rm` saves) starts the value head from its score head, as OpenRLHF does: the first
 values are the reward model's per-token scores.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,11 +45,13 @@ class CriticModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """input_ids, attention_mask, position_ids: [B, L] -> values [B, L] float32."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -58,7 +61,7 @@ class CriticModel(nn.Module):
         save_file(head, directory / VALUE_HEAD_FILE)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "CriticModel":
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> CriticModel:
         """From a saved critic (backbone + value_head.safetensors), a scalar reward model (its score head becomes the
         value head) or any causal-LM / backbone directory (a zero head)."""
         directory = Path(directory)
@@ -71,18 +74,22 @@ class CriticModel(nn.Module):
             expected = {name: tuple(t.shape) for name, t in critic.value_head.state_dict().items()}
             found = {name: tuple(t.shape) for name, t in state.items()}
             if found != expected:
-                raise ValueError(f"{head_path} holds tensors {found} but the backbone in {directory} needs "
-                                 f"{expected}; the value head was saved with another backbone")
+                raise ValueError(
+                    f"{head_path} holds tensors {found} but the backbone in {directory} needs "
+                    f"{expected}; the value head was saved with another backbone"
+                )
             critic.value_head.load_state_dict({name: t.to(dtype) for name, t in state.items()})
         return critic
 
     @classmethod
-    def _from_reward_model(cls, directory: Path, dtype: torch.dtype) -> "CriticModel":
+    def _from_reward_model(cls, directory: Path, dtype: torch.dtype) -> CriticModel:
         reward_model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype)
         score = getattr(reward_model, "score", None)
         if not isinstance(score, nn.Linear) or score.out_features != 1:
-            raise ValueError(f"{directory} is a {type(reward_model).__name__} without a one-output `score` layer to "
-                             f"start the value head from; point model.critic at a critic or a causal-LM directory")
+            raise ValueError(
+                f"{directory} is a {type(reward_model).__name__} without a one-output `score` layer to "
+                f"start the value head from; point model.critic at a critic or a causal-LM directory"
+            )
         backbone = reward_model.base_model
         critic = cls(backbone)
         with torch.no_grad():

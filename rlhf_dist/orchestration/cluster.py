@@ -1,4 +1,5 @@
 """Connecting to Ray: the embedded local instance by default (bound to loopback), or a cluster by address."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """`rlhf-dist plan CONFIG`: where every actor would go, on the live cluster or on a described one, without starting
 anything."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import ray  # deferred: cli
+
     from rlhf_dist.orchestration.placement import (  # deferred: cli
-        assign, check_fits, format_placement, nodes_from_ray, plan, simulated_nodes)
+        assign,
+        check_fits,
+        format_placement,
+        nodes_from_ray,
+        plan,
+        simulated_nodes,
+    )
 
     cfg = load_config(args.config, args.overrides)
     plans = plan(cfg)

@@ -1,4 +1,5 @@
 """Start every role's actors from the plan, and wire the learners' process groups."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -8,7 +9,14 @@ from ray.util.placement_group import remove_placement_group
 
 from rlhf_dist.config import ROLE_TABLE, RunConfig, resolve_function
 from rlhf_dist.orchestration.learner_groups import form_learner_group, start_group
-from rlhf_dist.orchestration.placement import assign, bundles_by_owner, check_fits, format_placement, nodes_from_ray, plan
+from rlhf_dist.orchestration.placement import (
+    assign,
+    bundles_by_owner,
+    check_fits,
+    format_placement,
+    nodes_from_ray,
+    plan,
+)
 from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
 
 
@@ -47,11 +55,15 @@ def launch_roles(cfg: RunConfig, started: dict[str, RoleGroup] | None = None) ->
     data-parallel group); ``started`` is filled as groups come up, so a caller can stop them after an error."""
     plans = plan(cfg)
     check_fits(plans, ray.cluster_resources())
-    print("placement (expected; Ray decides the final node of each bundle):\n"
-          + format_placement(assign(plans, nodes_from_ray())), flush=True)
+    print(
+        "placement (expected; Ray decides the final node of each bundle):\n"
+        + format_placement(assign(plans, nodes_from_ray())),
+        flush=True,
+    )
     pgs = {
-        owner: reserve(owner, n, bundle["CPU"], bundle.get("GPU", 0.0), plans[owner].placement.upper(),
-                       cfg.ray.actor_timeout_s)
+        owner: reserve(
+            owner, n, bundle["CPU"], bundle.get("GPU", 0.0), plans[owner].placement.upper(), cfg.ray.actor_timeout_s
+        )
         for owner, (n, bundle) in bundles_by_owner(plans).items()
     }
     groups: dict[str, RoleGroup] = {} if started is None else started

@@ -7,10 +7,11 @@ next stage, in the same Ray session, can have them. Hence context managers that 
     with learner_group("sft", SFTLearner, cfg, cfg.sft.learners) as sft:   # one ZeRO data-parallel group
         sft.scatter("train", batch).get()
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
@@ -19,11 +20,13 @@ from rlhf_dist.config import RoleConfig, RunConfig
 from rlhf_dist.orchestration.cluster import worker_env
 from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
 
+
 def start_group(name: str, role_cls: type, cfg: RunConfig, bundles: Bundles) -> RoleGroup:
     """The one way a group starts: every role is built as ``role_cls(cfg, rank, world_size)``."""
     n = len(bundles.indices)
-    return RoleGroup(name, role_cls, bundles, lambda rank: ((cfg, rank, n), {}), cfg.ray.actor_timeout_s,
-                     env_vars=worker_env())
+    return RoleGroup(
+        name, role_cls, bundles, lambda rank: ((cfg, rank, n), {}), cfg.ray.actor_timeout_s, env_vars=worker_env()
+    )
 
 
 def form_learner_group(group: RoleGroup) -> None:
@@ -39,8 +42,9 @@ def role_group(name: str, role_cls: type, cfg: RunConfig, role: RoleConfig, lear
     pg = reserve(name, role.num_actors, role.num_cpus, role.num_gpus, role.placement.upper(), cfg.ray.actor_timeout_s)
     group = None
     try:
-        group = start_group(name, role_cls, cfg, Bundles(pg, list(range(role.num_actors)), role.num_cpus,
-                                                          role.num_gpus))
+        group = start_group(
+            name, role_cls, cfg, Bundles(pg, list(range(role.num_actors)), role.num_cpus, role.num_gpus)
+        )
         if learner:
             form_learner_group(group)
         yield group

@@ -6,6 +6,7 @@ Within a phase, calls on one role queue one after another on its actors (a chain
 side. Calls an actor makes on another role's actors (learner rank 0 driving the rollout engines in a weight push)
 form a chain of their own, named for the call that makes them.
 """
+
 from __future__ import annotations
 
 import time

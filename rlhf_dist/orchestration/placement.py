@@ -1,4 +1,5 @@
 """From the config's ``roles`` section to placement groups: who runs where, checked against the cluster first."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -173,7 +174,9 @@ def assign(plans: dict[str, RolePlan], nodes: list[Node]) -> list[Slot]:
             last = node
             for p in plans.values():  # the owner and every role colocated on its bundles
                 if p.bundle_owner == owner:
-                    slots += [Slot(p.role, r, node.name, p.num_cpus, gpus) for r in range(p.num_actors) if r % n == rank]
+                    slots += [
+                        Slot(p.role, r, node.name, p.num_cpus, gpus) for r in range(p.num_actors) if r % n == rank
+                    ]
     return slots
 
 

@@ -2,6 +2,7 @@
 
 The roles themselves are plain classes; this is the only place that turns them into actors.
 """
+
 from __future__ import annotations
 
 import functools
@@ -10,8 +11,9 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -177,6 +179,7 @@ def _timed(name: str, fn: Callable) -> Callable:
 def _timed_init(init: Callable) -> Callable:
     """The constructor shows in the timeline (``spans``) only, not in the seconds: start-up is not compute of a
     phase. It lets a test see which roles were up before which started."""
+
     def __init__(self, *args, **kwargs):
         t0 = time.time()
         init(self, *args, **kwargs)
@@ -197,8 +200,11 @@ def timed_role(role_cls: type) -> type:
     The role stays a plain class; this is applied only where it becomes an actor. Static and class methods, async
     methods and names starting with ``_`` are left alone.
     """
-    namespace: dict[str, Any] = {"__doc__": role_cls.__doc__, STATS_METHOD: _compute_stats,
-                                 "__init__": _timed_init(role_cls.__init__)}
+    namespace: dict[str, Any] = {
+        "__doc__": role_cls.__doc__,
+        STATS_METHOD: _compute_stats,
+        "__init__": _timed_init(role_cls.__init__),
+    }
     for name in dir(role_cls):
         if name.startswith("_") or name == STATS_METHOD:
             continue
@@ -246,20 +252,20 @@ class RoleGroup:
         return len(self.actors)
 
     # -- calls -------------------------------------------------------------------------------------------------
-    def call(self, method: str, *args: Any, **kwargs: Any) -> "Pending":
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Pending:
         """The same call on every actor, all in flight at once."""
         refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
         return Pending(self, method, refs)
 
-    def compute_stats(self, reset: bool = True) -> "Pending":
+    def compute_stats(self, reset: bool = True) -> Pending:
         """Every actor's seconds per role method and peak memory since the last reset (see ``ComputeLedger``)."""
         return self.call(STATS_METHOD, reset)
 
-    def call_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> "Pending":
+    def call_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Pending:
         return Pending(self, method, [getattr(self.actors[rank], method).remote(*args, **kwargs)], ranks=[rank])
 
-    def scatter(self, method: str, batch: pa.RecordBatch, *args: Any, **kwargs: Any) -> "Pending":
-        """Split ``batch`` into one token-balanced shard per actor; ``Pending.batch()`` gathers in the original order."""
+    def scatter(self, method: str, batch: pa.RecordBatch, *args: Any, **kwargs: Any) -> Pending:
+        """Split ``batch`` into one token-balanced shard per actor; ``Pending.batch()`` gathers them in order."""
         if len(self.actors) == 1:  # nothing to balance, nothing to reorder
             return Pending(self, method, [getattr(self.actors[0], method).remote(batch, *args, **kwargs)])
         # Before generation only prompts count; after it, prompts and responses.
@@ -303,8 +309,7 @@ class Pending:
                 except ray.exceptions.RayTaskError as err:
                     rank, cause = self.ranks[position[ref]], err.cause
                     raise RoleMethodError(
-                        f"role {self.group.name} actor {rank} raised {type(cause).__name__} in {self.method}(): "
-                        f"{cause}"
+                        f"role {self.group.name} actor {rank} raised {type(cause).__name__} in {self.method}(): {cause}"
                     ) from err
         return values
 

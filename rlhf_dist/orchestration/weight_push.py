@@ -5,6 +5,7 @@ Learner rank 0 drives the engines itself through vLLM's weight-transfer control 
 finish; rlhf_dist.engines.weight_sync): the bytes never pass through the driver, and every transport (object
 store, NCCL, CUDA IPC, sparse NCCL) is the same two calls from here.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,14 @@ class WeightPush:
     def __init__(self, cfg: RunConfig, policy: RoleGroup, rollout: RoleGroup):
         self.policy, self.rollout, self.name = policy, rollout, cfg.weight_transport()
         workers_per_engine = cfg.generation.tensor_parallel_size if cfg.generation.engine == "vllm" else 1
-        policy.call("init_weight_sync", rollout.actors, self.name, workers_per_engine, cfg.sync.bucket_mb,
-                    cfg.ray.actor_timeout_s).get()
+        policy.call(
+            "init_weight_sync",
+            rollout.actors,
+            self.name,
+            workers_per_engine,
+            cfg.sync.bucket_mb,
+            cfg.ray.actor_timeout_s,
+        ).get()
 
     def push(self, version: int, phases: Phases | None = None) -> dict[str, float]:
         """Every rollout engine holds ``version`` when this returns. ``{"seconds", "bytes"}`` of the push."""

@@ -5,6 +5,7 @@ both groups stay busy and collection scales with either. Pairs whose two answers
 empty, carry no preference and are dropped (counted in the summary). The result is one Parquet file, written
 atomically: prompt, chosen, rejected (what `rlhf-dist rm` / `dpo` read) and how each label came about.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,13 +36,17 @@ def output_path(cfg: RunConfig) -> Path:
 def prepare(cfg: RunConfig) -> pa.Table:
     """The tokenised prompts; the judge's function imports and its model exists, all before any actor starts."""
     c = cfg.collect
-    for key, ref in (("collect.utility", c.utility if c.judge == "simulated" else None),
-                     ("collect.judge_function", c.judge_function if c.judge == "function" else None)):
+    for key, ref in (
+        ("collect.utility", c.utility if c.judge == "simulated" else None),
+        ("collect.judge_function", c.judge_function if c.judge == "function" else None),
+    ):
         if ref:
             resolve_function(key, ref)
     if c.judge == "reward_model" and not (Path(c.judge_model) / "config.json").exists():
-        raise ConfigError("collect.judge_model", f"{c.judge_model!r} is not a saved model; train one with "
-                                                 f"`rlhf-dist rm` or fix the path")
+        raise ConfigError(
+            "collect.judge_model",
+            f"{c.judge_model!r} is not a saved model; train one with `rlhf-dist rm` or fix the path",
+        )
     policy = policy_path(cfg)
     if not (Path(policy) / "config.json").exists():
         raise ConfigError("collect.policy", f"{policy!r} is not a saved model; fix the path or run `rlhf-dist sft`")
@@ -58,13 +63,21 @@ def pair_up(samples: pa.RecordBatch, first_id: int) -> pa.RecordBatch:
     """Rows 2i and 2i+1 (two answers to prompt i) -> one PAIR_SCHEMA row, pair_id = first_id + i; pairs with an
     empty answer or two equal answers are left out."""
     text = [t.strip() for t in samples.column(S.RESPONSE_TEXT).to_pylist()]
-    keep = np.array([i for i in range(len(text) // 2) if text[2 * i] and text[2 * i + 1]
-                     and text[2 * i] != text[2 * i + 1]], np.int64)
+    keep = np.array(
+        [i for i in range(len(text) // 2) if text[2 * i] and text[2 * i + 1] and text[2 * i] != text[2 * i + 1]],
+        np.int64,
+    )
     first = pa.array(2 * keep)
-    return pa.RecordBatch.from_arrays([
-        pa.array(first_id + keep), samples.column(S.PROMPT_TEXT).take(first), samples.column(S.PROMPT_IDS).take(first),
-        pa.array([text[i] for i in 2 * keep], pa.string()), pa.array([text[i] for i in 2 * keep + 1], pa.string()),
-    ], schema=PAIR_SCHEMA)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(first_id + keep),
+            samples.column(S.PROMPT_TEXT).take(first),
+            samples.column(S.PROMPT_IDS).take(first),
+            pa.array([text[i] for i in 2 * keep], pa.string()),
+            pa.array([text[i] for i in 2 * keep + 1], pa.string()),
+        ],
+        schema=PAIR_SCHEMA,
+    )
 
 
 def run(cfg: RunConfig) -> dict:
@@ -74,13 +87,17 @@ def run(cfg: RunConfig) -> dict:
     need = sum(r.num_actors * r.num_cpus for r in (cfg.roles.rollout, c.labellers))
     labelled, prompts_done = [], 0
     with ray_session(cfg, min_cpus=need):
-        with worker_group("rollout", RolloutWorker, with_model(cfg, policy=policy_path(cfg)), cfg.roles.rollout) \
-                as rollout, worker_group("labeller", LabellerWorker, cfg, c.labellers) as labellers:
+        with (
+            worker_group(
+                "rollout", RolloutWorker, with_model(cfg, policy=policy_path(cfg)), cfg.roles.rollout
+            ) as rollout,
+            worker_group("labeller", LabellerWorker, cfg, c.labellers) as labellers,
+        ):
             for k, start in enumerate(range(0, prompts.num_rows, c.chunk_prompts)):
                 chunk = repeat_interleave(concat_batches([prompts.slice(start, c.chunk_prompts)]), 2)
                 pairs = pair_up(rollout.scatter("generate", chunk, k).batch(), first_id=start)
                 prompts_done += len(chunk) // 2
-                if len(pairs) >= len(labellers):   # judged while the next chunk is sampled
+                if len(pairs) >= len(labellers):  # judged while the next chunk is sampled
                     labelled.append(labellers.scatter("label", pairs))
                 elif len(pairs):
                     labelled.append(labellers.call_rank(0, "label", pairs))
@@ -88,12 +105,22 @@ def run(cfg: RunConfig) -> dict:
     out = output_path(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = write_parquet(table.to_batches(), out, schema=LABEL_SCHEMA)
-    summary = {"stage": "collect", "path": str(out), "pairs": rows, "prompts": prompts_done,
-               "dropped_pairs": prompts_done - rows, "judge": c.judge, **label_stats(table, cfg),
-               "seconds": time.perf_counter() - t0}
-    print(f"collect: {rows} labelled pairs from {prompts_done} prompts ({summary['dropped_pairs']} without a "
-          f"preference dropped), agreement with the judge's scores {summary['score_agreement']:.3f}; "
-          f"written to {out}", flush=True)
+    summary = {
+        "stage": "collect",
+        "path": str(out),
+        "pairs": rows,
+        "prompts": prompts_done,
+        "dropped_pairs": prompts_done - rows,
+        "judge": c.judge,
+        **label_stats(table, cfg),
+        "seconds": time.perf_counter() - t0,
+    }
+    print(
+        f"collect: {rows} labelled pairs from {prompts_done} prompts ({summary['dropped_pairs']} without a "
+        f"preference dropped), agreement with the judge's scores {summary['score_agreement']:.3f}; "
+        f"written to {out}",
+        flush=True,
+    )
     return summary
 
 
@@ -102,9 +129,12 @@ def label_stats(table: pa.Table, cfg: RunConfig) -> dict[str, float]:
     sc = table.column("score_chosen").to_numpy()
     sr = table.column("score_rejected").to_numpy()
     decided = sc != sr
-    stats = {"score_agreement": float(np.mean(sc[decided] > sr[decided])) if decided.any() else float("nan"),
-             "flip_share": float(np.mean(table.column("flipped").to_numpy(zero_copy_only=False)))
-             if len(table) else float("nan")}
+    stats = {
+        "score_agreement": float(np.mean(sc[decided] > sr[decided])) if decided.any() else float("nan"),
+        "flip_share": float(np.mean(table.column("flipped").to_numpy(zero_copy_only=False)))
+        if len(table)
+        else float("nan"),
+    }
     if cfg.data.task == "synthetic" and len(table):
         p, ch, rj = (table.column(n).to_pylist() for n in ("prompt", "chosen", "rejected"))
         gc = np.array([gold_reward(a, b) for a, b in zip(p, ch)])

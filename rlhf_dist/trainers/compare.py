@@ -8,6 +8,7 @@ fixed seeds. On its samples we measure
   the per-token KL(pi || pi_sft) on the policy's own samples (the sampler's log-probs against the reference
   actors' for the same tokens, both at generation.temperature).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,34 +31,46 @@ from rlhf_dist.workers.reference import ReferenceWorker
 from rlhf_dist.workers.reward import RewardWorker
 from rlhf_dist.workers.rollout import RolloutWorker
 
-EVAL_ITERATION = 1_000_003   # the generation seed of the comparison: far from any training iteration's
-COLUMNS = (("gold_sampled", "gold (sampled)"), ("gold_greedy", "gold (greedy)"), ("rm_score", "RM score"),
-           ("kl_to_sft", "KL to SFT"), ("response_len", "length"))
+EVAL_ITERATION = 1_000_003  # the generation seed of the comparison: far from any training iteration's
+COLUMNS = (
+    ("gold_sampled", "gold (sampled)"),
+    ("gold_greedy", "gold (greedy)"),
+    ("rm_score", "RM score"),
+    ("kl_to_sft", "KL to SFT"),
+    ("response_len", "length"),
+)
 
 
 def held_out_prompts(cfg: RunConfig, tokenizer) -> pa.RecordBatch:
     """data.eval_prompts prompts no training stage sees: a fresh synthetic stream, or the file's last rows."""
     n = cfg.data.eval_prompts
-    texts = make_prompts(n, seed=derive_seed(cfg.seed, EVAL_ITERATION)) if cfg.data.task == "synthetic" \
+    texts = (
+        make_prompts(n, seed=derive_seed(cfg.seed, EVAL_ITERATION))
+        if cfg.data.task == "synthetic"
         else read_prompt_texts(cfg)[-n:]
+    )
     return concat_batches([tokenize_prompts(texts, tokenizer, cfg.data.max_prompt_tokens)])
 
 
-def compare(cfg: RunConfig, policies: dict[str, str], sft: str, reward_model: str | None
-            ) -> dict[str, dict[str, float]]:
+def compare(
+    cfg: RunConfig, policies: dict[str, str], sft: str, reward_model: str | None
+) -> dict[str, dict[str, float]]:
     """{policy name: metrics} for every policy dir in `policies` (Ray must be up)."""
     # The scorers: the SFT model as the KL reference, the reward model (and gold) as the reward actors.
     cfg = with_model(cfg, policy=sft, reference=sft, reward=reward_model)
     cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, function=None, model_weight=1.0, clip=None))
     prompts = held_out_prompts(cfg, load_tokenizer(cfg.model.tokenizer or sft))
     results = {}
-    with worker_group("reference", ReferenceWorker, cfg, cfg.roles.reference) as reference, \
-            worker_group("reward", RewardWorker, cfg, cfg.roles.reward) as reward:
+    with (
+        worker_group("reference", ReferenceWorker, cfg, cfg.roles.reference) as reference,
+        worker_group("reward", RewardWorker, cfg, cfg.roles.reward) as reward,
+    ):
         for name, path in policies.items():
             with worker_group("rollout", RolloutWorker, with_model(cfg, policy=path), cfg.roles.rollout) as rollout:
                 greedy = rollout.scatter("generate", prompts, EVAL_ITERATION, greedy=True)
-                sampled = rollout.scatter("generate", repeat_interleave(prompts, cfg.pipeline.eval_samples),
-                                          EVAL_ITERATION)
+                sampled = rollout.scatter(
+                    "generate", repeat_interleave(prompts, cfg.pipeline.eval_samples), EVAL_ITERATION
+                )
                 greedy, sampled = greedy.batch(), sampled.batch()
             scores_greedy, scores = reward.scatter("score", greedy), reward.scatter("score", sampled)
             ref = reference.scatter("logprobs", sampled).batch()
@@ -65,8 +78,13 @@ def compare(cfg: RunConfig, policies: dict[str, str], sft: str, reward_model: st
     return results
 
 
-def policy_metrics(sampled: pa.RecordBatch, scores: pa.RecordBatch, scores_greedy: pa.RecordBatch,
-                   ref: pa.RecordBatch, reward_model: str | None) -> dict[str, float]:
+def policy_metrics(
+    sampled: pa.RecordBatch,
+    scores: pa.RecordBatch,
+    scores_greedy: pa.RecordBatch,
+    ref: pa.RecordBatch,
+    reward_model: str | None,
+) -> dict[str, float]:
     own, mask = to_padded(sampled, S.ROLLOUT_LOGPROBS, dtype=torch.float32)
     sft, _ = to_padded(ref, S.REF_LOGPROBS, dtype=torch.float32)
     tokens = float(mask.sum())

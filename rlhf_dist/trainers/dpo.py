@@ -3,6 +3,7 @@
 1. the reference actors score every answer once: log pi_ref(chosen | prompt), log pi_ref(rejected | prompt);
 2. the learners minimise the DPO (or IPO) loss on those pairs for a few epochs, evaluated on held-out pairs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,17 +50,24 @@ def run(cfg: RunConfig) -> dict:
     data = offline.load_stage_data(cfg, "dpo", "preferences", preferences_path(cfg, "dpo"))
     out = offline.stage_output(cfg, "dpo")
     log = MetricsLog(Path(cfg.output_dir) / "dpo.metrics.jsonl")
-    need = max(stage.learners.num_actors * stage.learners.num_cpus,
-               cfg.roles.reference.num_actors * cfg.roles.reference.num_cpus)
+    need = max(
+        stage.learners.num_actors * stage.learners.num_cpus,
+        cfg.roles.reference.num_actors * cfg.roles.reference.num_cpus,
+    )
     with ray_session(cfg, min_cpus=need):
         with worker_group("reference", ReferenceWorker, reference_config(cfg), cfg.roles.reference) as reference:
             # Scored once, before any learner starts: the reference and the pairs never change.
-            score = lambda pairs: add_reference_logps(pairs, reference.scatter("logprobs", stack_pairs(pairs)).batch())
+            def score(pairs):
+                return add_reference_logps(pairs, reference.scatter("logprobs", stack_pairs(pairs)).batch())
+
             data.train = score(data.train)
             if data.held is not None:
                 data.held = score(data.held)
         rows = offline.fit_and_save(cfg, "dpo", DPOLearner, data, out, log)
     summary = offline.stage_summary("dpo", rows, data, out, log, t0)
-    print(f"dpo: held-out margin {summary['eval_first'].get('margin', float('nan')):.3f} -> "
-          f"{summary['eval_last'].get('margin', float('nan')):.3f}; policy saved to {out}", flush=True)
+    print(
+        f"dpo: held-out margin {summary['eval_first'].get('margin', float('nan')):.3f} -> "
+        f"{summary['eval_last'].get('margin', float('nan')):.3f}; policy saved to {out}",
+        flush=True,
+    )
     return summary

@@ -1,4 +1,5 @@
 """From a scored batch to advantages and returns: the algorithm's math applied at the driver's tensor edge."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -3,6 +3,7 @@
 Everything before `train_epochs` runs on the driver without a cluster, so a bad row fails (naming file, row and
 column) before any actor starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,9 @@ def with_model(cfg: RunConfig, **model_fields) -> RunConfig:
 
 def dataset_spec(cfg: RunConfig, stage: str, kind: str, path: str | Path) -> DatasetSpec:
     d = getattr(cfg, stage).data
-    return DatasetSpec(path, kind, columns=dict(d.columns), split=d.split, max_tokens=d.max_tokens,
-                       on_overlong=d.on_overlong)
+    return DatasetSpec(
+        path, kind, columns=dict(d.columns), split=d.split, max_tokens=d.max_tokens, on_overlong=d.on_overlong
+    )
 
 
 def read_tokenized(spec: DatasetSpec, tokenizer, key: str) -> tuple[pa.RecordBatch, dict]:
@@ -50,15 +52,20 @@ def read_tokenized(spec: DatasetSpec, tokenizer, key: str) -> tuple[pa.RecordBat
     except (DataError, FileNotFoundError) as err:
         raise ConfigError(key, str(err)) from None
     if not batches:
-        raise ConfigError(key, f"{spec.path}: no rows left to train on ({tokens.report}); check the file and "
-                               f"max_tokens")
-    report = {"rows_in": tokens.report.rows_in, "rows_kept": tokens.report.rows_out,
-              "dropped_overlong": tokens.report.dropped_overlong}
+        raise ConfigError(
+            key, f"{spec.path}: no rows left to train on ({tokens.report}); check the file and max_tokens"
+        )
+    report = {
+        "rows_in": tokens.report.rows_in,
+        "rows_kept": tokens.report.rows_out,
+        "dropped_overlong": tokens.report.dropped_overlong,
+    }
     return concat_batches(batches), report
 
 
-def split_held_out(batch: pa.RecordBatch, stage_cfg, seed: int, stage: str
-                   ) -> tuple[pa.RecordBatch, pa.RecordBatch | None]:
+def split_held_out(
+    batch: pa.RecordBatch, stage_cfg, seed: int, stage: str
+) -> tuple[pa.RecordBatch, pa.RecordBatch | None]:
     """A seeded split into (train, held out). The held-out size is a multiple of the learner count (equal shards
     keep ZeRO ranks in lock-step; at most num_actors - 1 rows go unused); the training set needs one full batch."""
     n, world = len(batch), stage_cfg.learners.num_actors
@@ -67,8 +74,11 @@ def split_held_out(batch: pa.RecordBatch, stage_cfg, seed: int, stage: str
     if stage_cfg.eval_fraction > 0 and n_held == 0:
         n_held = world
     if n - n_held < stage_cfg.batch_size:
-        raise ConfigError(f"{stage}.batch_size", f"{stage_cfg.batch_size}, but only {n - n_held} training rows are "
-                                                 f"left ({n} rows, {n_held} held out); lower it or add data")
+        raise ConfigError(
+            f"{stage}.batch_size",
+            f"{stage_cfg.batch_size}, but only {n - n_held} training rows are "
+            f"left ({n} rows, {n_held} held out); lower it or add data",
+        )
     held = batch.take(pa.array(order[:n_held])) if n_held else None
     return batch.take(pa.array(order[n_held:])), held
 
@@ -76,17 +86,26 @@ def split_held_out(batch: pa.RecordBatch, stage_cfg, seed: int, stage: str
 def epoch_batches(batch: pa.RecordBatch, batch_size: int, seed: int, epoch: int) -> list[pa.RecordBatch]:
     """This epoch's shuffled global batches; the last partial one is dropped (every step takes full shards)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(batch))
-    return [batch.take(pa.array(order[i:i + batch_size])) for i in range(0, len(batch) - batch_size + 1, batch_size)]
+    return [batch.take(pa.array(order[i : i + batch_size])) for i in range(0, len(batch) - batch_size + 1, batch_size)]
 
 
 def pooled(dicts: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(sum(d[k] for d in dicts)) for k in dicts[0]}
 
 
-def train_epochs(group, learner_cls, train: pa.RecordBatch, held: pa.RecordBatch | None, stage_cfg, seed: int,
-                 stage: str, log: MetricsLog) -> list[dict]:
+def train_epochs(
+    group,
+    learner_cls,
+    train: pa.RecordBatch,
+    held: pa.RecordBatch | None,
+    stage_cfg,
+    seed: int,
+    stage: str,
+    log: MetricsLog,
+) -> list[dict]:
     """Evaluate, then for every epoch: one optimizer step per global batch, scattered over the learners, and
     evaluate again on the held-out set. Returns the logged rows (one per epoch, plus the one before training)."""
+
     def evaluate() -> dict[str, float]:
         if held is None:
             return {}
@@ -102,7 +121,13 @@ def train_epochs(group, learner_cls, train: pa.RecordBatch, held: pa.RecordBatch
         for batch in epoch_batches(train, stage_cfg.batch_size, seed, epoch):
             stats.append(mean_of_dicts(group.scatter("train", batch).get()))
             step += 1
-        row = {"epoch": epoch, "step": step, **mean_of_dicts(stats), **evaluate(), "time/epoch": time.perf_counter() - t0}
+        row = {
+            "epoch": epoch,
+            "step": step,
+            **mean_of_dicts(stats),
+            **evaluate(),
+            "time/epoch": time.perf_counter() - t0,
+        }
         log.log(row)
         print(f"{stage} epoch {epoch}/{stage_cfg.epochs}: {_line(row)}", flush=True)
     return log.rows
@@ -136,18 +161,30 @@ def fit_and_save(cfg: RunConfig, stage: str, learner_cls, data: StageData, out: 
 
 
 def stage_summary(stage: str, rows: list[dict], data: StageData, out: Path, log: MetricsLog, t0: float) -> dict:
-    return summarize(stage, rows, model_path=str(out), metrics_path=str(log.path), data=str(data.spec.path),
-                     train_rows=len(data.train), eval_rows=len(data.held) if data.held is not None else 0,
-                     seconds=time.perf_counter() - t0, **data.report)
+    return summarize(
+        stage,
+        rows,
+        model_path=str(out),
+        metrics_path=str(log.path),
+        data=str(data.spec.path),
+        train_rows=len(data.train),
+        eval_rows=len(data.held) if data.held is not None else 0,
+        seconds=time.perf_counter() - t0,
+        **data.report,
+    )
 
 
 def summarize(stage: str, rows: list[dict], **extra) -> dict:
     first, last = rows[0], rows[-1]
-    return {"stage": stage, "epochs": int(last["epoch"]), "steps": int(last["step"]),
-            "eval_first": {k[5:]: v for k, v in first.items() if k.startswith("eval/")},
-            "eval_last": {k[5:]: v for k, v in last.items() if k.startswith("eval/")},
-            "train_last": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(f"{stage}/")},
-            **extra}
+    return {
+        "stage": stage,
+        "epochs": int(last["epoch"]),
+        "steps": int(last["step"]),
+        "eval_first": {k[5:]: v for k, v in first.items() if k.startswith("eval/")},
+        "eval_last": {k[5:]: v for k, v in last.items() if k.startswith("eval/")},
+        "train_last": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(f"{stage}/")},
+        **extra,
+    }
 
 
 def _line(row: dict) -> str:

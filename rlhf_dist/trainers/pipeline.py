@@ -8,6 +8,7 @@
 Every stage is the same driver its own command runs (`rlhf-dist sft | collect | rm | train | dpo`), handed a config
 wired to the previous stages' outputs. Fields left null in the config take that wiring; a set one wins.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,10 +19,11 @@ from pathlib import Path
 
 from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.config.schema import PIPELINE_STAGES
+from rlhf_dist.models.tiny import ensure_tiny_model
 from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.orchestration.learner_groups import live_placement_groups, release_placement_groups
 from rlhf_dist.trainers import collect, compare, dpo, offline, ppo, rm, sft
-from rlhf_dist.models.tiny import ensure_tiny_model
+
 
 def _section(cfg: RunConfig, name: str, **fields) -> RunConfig:
     return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
@@ -29,9 +31,14 @@ def _section(cfg: RunConfig, name: str, **fields) -> RunConfig:
 
 def artefacts(cfg: RunConfig) -> dict[str, str]:
     """Where each stage leaves what the next ones read."""
-    return {"base": cfg.model.policy, "sft": str(offline.stage_output(cfg, "sft")),
-            "collect": str(collect.output_path(cfg)), "rm": str(offline.stage_output(cfg, "rm")),
-            "ppo": str(Path(cfg.output_dir) / "ppo" / "policy"), "dpo": str(offline.stage_output(cfg, "dpo"))}
+    return {
+        "base": cfg.model.policy,
+        "sft": str(offline.stage_output(cfg, "sft")),
+        "collect": str(collect.output_path(cfg)),
+        "rm": str(offline.stage_output(cfg, "rm")),
+        "ppo": str(Path(cfg.output_dir) / "ppo" / "policy"),
+        "dpo": str(offline.stage_output(cfg, "dpo")),
+    }
 
 
 def stage_configs(cfg: RunConfig, paths: dict[str, str]) -> dict[str, RunConfig]:
@@ -39,29 +46,41 @@ def stage_configs(cfg: RunConfig, paths: dict[str, str]) -> dict[str, RunConfig]
     after_sft = offline.with_model(cfg, policy=paths["sft"])
     c, r, d = cfg.collect, cfg.rm, cfg.dpo
     reward = cfg.pipeline.ppo_reward
-    ppo_cfg = offline.with_model(after_sft, reference=cfg.model.reference or paths["sft"],
-                                 reward=paths["rm"] if reward != "function" else None)
+    ppo_cfg = offline.with_model(
+        after_sft, reference=cfg.model.reference or paths["sft"], reward=paths["rm"] if reward != "function" else None
+    )
     ppo_cfg = _section(ppo_cfg, "reward", function=cfg.reward.function if reward != "reward_model" else None)
-    ppo_cfg = _section(dataclasses.replace(ppo_cfg, output_dir=str(Path(paths["ppo"]).parent)), "checkpoint",
-                       save_final=True)
+    ppo_cfg = _section(
+        dataclasses.replace(ppo_cfg, output_dir=str(Path(paths["ppo"]).parent)), "checkpoint", save_final=True
+    )
     return {
         "sft": cfg,
         "collect": _section(after_sft, "collect", policy=c.policy or paths["sft"]),
-        "rm": _section(after_sft, "rm", init=r.init or paths["sft"],
-                       data=dataclasses.replace(r.data, path=r.data.path or paths["collect"])),
+        "rm": _section(
+            after_sft,
+            "rm",
+            init=r.init or paths["sft"],
+            data=dataclasses.replace(r.data, path=r.data.path or paths["collect"]),
+        ),
         "ppo": ppo_cfg,
-        "dpo": _section(after_sft, "dpo", reference=d.reference or paths["sft"],
-                        data=dataclasses.replace(d.data, path=d.data.path or paths["collect"])),
+        "dpo": _section(
+            after_sft,
+            "dpo",
+            reference=d.reference or paths["sft"],
+            data=dataclasses.replace(d.data, path=d.data.path or paths["collect"]),
+        ),
     }
 
 
 def stage_inputs(configs: dict[str, RunConfig]) -> dict[str, dict[str, str | None]]:
     """{stage: {config key: path}}: the models and data each stage reads."""
     c, r, p, d = configs["collect"], configs["rm"], configs["ppo"], configs["dpo"]
-    return {"collect": {"collect.policy": c.collect.policy},
-            "rm": {"rm.init": r.rm.init, "rm.data.path": r.rm.data.path},
-            "ppo": {"model.policy": p.model.policy, "model.reward": p.model.reward},
-            "dpo": {"model.policy": d.model.policy, "dpo.reference": d.dpo.reference, "dpo.data.path": d.dpo.data.path}}
+    return {
+        "collect": {"collect.policy": c.collect.policy},
+        "rm": {"rm.init": r.rm.init, "rm.data.path": r.rm.data.path},
+        "ppo": {"model.policy": p.model.policy, "model.reward": p.model.reward},
+        "dpo": {"model.policy": d.model.policy, "dpo.reference": d.dpo.reference, "dpo.data.path": d.dpo.data.path},
+    }
 
 
 def check_inputs(stages: list[str], configs: dict[str, RunConfig], paths: dict[str, str]) -> None:
@@ -72,8 +91,11 @@ def check_inputs(stages: list[str], configs: dict[str, RunConfig], paths: dict[s
             producer = made_by.get(path)
             if path is None or producer in stages[:i] or Path(path).exists():
                 continue
-            fix = f"add {producer} to pipeline.stages (before {stage})" if producer in PIPELINE_STAGES else \
-                f"fix {stage}'s {key}"
+            fix = (
+                f"add {producer} to pipeline.stages (before {stage})"
+                if producer in PIPELINE_STAGES
+                else f"fix {stage}'s {key}"
+            )
             raise ConfigError("pipeline.stages", f"{stage} reads {key}={path!r}, which does not exist; {fix}")
 
 
@@ -81,8 +103,14 @@ def largest_stage_cpus(cfg: RunConfig) -> float:
     """CPUs of the hungriest stage: the stages hold their actors one after another in the one Ray session."""
     cpus = lambda *roles: sum(r.num_actors * r.num_cpus for r in roles)  # noqa: E731
     r = cfg.roles
-    return max(r.reserved("num_cpus"), cpus(cfg.sft.learners), cpus(cfg.rm.learners), cpus(cfg.dpo.learners),
-               cpus(r.rollout, cfg.collect.labellers), cpus(r.rollout, r.reference, r.reward))
+    return max(
+        r.reserved("num_cpus"),
+        cpus(cfg.sft.learners),
+        cpus(cfg.rm.learners),
+        cpus(cfg.dpo.learners),
+        cpus(r.rollout, cfg.collect.labellers),
+        cpus(r.rollout, r.reference, r.reward),
+    )
 
 
 def run(cfg: RunConfig) -> dict:
@@ -103,13 +131,18 @@ def run(cfg: RunConfig) -> dict:
         print("=== pipeline: compare ===", flush=True)
         t = time.perf_counter()
         policies = {name: paths[name] for name in ("base", "sft", "ppo", "dpo") if Path(paths[name]).exists()}
-        results = compare.compare(cfg, policies, sft=paths["sft"],
-                                  reward_model=paths["rm"] if Path(paths["rm"]).exists() else None)
+        results = compare.compare(
+            cfg, policies, sft=paths["sft"], reward_model=paths["rm"] if Path(paths["rm"]).exists() else None
+        )
         summaries["compare"] = {"seconds": time.perf_counter() - t}
     rm_eval = summaries.get("rm", {}).get("eval_last", {})
-    table = {"policies": results, "reward_model": {"path": paths["rm"], "heldout": rm_eval},
-             "preferences": {k: v for k, v in summaries.get("collect", {}).items() if k != "stage"},
-             "stages": summaries, "wall_s": time.perf_counter() - t0}
+    table = {
+        "policies": results,
+        "reward_model": {"path": paths["rm"], "heldout": rm_eval},
+        "preferences": {k: v for k, v in summaries.get("collect", {}).items() if k != "stage"},
+        "stages": summaries,
+        "wall_s": time.perf_counter() - t0,
+    }
     out = Path(cfg.output_dir) / cfg.pipeline.table_file
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_plain(table), indent=1) + "\n")

@@ -1,4 +1,5 @@
 """The PPO driver (and the critic-free family): it holds the algorithm; the actors hold the models."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,15 @@ from rlhf_dist.orchestration.weight_push import WeightPush
 from rlhf_dist.trainers import timing
 from rlhf_dist.trainers.experience import compute_advantages
 
-CONSOLE_KEYS = ("reward_mean", "gold_reward_mean", "kl", "policy/clip_frac", "critic/value_loss", "response_len",
-                "time/iteration")
+CONSOLE_KEYS = (
+    "reward_mean",
+    "gold_reward_mean",
+    "kl",
+    "policy/clip_frac",
+    "critic/value_loss",
+    "response_len",
+    "time/iteration",
+)
 PLOT_KEYS = ("reward_mean", "gold_reward_mean", "kl")
 LEARNERS = tuple(r.name for r in ROLE_TABLE if r.learner)
 
@@ -50,8 +58,9 @@ class PPORun:
     @classmethod
     def start(cls, cfg: RunConfig, groups: dict[str, RoleGroup], sampler: PromptSampler) -> PPORun:
         a = cfg.algo
-        kl_ctl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else \
-            FixedKLController(a.kl_coef)
+        kl_ctl = (
+            AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else FixedKLController(a.kl_coef)
+        )
         return cls(cfg, groups, sampler, kl_ctl, WeightPush(cfg, groups["policy"], groups["rollout"]))
 
     @property
@@ -151,9 +160,11 @@ def iteration(run: PPORun, phases: Phases) -> dict:
         if cfg.generation.enable_sleep:  # free the engines' memory for the learners; the next push wakes them
             phases.call(groups["rollout"], "sleep").get()
     with phases.phase("score"):  # reward, reference, critic and the learner's own log-probs, all in flight at once
-        pending = [phases.scatter(groups["reward"], "score", batch),
-                   phases.scatter(groups["reference"], "logprobs", batch),
-                   phases.scatter(groups["policy"], "logprobs", batch)]
+        pending = [
+            phases.scatter(groups["reward"], "score", batch),
+            phases.scatter(groups["reference"], "logprobs", batch),
+            phases.scatter(groups["policy"], "logprobs", batch),
+        ]
         if "critic" in groups:
             pending.append(phases.scatter(groups["critic"], "values", batch))
         batch = merge_columns(batch, *(p.batch() for p in pending))
@@ -194,8 +205,15 @@ def save_checkpoint(run: PPORun) -> None:
     path = checkpoint_root(cfg.output_dir) / f"iter_{run.iteration}"
     for group in run.learners:
         group.call("save_checkpoint", str(path / group.name)).get()
-    save_driver_state(path, {"next_iteration": run.iteration, "version": run.version,
-                             "sampler": run.sampler.state_dict(), "kl_coef": run.kl_ctl.value})
+    save_driver_state(
+        path,
+        {
+            "next_iteration": run.iteration,
+            "version": run.version,
+            "sampler": run.sampler.state_dict(),
+            "kl_coef": run.kl_ctl.value,
+        },
+    )
     prune(cfg.output_dir, keep=cfg.checkpoint.keep)
 
 
@@ -221,8 +239,10 @@ def check_fresh_weights(batch: pa.RecordBatch, version: int, mismatch: float, li
     and the engine's log-probs must agree with the learner's for the same tokens."""
     versions = set(batch.column(S.POLICY_VERSION).to_pylist())
     if versions != {version}:
-        raise RuntimeError(f"samples carry policy versions {sorted(versions)}, expected only {version}: a rollout "
-                           f"actor missed a weight sync")
+        raise RuntimeError(
+            f"samples carry policy versions {sorted(versions)}, expected only {version}: a rollout "
+            f"actor missed a weight sync"
+        )
     if mismatch > limit:
         raise RuntimeError(
             f"rollout and learner log-probs differ by {mismatch:.4f} per token on average (limit "
@@ -267,7 +287,10 @@ def _progress(cfg):
 def summarize(rows: list[dict], startup_s: float) -> dict:
     """Start and end of the run, each averaged over a few iterations, so one lucky batch does not decide it."""
     k = max(1, min(5, len(rows) // 4))
-    avg = lambda rs, key: float(np.mean([r[key] for r in rs])) if rs else math.nan
+
+    def avg(rs: list[dict], key: str) -> float:
+        return float(np.mean([r[key] for r in rs])) if rs else math.nan
+
     return {
         "iterations": len(rows),
         "average_over": k,

@@ -1,4 +1,5 @@
 """Reward-model training: a scalar head on the (SFT) model learns to score chosen above rejected (Bradley-Terry)."""
+
 from __future__ import annotations
 
 import time
@@ -16,8 +17,11 @@ def preferences_path(cfg: RunConfig, stage: str) -> Path:
     """`<stage>.data.path`, else the file `rlhf-dist collect` writes (collect.output)."""
     path = Path(getattr(cfg, stage).data.path or output_path(cfg))
     if not path.exists():
-        raise ConfigError(f"{stage}.data.path", f"{str(path)!r} does not exist; point it at preference pairs "
-                                                f"(prompt, chosen, rejected) or run `rlhf-dist collect` first")
+        raise ConfigError(
+            f"{stage}.data.path",
+            f"{str(path)!r} does not exist; point it at preference pairs "
+            f"(prompt, chosen, rejected) or run `rlhf-dist collect` first",
+        )
     return path
 
 

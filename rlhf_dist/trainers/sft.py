@@ -1,4 +1,5 @@
 """Supervised fine-tuning: the base model learns to continue prompts the way the demonstrations do."""
+
 from __future__ import annotations
 
 import time
@@ -10,10 +11,10 @@ from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.data.datasets import write_parquet
 from rlhf_dist.data.synthetic import POSITIVE_WORDS, corpus
 from rlhf_dist.metrics import MetricsLog
+from rlhf_dist.models.tiny import ensure_tiny_model
 from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.trainers import offline
 from rlhf_dist.workers.sft_learner import SFTLearner
-from rlhf_dist.models.tiny import ensure_tiny_model
 
 
 def synthetic_demonstrations(n: int, seed: int) -> dict[str, list[str]]:
@@ -34,8 +35,11 @@ def demonstrations_path(cfg: RunConfig) -> Path:
     if cfg.sft.data.path:
         return Path(cfg.sft.data.path)
     if cfg.data.task != "synthetic":
-        raise ConfigError("sft.data.path", "not set, and synthetic demonstrations exist only for data.task="
-                                           "synthetic; set sft.data.path=PATH (prompt/response rows)")
+        raise ConfigError(
+            "sft.data.path",
+            "not set, and synthetic demonstrations exist only for data.task="
+            "synthetic; set sft.data.path=PATH (prompt/response rows)",
+        )
 
     path = Path(cfg.output_dir) / "sft_demonstrations.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)

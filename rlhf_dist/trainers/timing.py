@@ -13,6 +13,7 @@ become one metrics row:
 - ``memory/<role>_peak_mb`` (and ``memory/<role>_gpu_peak_mb``): peak memory, max over the role's actors.
 Pure functions on plain dicts: no Ray here.
 """
+
 from __future__ import annotations
 
 # Per phase, chains of "role.method" calls that run side by side; the calls within a chain run one after the other.
@@ -57,8 +58,9 @@ def role_phase_seconds(stats_by_role: dict[str, list[dict]], chains: Chains) -> 
     return out
 
 
-def critical_seconds(stats_by_role: dict[str, list[dict]], chains: Chains,
-                     driver: dict[str, float] | None = None) -> dict[str, float]:
+def critical_seconds(
+    stats_by_role: dict[str, list[dict]], chains: Chains, driver: dict[str, float] | None = None
+) -> dict[str, float]:
     """``{phase: compute seconds on its critical path}``: the longest chain (each call the max over the role's
     actors), for every phase with a call this iteration; ``driver`` adds the driver's own phases as they are."""
     seconds = method_seconds(stats_by_role)
@@ -79,8 +81,9 @@ def overhead_fraction(critical_path_s: float, wall_s: float) -> float:
     return 1.0 - critical_path_s / wall_s if wall_s > 0 else float("nan")
 
 
-def iteration_metrics(stats_by_role: dict[str, list[dict]], wall_s: float, chains: Chains,
-                      driver: dict[str, float] | None = None) -> dict[str, float]:
+def iteration_metrics(
+    stats_by_role: dict[str, list[dict]], wall_s: float, chains: Chains, driver: dict[str, float] | None = None
+) -> dict[str, float]:
     """The metrics row's timing and memory columns for one iteration (see the module docstring)."""
     row: dict[str, float] = {}
     for name, s in sorted(method_seconds(stats_by_role).items()):
@@ -115,7 +118,10 @@ def phase_overhead(row: dict[str, float]) -> dict[str, float]:
     check). Sums to ``time/wall - compute/critical_path``."""
     phases = [k.removeprefix("time/") for k in row if k.startswith("time/") and k not in NOT_PHASES]
     out = {p: row[f"time/{p}"] - row.get(f"critical/{p}", 0.0) for p in phases}
-    extra = [k.removeprefix("critical/") for k in row if k.startswith("critical/")
-             and k.removeprefix("critical/") not in phases]
+    extra = [
+        k.removeprefix("critical/")
+        for k in row
+        if k.startswith("critical/") and k.removeprefix("critical/") not in phases
+    ]
     out["between"] = row["time/wall"] - sum(row[f"time/{p}"] for p in phases) - sum(row[f"critical/{p}"] for p in extra)
     return out

@@ -1,4 +1,5 @@
 """What every role does when it starts: one seed, a bounded thread count, the device."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The critic learner: a value head on the policy's backbone, trained on GAE returns with a clipped value loss."""
+
 from __future__ import annotations
 
 import pyarrow as pa

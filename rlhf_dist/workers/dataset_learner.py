@@ -7,6 +7,7 @@ in lock-step for ZeRO's collectives. `evaluate` returns sums, not means, so the 
 Preference pairs travel as one row per pair (`prompt_ids`, `chosen_ids`, `rejected_ids`); `stack_pairs` turns them
 into the joined-sequence layout of docs/CONTRACTS.md, chosen rows first, so both answers go through one forward pass.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ from rlhf_dist.data.batch import Sequences, split_even
 from rlhf_dist.models.logprobs import response_logprobs
 from rlhf_dist.workers.learner import Learner
 
-CHOSEN_IDS, REJECTED_IDS = "chosen_ids", "rejected_ids"   # as rlhf_dist.data.datasets.tokenize names them
+CHOSEN_IDS, REJECTED_IDS = "chosen_ids", "rejected_ids"  # as rlhf_dist.data.datasets.tokenize names them
 
 
 def stack_pairs(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -27,9 +28,12 @@ def stack_pairs(batch: pa.RecordBatch) -> pa.RecordBatch:
     `rejected`."""
     prompts = batch.column(S.PROMPT_IDS)
     return pa.RecordBatch.from_arrays(
-        [pa.concat_arrays([prompts, prompts]),
-         pa.concat_arrays([batch.column(CHOSEN_IDS), batch.column(REJECTED_IDS)])],
-        schema=pa.schema([pa.field(S.PROMPT_IDS, S.TOKENS), pa.field(S.RESPONSE_IDS, S.TOKENS)]))
+        [
+            pa.concat_arrays([prompts, prompts]),
+            pa.concat_arrays([batch.column(CHOSEN_IDS), batch.column(REJECTED_IDS)]),
+        ],
+        schema=pa.schema([pa.field(S.PROMPT_IDS, S.TOKENS), pa.field(S.RESPONSE_IDS, S.TOKENS)]),
+    )
 
 
 def summed_logprobs(model: torch.nn.Module, seqs: Sequences) -> torch.Tensor:
@@ -40,7 +44,7 @@ def summed_logprobs(model: torch.nn.Module, seqs: Sequences) -> torch.Tensor:
 class DatasetLearner(Learner):
     """A Learner whose step size and threads come from its own config section (`sft`, `rm` or `dpo`)."""
 
-    section = ""     # the config section, also the prefix of every metric
+    section = ""  # the config section, also the prefix of every metric
     role_seed = 0
 
     def __init__(self, cfg, rank: int = 0, world_size: int = 1):
@@ -109,11 +113,14 @@ def pairwise_eval_sums(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch
     """Held-out sums over preference pairs (reward model and DPO alike): the pair count, the loss, the pairs ranked
     right, the margin; ``pairwise_eval_metrics`` turns the pooled sums into means."""
     n = len(chosen)
-    return {"pairs": float(n), "loss": float(loss) * n, "correct": float((chosen > rejected).sum()),
-            "margin": float((chosen - rejected).sum())}
+    return {
+        "pairs": float(n),
+        "loss": float(loss) * n,
+        "correct": float((chosen > rejected).sum()),
+        "margin": float((chosen - rejected).sum()),
+    }
 
 
 def pairwise_eval_metrics(sums: dict[str, float]) -> dict[str, float]:
     n = max(1.0, sums["pairs"])
     return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n, "margin": sums["margin"] / n}
-

@@ -4,6 +4,7 @@ Why precomputed, not a frozen copy inside the learner: the reference never chang
 log-probs are computed once for the whole set by the existing reference actors (`ReferenceWorker`), instead of once
 per epoch here; the learners hold one model, not two, which is the memory that matters when the model is large.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -19,7 +20,7 @@ from rlhf_dist.workers.dataset_learner import (
     summed_logprobs,
 )
 
-REF_CHOSEN, REF_REJECTED = "ref_chosen_logps", "ref_rejected_logps"   # float32 per pair, summed over tokens
+REF_CHOSEN, REF_REJECTED = "ref_chosen_logps", "ref_rejected_logps"  # float32 per pair, summed over tokens
 
 
 class DPOLearner(DatasetLearner):
@@ -34,17 +35,30 @@ class DPOLearner(DatasetLearner):
         seqs, _ = self.tensors(stack_pairs(batch), ())
         logps = summed_logprobs(self.engine, seqs)
         dev = logps.device
-        ref_c, ref_r = (torch.tensor(batch.column(c).to_numpy(zero_copy_only=False), dtype=torch.float32,
-                                     device=dev) for c in (REF_CHOSEN, REF_REJECTED))
+        ref_c, ref_r = (
+            torch.tensor(batch.column(c).to_numpy(zero_copy_only=False), dtype=torch.float32, device=dev)
+            for c in (REF_CHOSEN, REF_REJECTED)
+        )
         d = self.stage
-        return dpo_loss(logps[: len(batch)], logps[len(batch):], ref_c, ref_r, beta=d.beta,
-                        loss_type=d.loss_type, label_smoothing=d.label_smoothing)
+        return dpo_loss(
+            logps[: len(batch)],
+            logps[len(batch) :],
+            ref_c,
+            ref_r,
+            beta=d.beta,
+            loss_type=d.loss_type,
+            label_smoothing=d.label_smoothing,
+        )
 
     def loss(self, micro: pa.RecordBatch):
         loss, chosen, rejected = self._terms(micro)
-        return loss, {"loss": loss.detach(), "accuracy": (chosen > rejected).float().mean(),
-                      "margin": (chosen - rejected).mean(), "chosen_reward": chosen.mean(),
-                      "rejected_reward": rejected.mean()}
+        return loss, {
+            "loss": loss.detach(),
+            "accuracy": (chosen > rejected).float().mean(),
+            "margin": (chosen - rejected).mean(),
+            "chosen_reward": chosen.mean(),
+            "rejected_reward": rejected.mean(),
+        }
 
     def eval_sums(self, chunk: pa.RecordBatch) -> dict[str, float]:
         loss, chosen, rejected = self._terms(chunk)

@@ -11,6 +11,7 @@ Three judges (`collect.judge`):
 Every random draw of pair k comes from a generator seeded by (run seed, k), so the labels do not depend on how many
 labellers there are or which of them got the pair.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,21 +32,30 @@ from rlhf_dist.workers.dataset_learner import stack_pairs
 # A batch of pairs to judge: one row per (prompt, response a, response b), from rlhf_dist.trainers.collect. Judges
 # read text (the prompt's ids only balance the scatter): a reward-model judge tokenises with its own tokenizer.
 PAIR_ID, A_TEXT, B_TEXT = "pair_id", "response_a", "response_b"
-PAIR_SCHEMA = pa.schema([
-    pa.field(PAIR_ID, pa.int64()), pa.field(S.PROMPT_TEXT, pa.string()), pa.field(S.PROMPT_IDS, S.TOKENS),
-    pa.field(A_TEXT, pa.string()), pa.field(B_TEXT, pa.string()),
-])
+PAIR_SCHEMA = pa.schema(
+    [
+        pa.field(PAIR_ID, pa.int64()),
+        pa.field(S.PROMPT_TEXT, pa.string()),
+        pa.field(S.PROMPT_IDS, S.TOKENS),
+        pa.field(A_TEXT, pa.string()),
+        pa.field(B_TEXT, pa.string()),
+    ]
+)
 # What a labeller returns, one row per pair: the preference columns every stage reads, and how the label came about.
-LABEL_SCHEMA = pa.schema([
-    pa.field("prompt", pa.string()), pa.field("chosen", pa.string()), pa.field("rejected", pa.string()),
-    pa.field("judge", pa.string()),              # simulated | function | reward_model
-    pa.field("labeller", pa.int32()),            # rank of the labeller actor
-    pa.field("score_chosen", pa.float32()),      # what the judge saw: utility, function or reward-model score
-    pa.field("score_rejected", pa.float32()),
-    pa.field("p_chosen", pa.float32()),          # the judge's P(chosen over rejected); low on a flipped label
-    pa.field("flipped", pa.bool_()),             # a simulated disagreement/misclick turned the label around
-    pa.field(PAIR_ID, pa.int64()),
-])
+LABEL_SCHEMA = pa.schema(
+    [
+        pa.field("prompt", pa.string()),
+        pa.field("chosen", pa.string()),
+        pa.field("rejected", pa.string()),
+        pa.field("judge", pa.string()),  # simulated | function | reward_model
+        pa.field("labeller", pa.int32()),  # rank of the labeller actor
+        pa.field("score_chosen", pa.float32()),  # what the judge saw: utility, function or reward-model score
+        pa.field("score_rejected", pa.float32()),
+        pa.field("p_chosen", pa.float32()),  # the judge's P(chosen over rejected); low on a flipped label
+        pa.field("flipped", pa.bool_()),  # a simulated disagreement/misclick turned the label around
+        pa.field(PAIR_ID, pa.int64()),
+    ]
+)
 
 
 def synthetic_gold(prompts: list[str], responses: list[str]) -> list[float]:
@@ -84,44 +94,57 @@ class LabellerWorker:
         if self.judge == "simulated":
             p_a = bradley_terry_prob(u_a, u_b, self.cfg.collect.noise_temperature)
             flipped = draws[:, 1] < self.cfg.collect.flip_rate
-        else:   # an AI judge is deterministic: the higher score wins, a tie is a coin toss
+        else:  # an AI judge is deterministic: the higher score wins, a tie is a coin toss
             p_a = bradley_terry_prob(u_a, u_b, 0.0)
             flipped = np.zeros(len(ids), bool)
         a_wins = (draws[:, 0] < p_a) != flipped
         a, b = pairs.column(A_TEXT), pairs.column(B_TEXT)
         mask = pa.array(a_wins)
-        return pa.RecordBatch.from_arrays([
-            pairs.column(S.PROMPT_TEXT),
-            pc.if_else(mask, a, b), pc.if_else(mask, b, a),
-            pa.array([self.judge] * len(ids), pa.string()),
-            pa.array(np.full(len(ids), self.rank, np.int32)),
-            pa.array(np.where(a_wins, u_a, u_b).astype(np.float32)),
-            pa.array(np.where(a_wins, u_b, u_a).astype(np.float32)),
-            pa.array(np.where(a_wins, p_a, 1 - p_a).astype(np.float32)),
-            pa.array(flipped),
-            pairs.column(PAIR_ID),
-        ], schema=LABEL_SCHEMA)
+        return pa.RecordBatch.from_arrays(
+            [
+                pairs.column(S.PROMPT_TEXT),
+                pc.if_else(mask, a, b),
+                pc.if_else(mask, b, a),
+                pa.array([self.judge] * len(ids), pa.string()),
+                pa.array(np.full(len(ids), self.rank, np.int32)),
+                pa.array(np.where(a_wins, u_a, u_b).astype(np.float32)),
+                pa.array(np.where(a_wins, u_b, u_a).astype(np.float32)),
+                pa.array(np.where(a_wins, p_a, 1 - p_a).astype(np.float32)),
+                pa.array(flipped),
+                pairs.column(PAIR_ID),
+            ],
+            schema=LABEL_SCHEMA,
+        )
 
     def _scores(self, pairs: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
         if self.function is not None:
             prompts = pairs.column(S.PROMPT_TEXT).to_pylist()
-            scores = [np.asarray(self.function(prompts, pairs.column(c).to_pylist()), np.float64)
-                      for c in (A_TEXT, B_TEXT)]
+            scores = [
+                np.asarray(self.function(prompts, pairs.column(c).to_pylist()), np.float64) for c in (A_TEXT, B_TEXT)
+            ]
             for s in scores:
                 if s.shape != (len(prompts),):
-                    raise ValueError(f"collect: the judge function returned shape {s.shape}, expected one float "
-                                     f"per response ({len(prompts)})")
+                    raise ValueError(
+                        f"collect: the judge function returned shape {s.shape}, expected one float "
+                        f"per response ({len(prompts)})"
+                    )
             return scores[0], scores[1]
         return self._model_scores(pairs)
 
     @torch.no_grad()
     def _model_scores(self, pairs: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
         """Both answers scored as `rlhf-dist rm` trained on them: the same tokenisation (answer + EOS), last token."""
-        texts = pa.RecordBatch.from_arrays([pairs.column(S.PROMPT_TEXT), pairs.column(A_TEXT), pairs.column(B_TEXT)],
-                                           names=["prompt", "chosen", "rejected"])
+        texts = pa.RecordBatch.from_arrays(
+            [pairs.column(S.PROMPT_TEXT), pairs.column(A_TEXT), pairs.column(B_TEXT)],
+            names=["prompt", "chosen", "rejected"],
+        )
         spec = DatasetSpec(self.cfg.collect.judge_model, "preferences")
         tokens = next(tokenize(iter([texts]), self.tokenizer, spec, apply_chat_template=False))
         seqs = to_sequences(stack_pairs(tokens), self.tokenizer.pad_token_id).to(device())
-        scores = sequence_scores(self.model, seqs.input_ids, seqs.attention_mask, seqs.last_token_index(),
-                                 seqs.position_ids).cpu().double().numpy()
-        return scores[: len(pairs)], scores[len(pairs):]
+        scores = (
+            sequence_scores(self.model, seqs.input_ids, seqs.attention_mask, seqs.last_token_index(), seqs.position_ids)
+            .cpu()
+            .double()
+            .numpy()
+        )
+        return scores[: len(pairs)], scores[len(pairs) :]

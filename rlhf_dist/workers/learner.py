@@ -1,8 +1,9 @@
 """What the policy and critic learners share: a data-parallel process group, a training engine, mini-batches."""
+
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -114,14 +115,22 @@ class Learner:
         return totals
 
     # -- weights out: learner rank 0 drives the rollout engines through vLLM's weight-transfer control plane -----
-    def init_weight_sync(self, rollout_actors: list, transport: str, workers_per_engine: int, bucket_mb: int,
-                         timeout_s: float) -> None:
+    def init_weight_sync(
+        self, rollout_actors: list, transport: str, workers_per_engine: int, bucket_mb: int, timeout_s: float
+    ) -> None:
         """Every rank: a sender for ``transport`` (engines/weight_sync/senders.py); rank 0 also opens the
         transport with the rollout engines (an NCCL group: learner rank 0 plus every engine worker)."""
         self.weight_client = RolloutClient(rollout_actors, workers_per_engine, timeout_s)
         world_size = 1 + len(rollout_actors) * workers_per_engine
-        self.weight_sender = make_sender(transport, self.weight_client, self.rank, self.engine, bucket_mb * 2**20,
-                                         self.rendezvous_address, world_size)
+        self.weight_sender = make_sender(
+            transport,
+            self.weight_client,
+            self.rank,
+            self.engine,
+            bucket_mb * 2**20,
+            self.rendezvous_address,
+            world_size,
+        )
 
     def push_weights(self, version: int) -> tuple[list[int], int] | None:
         """Collective over the learners (gathers under ZeRO-3). Rank 0 returns the version each rollout actor

@@ -1,4 +1,5 @@
 """The policy learner: PPO's clipped objective on its shard of the experience, and the weights the rollout needs."""
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -30,7 +31,10 @@ class PolicyWorker(Learner):
         """``old_logprobs``: the learner's view of the sampled tokens before this iteration's update."""
         self.engine.eval()
         lp = chunk_logprobs(
-            self.engine, self.inference_chunks(batch), self.tokenizer.pad_token_id, self.cfg.generation.temperature,
+            self.engine,
+            self.inference_chunks(batch),
+            self.tokenizer.pad_token_id,
+            self.cfg.generation.temperature,
             device(),
         )
         return make_batch({S.OLD_LOGPROBS: lp})
@@ -58,7 +62,9 @@ class PolicyWorker(Learner):
             if a.kl_mode == "loss":  # GRPO-style leash in the loss instead of the reward
                 loss = loss + a.kl_coef * kl
             stats = {f"policy/{k}": v for k, v in stats.items()}
-            stats.update({"policy/loss": loss.detach(), "policy/entropy": ent.detach(), "policy/kl_to_ref": kl.detach()})
+            stats.update(
+                {"policy/loss": loss.detach(), "policy/entropy": ent.detach(), "policy/kl_to_ref": kl.detach()}
+            )
             return loss, stats
 
         return self.fit(batch, loss_fn)

@@ -1,4 +1,5 @@
 """The reference role: the frozen starting policy, scoring each response token's log-prob for the KL leash."""
+
 from __future__ import annotations
 
 import pyarrow as pa

@@ -1,4 +1,5 @@
 """The reward role: a reward model, a user's reward function, or both summed with weights."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """The reward-model learner: Bradley-Terry on (chosen, rejected), scored at each answer's last token."""
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -16,15 +17,17 @@ class RMLearner(DatasetLearner):
 
     def build_model(self) -> torch.nn.Module:
         # Same seed on every rank: the fresh score head starts identical everywhere.
-        return load_reward_model(self.stage.init or self.cfg.model.policy, dtype=self.cfg.model.dtype,
-                                 seed=self.cfg.seed)
+        return load_reward_model(
+            self.stage.init or self.cfg.model.policy, dtype=self.cfg.model.dtype, seed=self.cfg.seed
+        )
 
     def _scores(self, batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Reward of the chosen and of the rejected answer of every pair, [B] each, from one forward pass."""
         seqs, _ = self.tensors(stack_pairs(batch), ())
-        scores = sequence_scores(self.engine, seqs.input_ids, seqs.attention_mask, seqs.last_token_index(),
-                                 seqs.position_ids)
-        return scores[: len(batch)], scores[len(batch):]
+        scores = sequence_scores(
+            self.engine, seqs.input_ids, seqs.attention_mask, seqs.last_token_index(), seqs.position_ids
+        )
+        return scores[: len(batch)], scores[len(batch) :]
 
     def loss(self, micro: pa.RecordBatch):
         chosen, rejected = self._scores(micro)

@@ -1,4 +1,5 @@
 """The rollout role: turns prompts into responses with their log-probs, and takes new weights every iteration."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The SFT learner: next-token cross-entropy on the response tokens only (the prompt is context, not a target)."""
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,7 @@ class SFTLearner(DatasetLearner):
 
     def loss(self, micro: pa.RecordBatch):
         nll, mask = self._nll(micro)
-        loss = nll.sum() / mask.sum().clamp(min=1)   # mean over the micro-batch's response tokens
+        loss = nll.sum() / mask.sum().clamp(min=1)  # mean over the micro-batch's response tokens
         return loss, {"loss": loss.detach()}
 
     def eval_sums(self, chunk: pa.RecordBatch) -> dict[str, float]:

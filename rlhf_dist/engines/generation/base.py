@@ -1,9 +1,10 @@
 """The generation-engine interface: the rollout role holds one and never asks which."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 
@@ -53,13 +54,13 @@ class GenerationEngine(ABC):
     def receive(self, update_info: dict) -> None:
         raise NotImplementedError(f"{type(self).__name__} takes weights through the object store only")
 
-    def finish_weight_update(self) -> None:
+    def finish_weight_update(self) -> None:  # noqa: B027 (optional hook: nothing to finish by default)
         pass
 
-    def sleep(self) -> None:
+    def sleep(self) -> None:  # noqa: B027 (optional hook)
         """Free memory between phases (colocated roles); a no-op where it means nothing."""
 
-    def wake_up(self) -> None:
+    def wake_up(self) -> None:  # noqa: B027 (optional hook)
         """Reclaim what ``sleep`` freed."""
 
     @abstractmethod

@@ -1,8 +1,9 @@
 """Hugging Face ``generate`` as a generation engine: the portable one (CPU, or one GPU without vLLM)."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
-from typing import Iterable, Iterator
 
 import torch
 from transformers import GenerationConfig
@@ -15,6 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 from rlhf_dist.engines.generation.base import Generation, GenerationEngine, SamplingConfig
+
 
 class _LogprobRecorder(LogitsProcessor):
     """First in the processor list, so it sees the raw logits. It keeps one step's ``log_softmax(logits / T)``,
@@ -43,8 +45,10 @@ class _LogprobRecorder(LogitsProcessor):
         self.pending = None
         steps = sequences.shape[1] - self.prompt_len
         if len(self.chosen) != steps:
-            raise RuntimeError(f"recorded {len(self.chosen)} log-probs for {steps} generated tokens; has transformers "
-                               f"changed when it calls logits processors?")
+            raise RuntimeError(
+                f"recorded {len(self.chosen)} log-probs for {steps} generated tokens; has transformers "
+                f"changed when it calls logits processors?"
+            )
         return torch.stack(self.chosen, dim=1) if steps else sequences.new_zeros((len(sequences), 0), dtype=torch.float)
 
 
@@ -80,8 +84,11 @@ class HFGenerationEngine(GenerationEngine):
         if key not in self._reported:
             self._reported.add(key)
             # Printed, not logged: nothing configures logging at INFO, and this is what the rollout log-probs mean.
-            print(f"HF generation: log-probs are log_softmax(logits / temperature); sampling applies "
-                  f"{self.effective_sampling(sampling)}", flush=True)
+            print(
+                f"HF generation: log-probs are log_softmax(logits / temperature); sampling applies "
+                f"{self.effective_sampling(sampling)}",
+                flush=True,
+            )
         # One seed per call makes a run repeatable; the caller derives it from the run seed, iteration and rank.
         torch.manual_seed(sampling.seed)
         out = Generation(response_ids=[], logprobs=[])
@@ -96,12 +103,24 @@ class HFGenerationEngine(GenerationEngine):
         # transformers warns about sampling fields set for greedy decoding, where it builds no warpers anyway.
         warpers_off = dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
         return GenerationConfig(
-            do_sample=_do_sample(sampling), max_new_tokens=sampling.max_new_tokens, min_length=0, num_beams=1,
-            num_return_sequences=1, **(warpers_off if _do_sample(sampling) else {}), repetition_penalty=1.0,
-            encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
-            remove_invalid_values=False, renormalize_logits=False, pad_token_id=self.pad_token_id,
-            eos_token_id=sorted(self.eos_token_ids), use_cache=True, return_dict_in_generate=True,
-            output_logits=False, output_scores=False,
+            do_sample=_do_sample(sampling),
+            max_new_tokens=sampling.max_new_tokens,
+            min_length=0,
+            num_beams=1,
+            num_return_sequences=1,
+            **(warpers_off if _do_sample(sampling) else {}),
+            repetition_penalty=1.0,
+            encoder_repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            encoder_no_repeat_ngram_size=0,
+            remove_invalid_values=False,
+            renormalize_logits=False,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=sorted(self.eos_token_ids),
+            use_cache=True,
+            return_dict_in_generate=True,
+            output_logits=False,
+            output_scores=False,
         )
 
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingConfig) -> Generation:
@@ -141,7 +160,9 @@ class HFGenerationEngine(GenerationEngine):
         params.update(dict(self.model.named_buffers()))
         for name, tensor in named_tensors:
             if name not in params:
-                raise KeyError(f"weight {name!r} has no parameter in the rollout model; were the two built from the same config?")
+                raise KeyError(
+                    f"weight {name!r} has no parameter in the rollout model; were the two built from the same config?"
+                )
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
     def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -25,6 +25,7 @@ Importing this module never needs vLLM; constructing an engine does. Choices, an
   and CUDA graphs on GPU (small-model decoding is launch-bound without them).
 - On the CPU platform the engine sets two environment defaults (an explicit setting wins), see ``CPU_ENV_DEFAULTS``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,8 +60,9 @@ def _import_vllm():
     try:
         import vllm  # deferred: vllm
     except ImportError as e:
-        raise ImportError(f"the vLLM generation engine needs vllm, which is not importable here ({e}); "
-                          f"{INSTALL_HINT}") from e
+        raise ImportError(
+            f"the vLLM generation engine needs vllm, which is not importable here ({e}); {INSTALL_HINT}"
+        ) from e
     return vllm
 
 
@@ -77,11 +79,23 @@ def msgpack_safe(update_info: dict) -> dict:
 
 
 class VLLMEngine(GenerationEngine):
-    def __init__(self, model_path: str | os.PathLike, dtype: str = "auto", tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.5, seed: int = 0, enable_sleep: bool = False,
-                 max_model_len: int | None = None, *, bucket_bytes: int = 256 << 20,
-                 weight_transfer_backend: str = OBJECT_STORE_BACKEND, enforce_eager: bool | None = None,
-                 per_request_seed: bool = False, distributed_executor_backend: str = "mp", **llm_kwargs):
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        seed: int = 0,
+        enable_sleep: bool = False,
+        max_model_len: int | None = None,
+        *,
+        bucket_bytes: int = 256 << 20,
+        weight_transfer_backend: str = OBJECT_STORE_BACKEND,
+        enforce_eager: bool | None = None,
+        per_request_seed: bool = False,
+        distributed_executor_backend: str = "mp",
+        **llm_kwargs,
+    ):
         if weight_transfer_backend not in BACKENDS:
             raise ValueError(f"weight_transfer_backend {weight_transfer_backend!r} is not one of {BACKENDS}")
         vllm = _import_vllm()
@@ -96,8 +110,10 @@ class VLLMEngine(GenerationEngine):
         if weight_transfer_backend == "ipc":  # the engine core and workers inherit it: see msgpack_safe
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         if enable_sleep and not current_platform.is_sleep_mode_available():
-            logger.warning("vLLM sleep mode is not available on the %s platform; sleep()/wake_up() are no-ops",
-                           current_platform.device_name)
+            logger.warning(
+                "vLLM sleep mode is not available on the %s platform; sleep()/wake_up() are no-ops",
+                current_platform.device_name,
+            )
             enable_sleep = False
         if enforce_eager is None:
             enforce_eager = current_platform.is_cpu()
@@ -106,12 +122,19 @@ class VLLMEngine(GenerationEngine):
         self._updating = self._asleep = False
         self._warned: set[str] = set()
         self.llm = LLM(
-            model=str(model_path), dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+            model=str(model_path),
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
             distributed_executor_backend=distributed_executor_backend,
-            gpu_memory_utilization=gpu_memory_utilization, seed=seed, enable_sleep_mode=enable_sleep,
-            max_model_len=max_model_len, enforce_eager=enforce_eager, worker_extension_cls=EXTENSION,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            enable_sleep_mode=enable_sleep,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            worker_extension_cls=EXTENSION,
             weight_transfer_config={"backend": weight_transfer_backend},
-            logprobs_mode="processed_logprobs", **llm_kwargs,
+            logprobs_mode="processed_logprobs",
+            **llm_kwargs,
         )
         if self.backend == OBJECT_STORE_BACKEND:  # no rendezvous: ready at once; the others wait for a trainer
             self.init_weight_transfer({})
@@ -126,21 +149,34 @@ class VLLMEngine(GenerationEngine):
             raise ValueError("a prompt has no tokens; drop empty prompts before generation")
         greedy = sampling.greedy or sampling.temperature == 0
         if greedy and sampling.temperature not in (0, 1):
-            self._warn_once("greedy", f"greedy decoding: log-probs are at temperature 1, not the configured "
-                                      f"{sampling.temperature} (vLLM's greedy path does not scale logits)")
+            self._warn_once(
+                "greedy",
+                f"greedy decoding: log-probs are at temperature 1, not the configured "
+                f"{sampling.temperature} (vLLM's greedy path does not scale logits)",
+            )
         if not greedy and (sampling.top_k > 0 or sampling.top_p < 1):
-            self._warn_once("truncated", f"top_k={sampling.top_k}, top_p={sampling.top_p}: vLLM returns log-probs of "
-                                         f"the truncated, renormalised distribution, not log_softmax(logits/T)")
-        common = dict(n=1, temperature=0.0 if greedy else sampling.temperature,
-                      top_p=1.0 if greedy else sampling.top_p, top_k=0 if greedy else sampling.top_k,
-                      max_tokens=sampling.max_new_tokens, logprobs=0, detokenize=False)
+            self._warn_once(
+                "truncated",
+                f"top_k={sampling.top_k}, top_p={sampling.top_p}: vLLM returns log-probs of "
+                f"the truncated, renormalised distribution, not log_softmax(logits/T)",
+            )
+        common = dict(
+            n=1,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy else sampling.top_k,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,
+            detokenize=False,
+        )
         if self.per_request_seed:
             seeds = np.random.SeedSequence(sampling.seed).generate_state(len(prompts), dtype=np.uint32)
             params = [self._sampling_params(**common, seed=int(s)) for s in seeds]
         else:
             params = self._sampling_params(**common)
-        outputs = self.llm.generate([self._tokens_prompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                    use_tqdm=False)
+        outputs = self.llm.generate(
+            [self._tokens_prompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+        )
         out = Generation(response_ids=[], logprobs=[])
         for result in outputs:
             completion = result.outputs[0]

@@ -6,6 +6,7 @@ backend must be registered there too: ``vllm_worker_ext`` (vLLM imports it in ea
 Buckets travel as ``bucket_to_wire`` dicts of bytes, dtype name and entries: with the engine core in its own process
 vLLM's msgpack channel carries bytes, not tensors.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -26,8 +27,11 @@ def tensor_to_wire(tensor: torch.Tensor) -> dict:
     """Raw bytes, dtype name and shape: what vLLM's msgpack channel carries between processes (a tensor arrives
     as a bare list). Zero-copy for a contiguous CPU tensor."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return {"data": memoryview(flat.view(torch.uint8).numpy()), "dtype": str(flat.dtype).removeprefix("torch."),
-            "shape": list(tensor.shape)}
+    return {
+        "data": memoryview(flat.view(torch.uint8).numpy()),
+        "dtype": str(flat.dtype).removeprefix("torch."),
+        "shape": list(tensor.shape),
+    }
 
 
 def tensor_from_wire(wire: dict, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -40,8 +44,10 @@ def tensor_from_wire(wire: dict, device: torch.device | str = "cpu") -> torch.Te
 
 
 def bucket_to_wire(bucket: Bucket) -> dict:
-    return {"flat": tensor_to_wire(bucket.flat),
-            "entries": [[e.name, list(e.shape), e.offset, e.numel] for e in bucket.entries]}
+    return {
+        "flat": tensor_to_wire(bucket.flat),
+        "entries": [[e.name, list(e.shape), e.offset, e.numel] for e in bucket.entries],
+    }
 
 
 def bucket_from_wire(wire: dict, device: torch.device | str = "cpu") -> Bucket:

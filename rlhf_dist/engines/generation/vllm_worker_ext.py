@@ -6,6 +6,7 @@ inside a vLLM worker process.
 - ``get_weights`` reads the engine's weights back, HF-named, with the dimension each tensor-parallel shard splits,
   so the engine can reassemble them and tests compare them with the learner's bit for bit: the API has no read-back.
 """
+
 from __future__ import annotations
 
 from vllm.model_executor.layers.linear import RowParallelLinear
@@ -48,7 +49,6 @@ class WeightSyncExtension:
                     # bytes: a copy, and picklable (workers pickle results)
                     out[n] = {**wire, "data": bytes(wire["data"]), "split_dim": split}
         return out
-
 
 
 def _split_dim(module, leaf: str) -> int | None:

@@ -184,8 +184,7 @@ class TrainEngine(ABC):
         """Where inputs must live."""
 
     @abstractmethod
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        ...
+    def forward(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
@@ -235,8 +234,11 @@ class TrainEngine(ABC):
 
     # ---- full weights (collective under ZeRO-3) ---------------------------------------------------------------
     @abstractmethod
-    def named_full_parameters(self, device: str | torch.device = "cpu", rank0_only: bool = True,
-                              ) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_full_parameters(
+        self,
+        device: str | torch.device = "cpu",
+        rank0_only: bool = True,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Full (gathered) parameters, HF names, as copies on ``device``.
 
         Every rank must iterate this to the end: under ZeRO-3 each group of parameters is all-gathered (a few at a

@@ -8,8 +8,8 @@ For models that must never be whole on one rank, pass a zero-argument factory th
 ``_hf_zero3_config``).
 
 Optimizer: on GPU DeepSpeed builds its own AdamW from the config: torch's (``torch_adam``), or DeepSpeedCPUAdam
-with offload (ZeRO-Offload needs it). On CPU we hand it a ``torch.optim.AdamW`` instance: DeepSpeed's CPU optimizers would
-compile a C++ extension for ~90 s and gain nothing at test sizes.
+with offload (ZeRO-Offload needs it). On CPU we hand it a ``torch.optim.AdamW`` instance: DeepSpeed's CPU optimizers
+would compile a C++ extension for ~90 s and gain nothing at test sizes.
 """
 
 from __future__ import annotations
@@ -75,10 +75,21 @@ def build_ds_config(options: TrainOptions, world_size: int, on_gpu: bool) -> dic
     if options.dtype == "bfloat16":
         config["bf16"] = {"enabled": True}
     elif options.dtype == "float16":
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                          "hysteresis": 2, "min_loss_scale": 1}
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     if on_gpu:
-        params = {"lr": options.lr, "betas": list(options.betas), "eps": options.eps, "weight_decay": options.weight_decay}
+        params = {
+            "lr": options.lr,
+            "betas": list(options.betas),
+            "eps": options.eps,
+            "weight_decay": options.weight_decay,
+        }
         if not options.offload:
             # torch's AdamW (foreach kernels) instead of FusedAdam, which DeepSpeed JIT-builds with nvcc on first
             # use: minutes, or a crash where nvcc is missing. Offload keeps DeepSpeedCPUAdam, which ZeRO-Offload needs.
@@ -92,8 +103,9 @@ class DeepSpeedTrainEngine(TrainEngine):
         self.options, self.rank, self.world_size = options, rank, world_size
         on_gpu = torch.cuda.is_available()
         if options.dtype == "float16" and not on_gpu:
-            raise ValueError("TrainOptions.dtype='float16' needs CUDA (DeepSpeed's loss scaling); on CPU use "
-                             "'bfloat16' or 'float32'")
+            raise ValueError(
+                "TrainOptions.dtype='float16' needs CUDA (DeepSpeed's loss scaling); on CPU use 'bfloat16' or 'float32'"
+            )
         if options.offload and not on_gpu:
             logger.warning("TrainOptions.offload=True has no effect without a GPU (everything is in host memory)")
         check_process_group(type(self).__name__, rank, world_size)
@@ -184,8 +196,9 @@ class DeepSpeedTrainEngine(TrainEngine):
 
     # ---- full weights -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def named_full_parameters(self, device: str | torch.device = "cpu", rank0_only: bool = True,
-                              gather_bytes: int = GATHER_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_full_parameters(
+        self, device: str | torch.device = "cpu", rank0_only: bool = True, gather_bytes: int = GATHER_BYTES
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         keep = self.rank == 0 or not rank0_only
         named = list(self.module.named_parameters())
         if not self._zero3:
@@ -210,10 +223,13 @@ class DeepSpeedTrainEngine(TrainEngine):
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
         loaded, client_state = self._engine.load_checkpoint(
-            str(path), load_optimizer_states=True, load_lr_scheduler_states=True)
+            str(path), load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if loaded is None:
-            raise FileNotFoundError(f"DeepSpeedTrainEngine.load_checkpoint: no DeepSpeed checkpoint under {path} "
-                                    "(expected a 'latest' file written by save_checkpoint)")
+            raise FileNotFoundError(
+                f"DeepSpeedTrainEngine.load_checkpoint: no DeepSpeed checkpoint under {path} "
+                "(expected a 'latest' file written by save_checkpoint)"
+            )
         return (client_state or {}).get(CLIENT_STATE_KEY, {})
 
 
@@ -229,8 +245,11 @@ def _hf_zero3_config(ds_config: dict[str, Any]) -> Any:
 
         return HfDeepSpeedConfig(ds_config)
     except ImportError as e:  # importlib's PackageNotFoundError is an ImportError
-        logger.warning("ZeRO-3 model factory: transformers' DeepSpeed integration is unavailable (%s); the model "
-                       "is built whole, then partitioned by deepspeed.initialize", e)
+        logger.warning(
+            "ZeRO-3 model factory: transformers' DeepSpeed integration is unavailable (%s); the model "
+            "is built whole, then partitioned by deepspeed.initialize",
+            e,
+        )
         return None
 
 

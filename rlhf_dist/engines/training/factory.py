@@ -7,8 +7,9 @@ from rlhf_dist.engines.training.deepspeed_engine import DeepSpeedTrainEngine
 from rlhf_dist.engines.training.torch_engine import TorchTrainEngine
 
 
-def make_train_engine(kind: str, model: ModelOrFactory, options: TrainOptions, rank: int = 0,
-                      world_size: int = 1) -> TrainEngine:
+def make_train_engine(
+    kind: str, model: ModelOrFactory, options: TrainOptions, rank: int = 0, world_size: int = 1
+) -> TrainEngine:
     """Build a training engine. ``kind``: "deepspeed" or "torch".
 
     With ``world_size > 1`` the caller must have joined the process group first

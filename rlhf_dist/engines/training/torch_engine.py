@@ -41,8 +41,9 @@ class TorchTrainEngine(TrainEngine):
         self.options, self.rank, self.world_size = options, rank, world_size
         cuda = torch.cuda.is_available()
         if options.dtype == "float16" and not cuda:
-            raise ValueError("TrainOptions.dtype='float16' needs CUDA (loss scaling); on CPU use 'bfloat16' or "
-                             "'float32'")
+            raise ValueError(
+                "TrainOptions.dtype='float16' needs CUDA (loss scaling); on CPU use 'bfloat16' or 'float32'"
+            )
         if world_size > 1:
             check_process_group(type(self).__name__, rank, world_size)
         self._device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -55,8 +56,12 @@ class TorchTrainEngine(TrainEngine):
             for t in list(self._module.parameters()) + list(self._module.buffers()):
                 dist.broadcast(t.data, src=0)
 
-        self._optimizer = torch.optim.AdamW(optimizer_param_groups(self._module, options.weight_decay),
-                                            lr=options.lr, betas=options.betas, eps=options.eps)
+        self._optimizer = torch.optim.AdamW(
+            optimizer_param_groups(self._module, options.weight_decay),
+            lr=options.lr,
+            betas=options.betas,
+            eps=options.eps,
+        )
         self._scheduler = make_lr_scheduler(self._optimizer, options)
         self._autocast_dtype = None if options.dtype == "float32" else options.torch_dtype
         self._scaler = torch.amp.GradScaler("cuda") if options.dtype == "float16" else None
@@ -72,8 +77,11 @@ class TorchTrainEngine(TrainEngine):
         return self._device
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        ctx = (torch.autocast(self._device.type, dtype=self._autocast_dtype) if self._autocast_dtype
-               else contextlib.nullcontext())
+        ctx = (
+            torch.autocast(self._device.type, dtype=self._autocast_dtype)
+            if self._autocast_dtype
+            else contextlib.nullcontext()
+        )
         with ctx:
             return self._module(*args, **kwargs)
 
@@ -117,8 +125,11 @@ class TorchTrainEngine(TrainEngine):
 
     # ---- full weights -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def named_full_parameters(self, device: str | torch.device = "cpu", rank0_only: bool = True,
-                              ) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_full_parameters(
+        self,
+        device: str | torch.device = "cpu",
+        rank0_only: bool = True,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         if rank0_only and self.rank != 0:
             return
         for name, p in self._module.named_parameters():
@@ -168,5 +179,5 @@ def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
         flat /= world_size
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()

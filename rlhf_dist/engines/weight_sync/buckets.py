@@ -111,7 +111,7 @@ def _make_bucket(group: list[tuple[str, torch.Tensor]]) -> Bucket:
 def unpack_bucket(bucket: Bucket) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, view into bucket.flat with the entry's shape). Views: copy them if the bucket buffer is reused."""
     for e in bucket.entries:
-        yield e.name, bucket.flat[e.offset:e.offset + e.numel].view(e.shape)
+        yield e.name, bucket.flat[e.offset : e.offset + e.numel].view(e.shape)
 
 
 def bucket_to_numpy(bucket: Bucket) -> NumpyBucket:

@@ -6,9 +6,11 @@ Ours rather than vLLM's ``RayVLLMWeightSyncClient`` because each rollout engine 
 carries the policy version and collects what every worker reports, and the workers may also be plain in-process
 objects (role tests, one-process checks) instead of Ray actors.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 class RolloutClient:
@@ -28,8 +30,10 @@ class RolloutClient:
             return ray.get(refs, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError as e:
             late = [i for i, r in enumerate(refs) if not ray.wait([r], timeout=0)[0]]
-            raise TimeoutError(f"weight sync: rollout actor(s) {late} did not answer {method}() within "
-                               f"{self.timeout_s:.0f} s (ray.actor_timeout_s)") from e
+            raise TimeoutError(
+                f"weight sync: rollout actor(s) {late} did not answer {method}() within "
+                f"{self.timeout_s:.0f} s (ray.actor_timeout_s)"
+            ) from e
 
     def _same(self, *args: Any) -> list[tuple]:
         return [args] * len(self.workers)
@@ -40,8 +44,10 @@ class RolloutClient:
             self._all("init_weight_transfer_engine", self._same(init_info))
             return
         first = init_info["rank_offset"]
-        self._all("init_weight_transfer_engine", [({**init_info, "rank_offset": first + i * self.workers_per_engine},)
-                                                  for i in range(len(self.workers))])
+        self._all(
+            "init_weight_transfer_engine",
+            [({**init_info, "rank_offset": first + i * self.workers_per_engine},) for i in range(len(self.workers))],
+        )
 
     def start_weight_update(self) -> None:
         self._all("start_weight_update", self._same())

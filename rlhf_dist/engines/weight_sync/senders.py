@@ -7,6 +7,7 @@ group: every rank iterates the full weights (a gather under ZeRO-3), rank 0 send
 - ``nccl``, ``cuda_ipc``, ``sparse_nccl``: vLLM's own trainer-side engines (``vllm_senders.py``), which vLLM keeps
   in step with its worker side across releases.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -24,7 +25,11 @@ VLLM_BACKEND = {"object_store": "rlhf_object_store", "nccl": "nccl", "cuda_ipc":
 class ObjectStoreSender:
     def __init__(self, client, is_sender: bool, full_parameters: Callable[[], NamedTensors], bucket_bytes: int):
         self.client, self.is_sender, self.full_parameters, self.bucket_bytes = (
-            client, is_sender, full_parameters, bucket_bytes)
+            client,
+            is_sender,
+            full_parameters,
+            bucket_bytes,
+        )
 
     def send_weights(self) -> int:
         """Returns the bytes sent (0 on the ranks that only took part in the gather)."""
@@ -40,8 +45,15 @@ class ObjectStoreSender:
         return sum(b.flat.nbytes for b in buckets)
 
 
-def make_sender(transport: str, client, rank: int, train_engine, bucket_bytes: int,
-                rendezvous: Callable[[], tuple[str, int]], world_size: int):
+def make_sender(
+    transport: str,
+    client,
+    rank: int,
+    train_engine,
+    bucket_bytes: int,
+    rendezvous: Callable[[], tuple[str, int]],
+    world_size: int,
+):
     """Called on every learner rank. ``rendezvous`` gives rank 0's (address, free port) for an NCCL group of
     ``world_size`` members (learner rank 0 and every rollout worker)."""
     if transport == "object_store":

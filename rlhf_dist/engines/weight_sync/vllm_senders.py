@@ -2,6 +2,7 @@
 Needs vllm and CUDA: UNTESTED on a GPU here (see the README's "verified where"); written to vLLM 0.32's
 ``vllm.distributed.weight_transfer`` sources.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -21,8 +22,10 @@ class LearnerWeightSource(WeightSource):
         self.train_engine, self.everywhere = train_engine, everywhere
 
     def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(name, dtype, tuple(shape))
-                for name, (shape, dtype) in self.train_engine.full_parameter_shapes().items()]
+        return [
+            ParamMeta(name, dtype, tuple(shape))
+            for name, (shape, dtype) in self.train_engine.full_parameter_shapes().items()
+        ]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.train_engine.named_full_parameters(device=self.train_engine.device, rank0_only=not self.everywhere)
@@ -71,16 +74,24 @@ class SparseSender:
         return sum(p.indices.numel() * 4 + p.values.numel() * p.values.element_size() for p in patches)
 
 
-def make_vllm_sender(transport: str, client, rank: int, train_engine, bucket_bytes: int,
-                     rendezvous: Callable[[], tuple[str, int]], world_size: int):
+def make_vllm_sender(
+    transport: str,
+    client,
+    rank: int,
+    train_engine,
+    bucket_bytes: int,
+    rendezvous: Callable[[], tuple[str, int]],
+    world_size: int,
+):
     source = LearnerWeightSource(train_engine, everywhere=transport == "cuda_ipc")
     if transport == "cuda_ipc":
         info = IPCTrainerInitInfo(rank=rank, packed=True, packed_buffer_size_bytes=bucket_bytes)
     else:
         address, port = rendezvous() if rank == 0 else ("", 0)  # only rank 0 opens the group
         if transport == "nccl":
-            info = NCCLTrainerInitInfo(address, port, world_size, rank=rank, packed=True,
-                                       packed_buffer_size_bytes=bucket_bytes)
+            info = NCCLTrainerInitInfo(
+                address, port, world_size, rank=rank, packed=True, packed_buffer_size_bytes=bucket_bytes
+            )
         else:
             info = SparseNCCLTrainerInitInfo(address, port, world_size, rank=rank)
     sparse = transport == "sparse_nccl"  # a delta backend: patches per push, no source at init
