@@ -67,6 +67,22 @@ def test_reward_function_and_gold(cfg, rollout, prompts):
     )
 
 
+def nan_for_the_third(prompts: list[str], responses: list[str]) -> list[float]:
+    return [float("nan") if i == 2 else 1.0 for i in range(len(responses))]
+
+
+def test_a_nan_reward_stops_with_one_line_naming_its_source(tiny_cfg, rollout, prompts):
+    """A NaN reward would make every optimizer step a skipped one and save the unchanged policy as a success."""
+    from rlhf_dist.workers.reward import NonFiniteRewardError, RewardWorker
+
+    batch = rollout.generate(prompts, iteration=1)
+    reward = RewardWorker(tiny_cfg("reward.function=test_roles:nan_for_the_third"))
+    expected = r"reward.function 'test_roles:nan_for_the_third' returned nan for sample 2 \(response .*\), 1 of 8"
+    with pytest.raises(NonFiniteRewardError, match=expected) as err:
+        reward.score(batch)
+    assert "\n" not in str(err.value)
+
+
 def test_policy_trains_and_rollout_receives_its_weights(cfg, rollout, prompts):
     from rlhf_dist.comm.process_group import find_free_port
     from rlhf_dist.trainers.experience import compute_advantages

@@ -42,9 +42,12 @@ class RewardWorker:
                     f"reward.function {self.cfg.reward.function!r} returned shape {values.shape}, "
                     f"expected one float per response ({len(prompts)})"
                 )
+            check_finite(values, f"reward.function {self.cfg.reward.function!r}", batch)
             reward += self.cfg.reward.function_weight * values
         if self.model is not None:
-            reward += self.cfg.reward.model_weight * self.model_scores(batch)
+            scores = self.model_scores(batch)
+            check_finite(scores, f"the reward model {self.cfg.model.reward!r}", batch)
+            reward += self.cfg.reward.model_weight * scores
         if self.cfg.reward.clip is not None:
             reward = np.clip(reward, -self.cfg.reward.clip, self.cfg.reward.clip)
         gold = (
@@ -59,3 +62,20 @@ class RewardWorker:
         seqs = to_sequences(batch, self.pad_token_id).to(device())
         scores = sequence_scores(self.model, seqs.input_ids, seqs.attention_mask, seqs.last_token_index())
         return scores.float().cpu().numpy()
+
+
+class NonFiniteRewardError(ValueError):
+    """A reward source returned NaN or inf: training on it would skip every step and save the unchanged policy."""
+
+
+def check_finite(values: np.ndarray, source: str, batch: pa.RecordBatch) -> None:
+    """One line naming the source, the first bad sample and how many there are."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        i = int(bad[0])
+        sample = batch.column(S.SAMPLE_ID)[i].as_py() if S.SAMPLE_ID in batch.schema.names else i
+        response = batch.column(S.RESPONSE_TEXT)[i].as_py()
+        raise NonFiniteRewardError(
+            f"{source} returned {values[i]} for sample {sample} (response {response[:60]!r}), {bad.size} of "
+            f"{len(values)} non-finite in this batch; make it return finite floats for every response"
+        )
