@@ -190,9 +190,7 @@ class VLLMEngine(GenerationEngine):
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 
     def start_weight_update(self) -> None:
-        if self._asleep:
-            self.wake_up()
-        self._ensure_ready()  # an update left open by load_weights ends first
+        self._ensure_ready()  # awake, and an update left open by load_weights ends first
         self.llm.start_weight_update()
         self._updating = True
 

@@ -10,30 +10,27 @@ group: every rank iterates the full weights (a gather under ZeRO-3), rank 0 send
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
-import torch
+from collections.abc import Callable
 
 from rlhf_dist.engines.weight_sync.buckets import bucket_to_numpy, pack_buckets
 
-NamedTensors = Iterator[tuple[str, torch.Tensor]]
 TRANSPORTS = ("object_store", "nccl", "cuda_ipc", "sparse_nccl")
 # the vLLM weight-transfer backend each transport needs on the engine side
 VLLM_BACKEND = {"object_store": "rlhf_object_store", "nccl": "nccl", "cuda_ipc": "ipc", "sparse_nccl": "sparse_nccl"}
 
 
 class ObjectStoreSender:
-    def __init__(self, client, is_sender: bool, full_parameters: Callable[[], NamedTensors], bucket_bytes: int):
-        self.client, self.is_sender, self.full_parameters, self.bucket_bytes = (
+    def __init__(self, client, is_sender: bool, train_engine, bucket_bytes: int):
+        self.client, self.is_sender, self.train_engine, self.bucket_bytes = (
             client,
             is_sender,
-            full_parameters,
+            train_engine,
             bucket_bytes,
         )
 
     def send_weights(self) -> int:
         """Returns the bytes sent (0 on the ranks that only took part in the gather)."""
-        named = self.full_parameters()
+        named = self.train_engine.named_full_parameters()
         if not self.is_sender:
             for _ in named:  # drive the gathers
                 pass
@@ -57,7 +54,7 @@ def make_sender(
     """Called on every learner rank. ``rendezvous`` gives rank 0's (address, free port) for an NCCL group of
     ``world_size`` members (learner rank 0 and every rollout worker)."""
     if transport == "object_store":
-        return ObjectStoreSender(client, rank == 0, lambda: train_engine.named_full_parameters(), bucket_bytes)
+        return ObjectStoreSender(client, rank == 0, train_engine, bucket_bytes)
     if transport not in TRANSPORTS:
         raise ValueError(f"weight sync: unknown transport {transport!r}; use one of {TRANSPORTS}")
     from rlhf_dist.engines.weight_sync.vllm_senders import make_vllm_sender  # deferred: vllm
