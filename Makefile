@@ -12,8 +12,10 @@ setup:
 setup-vllm:
 	bash scripts/setup_vllm.sh
 
+# The demo replaces its own previous run in runs/tiny, so it runs any number of times; a plain `rlhf-dist train`
+# refuses an output_dir holding another run's results (rlhf_dist/run_dir.py).
 run: setup
-	.venv/bin/rlhf-dist train configs/tiny_cpu.yaml
+	.venv/bin/rlhf-dist train configs/tiny_cpu.yaml checkpoint.overwrite=true
 
 lint: setup
 	$(PY) -m ruff format --check .

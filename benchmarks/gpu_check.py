@@ -491,6 +491,7 @@ def check_ppo(ctx: Context) -> dict:
         "logging.progress_bar=false",
         "logging.plot=false",
         "checkpoint.save_final=false",
+        "checkpoint.overwrite=true",  # every check run replaces the last one
         *ctx.sizes.ppo,
     ]
     summary = ppo.run(load_config(ROOT / "configs/tiny_cpu.yaml", overrides))

@@ -79,6 +79,7 @@ def bench(
         "checkpoint.save_final=false",
         "checkpoint.save_every=0",
         "checkpoint.resume=false",
+        "checkpoint.overwrite=true",  # a rerun of the same name replaces its rows
     ]
     cfg = load_config(config, [*overrides, *forced])
     before = machine()

@@ -2,6 +2,10 @@
 `rlhf-dist config ...` answers without importing torch or Ray, and a bad config fails before anything heavy loads.
 Building the parser imports the modules that add arguments (submit, orchestration.dry_run, doctor): they defer
 their Ray and torch imports (`# deferred: cli`).
+
+Every failure is one line on stderr. A bad config or bad data (ConfigError, DataError) exits 2; anything else exits 1
+and names the file holding its full traceback (`<output_dir>/error.log` once the config has loaded); `--debug` also
+prints the traceback.
 """
 
 import argparse
@@ -9,10 +13,14 @@ import importlib
 import importlib.util
 import os
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_dist import supervise
 from rlhf_dist.config import ConfigError, check_imports, check_paths, dump_yaml, load_config
 
 PROG = "rlhf-dist"
@@ -34,13 +42,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.iterations=3 train.policy_lr=1e-5")
 
 
-def run_job(target: str) -> Callable[[argparse.Namespace], int]:
-    """A handler that loads and checks the config, then calls `target(cfg)` (a driver's `run`)."""
+def run_job(target: str, resumable: bool = False) -> Callable[[argparse.Namespace], int]:
+    """A handler that loads and checks the config, then calls `target(cfg)` (a driver's `run`). A resumable job
+    with `checkpoint.max_auto_resume` > 0 runs its driver as a child that is resumed if killed (supervise.py)."""
 
     def handler(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
+        args.output_dir = cfg.output_dir  # where main() writes error.log should the run fail
         check_paths(cfg)
         check_imports(cfg)
+        if resumable and cfg.checkpoint.max_auto_resume and not supervise.is_driver():
+            argv = ["--debug"] * args.debug + [args.command, args.config, *args.overrides]
+            return supervise.supervise(argv, cfg.checkpoint.max_auto_resume, PROG)
         if cfg.ray.address is None:
             # A laptop run opens no port to the network: local Ray binds 127.0.0.1 with this set, and Ray reads it
             # once, when first imported (by the driver's modules, below). Not for a cluster: the driver's own address
@@ -116,7 +129,7 @@ COMMANDS = [
         "train",
         "RL fine-tuning (PPO/GAE, GRPO, RLOO, REINFORCE++)",
         _add_config_args,
-        run_job("rlhf_dist.trainers.ppo:run"),
+        run_job("rlhf_dist.trainers.ppo:run", resumable=True),
     ),
     Command("sft", "supervised fine-tuning on demonstrations", _add_config_args, run_job("rlhf_dist.trainers.sft:run")),
     Command(
@@ -174,27 +187,80 @@ COMMANDS = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Distributed RLHF on Ray.")
+    debug_help = "on an error, also print the full traceback to stderr"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.set_defaults(output_dir=None)  # set by a handler once it has loaded the config
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.add_args(p)
+        # SUPPRESS: without --debug here, the subcommand leaves the global flag as it was
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         p.set_defaults(handler=cmd.handler)
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """The first line of the message; a Python or library error also gets its type (`KeyError: 'x'`), since ours
+    (ConfigError, DataError, RoleGroupError) are written to stand alone and theirs often are not."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    name = type(exc).__name__
+    if not text:
+        return name
+    return text if type(exc).__module__.startswith("rlhf_dist") else f"{name}: {text}"
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A bad config or bad input data: the message is the whole story, so exit 2 and no traceback file."""
+    # DataError without importing its module (and pyarrow): it can only have been raised if the module is loaded.
+    readers = sys.modules.get("rlhf_dist.data.readers")
+    return isinstance(exc, ConfigError) or (readers is not None and isinstance(exc, readers.DataError))
+
+
+def write_traceback(exc: BaseException, output_dir: str | None, argv: list[str]) -> Path | None:
+    """Append the full traceback (chained causes included) to `<output_dir>/error.log`, or to a new file in the
+    system temp dir when there is no output dir or it cannot be written. Returns the file, or None if none could be."""
+    header = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {PROG} {' '.join(argv)}\n"
+    text = header + "".join(traceback.format_exception(exc)) + "\n"
+    if output_dir is not None:
+        path = Path(output_dir) / "error.log"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            pass
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{PROG}-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return Path(name)
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # argparse already printed usage (code 2) or help (code 0)
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return args.handler(args)
-    except ConfigError as err:  # includes a missing config file; a user error, so no traceback
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the command line's last word: one line, the rest to a file
+        if args.debug:
+            traceback.print_exception(err, file=sys.stderr)
+        if is_user_error(err):  # includes a missing config file
+            print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+            return 2
+        log = write_traceback(err, args.output_dir, argv)
+        where = f"full traceback: {log}" if log else "no traceback file could be written; rerun with --debug"
+        print(f"{PROG}: error: {one_line(err)} ({where})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
     rlhf-dist submit --status raysubmit_abc   |   --logs raysubmit_abc   |   --stop raysubmit_abc
 
 The job's entrypoint is `rlhf-dist train CONFIG OVERRIDES...`, run on the head node inside a copy of the working
-directory (uploaded with the job; .venv, runs/, .git and caches left out). The config is loaded and validated here
-first, so a bad config fails before anything reaches the cluster.
+directory, uploaded with the job: the project and its configs, without outputs (runs/, the config's output_dir,
+checkpoints), logs, virtual environments, .git and caches (EXCLUDES; one line before the upload says what goes and
+its size). The config is loaded and validated here first, so a bad config fails before anything reaches the cluster.
 
 Address: `--address`, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS; it is the job server (the head's dashboard,
 `http://HEAD:8265`), not the GCS port 6379. Auth: with token auth on (RAY_AUTH_MODE=token), Ray's SDK sends the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shlex
 import sys
@@ -30,22 +32,32 @@ from rlhf_dist.config import ConfigError, load_config, read_yaml
 
 PROG = "rlhf-dist submit"
 OK, JOB_FAILED, ERROR = 0, 1, 2
-# gitignore-style patterns left out of the uploaded working dir (Ray also honours .gitignore and .rayignore there).
+# Left out of the uploaded working dir: outputs, logs, environments, caches. Ray's runtime_env "excludes" are
+# gitignore-style patterns matched against each path relative to the working dir, the directories themselves given
+# without a trailing slash: so "runs/" would drop what is inside runs but still hash the name "runs", and "/runs"
+# drops the directory itself. Ray also honours .gitignore and .rayignore files there. `upload_excludes` adds the
+# run's output_dir and every virtual environment it finds.
 EXCLUDES = [
-    ".venv/",
-    ".venv-*/",
-    "runs/",
-    ".git/",
-    "__pycache__/",
+    ".git",
+    "__pycache__",
     "*.pyc",
-    ".pytest_cache/",
-    "*.egg-info/",
-    "/tiny_model/",
-    "/out/",
-    ".device/",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".venv*",
+    "*.log",
+    "logs",
+    "checkpoints",
+    ".device",
+    "/runs",
+    "/out",
+    "/tiny_model",
+    "/benchmarks/results",
 ]
 # Passed from this shell to the job when set here. Never secrets: the runtime_env is shown in the dashboard.
 PASSTHROUGH_ENV = ("RAY_AUTH_MODE",)
+_quiet = logging.getLogger(__name__)  # Ray's packager logs every .gitignore it reads at INFO; not ours to repeat
 
 
 class SubmitError(Exception):
@@ -115,6 +127,56 @@ def _relative_to_working_dir(config_path: str, working_dir: str) -> str:
         ) from None
 
 
+def _anchored(path: str, working_dir: str) -> str | None:
+    """`path` as a pattern anchored at the working dir ("/runs/exp1"), or None when it is not strictly inside it."""
+    p, wd = Path(path).resolve(), Path(working_dir).resolve()
+    if p == wd or not p.is_relative_to(wd):
+        return None
+    return "/" + p.relative_to(wd).as_posix()
+
+
+def _is_environment(p: Path) -> bool:
+    return p.is_dir() and ((p / "pyvenv.cfg").is_file() or (p / "conda-meta").is_dir())
+
+
+def upload_excludes(working_dir: str, excludes: Sequence[str] = EXCLUDES) -> tuple[list[str], int, int]:
+    """The `excludes` to send with `working_dir`, and what Ray will then upload: (excludes, files, bytes).
+
+    Walks the directory with Ray's own packaging rules (these patterns, Ray's default excludes, .gitignore and
+    .rayignore in each directory), adding every virtual environment it meets (a directory holding pyvenv.cfg or
+    conda-meta/, whatever its name) as an anchored pattern.
+    """
+    from ray._private.ray_constants import get_runtime_env_default_excludes  # deferred: cli
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes  # deferred: cli
+
+    root = Path(working_dir).resolve()
+    found: list[str] = []
+    files = size = 0
+
+    def environment(p: Path) -> bool:
+        if p != root and _is_environment(p):
+            found.append("/" + p.relative_to(root).as_posix())
+            return True
+        return False
+
+    def count(p: Path) -> None:
+        nonlocal files, size
+        if p.is_file():
+            try:
+                size += p.stat().st_size
+                files += 1
+            except OSError:  # gone since it was listed
+                pass
+
+    # as the job SDK decides (ray/dashboard/modules/dashboard_sdk.py)
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    patterns = get_runtime_env_default_excludes() + list(excludes)
+    _dir_travel(
+        root, [_get_excludes(root, patterns), environment], count, include_gitignore=include_gitignore, logger=_quiet
+    )
+    return list(excludes) + found, files, size
+
+
 def submit(
     config_path: str,
     overrides: Sequence[str] = (),
@@ -129,13 +191,24 @@ def submit(
     try:
         rel = _relative_to_working_dir(config_path, working_dir)
         overrides += _job_overrides(config_path, overrides)
-        load_config(config_path, overrides)  # raises ConfigError naming the key and the fix
+        cfg = load_config(config_path, overrides)  # raises ConfigError naming the key and the fix
     except (ConfigError, SubmitError) as e:
         _err(f"{e} (nothing was submitted)")
         return ERROR
     entrypoint = shlex.join(["rlhf-dist", "train", rel, *overrides])
+    # a local run of this config may be writing there right now: a file that changes while Ray hashes and zips the
+    # working dir makes the package differ from the hash it is uploaded under
+    output = _anchored(cfg.output_dir, working_dir)
+    excludes = EXCLUDES + ([output] if output else [])
     return submit_command(
-        entrypoint, address, working_dir, follow, env_vars, job_id, metadata={"rlhf_dist_config": rel}
+        entrypoint,
+        address,
+        working_dir,
+        follow,
+        env_vars,
+        job_id,
+        metadata={"rlhf_dist_config": rel},
+        excludes=excludes,
     )
 
 
@@ -155,13 +228,26 @@ def submit_command(
     # Ray refuses a job whose driver repeats a key of the job's runtime_env unless told to merge (driver wins).
     env.update({"PYTHONUNBUFFERED": "1", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"})
     env.update(env_vars or {})
-    runtime_env = {"working_dir": str(Path(working_dir).resolve()), "excludes": list(excludes), "env_vars": env}
+    wd = Path(working_dir).resolve()
     try:
         c = client(address)
-        job_id = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id, metadata=metadata)
+        if not wd.is_dir():
+            raise SubmitError(f"the working dir {wd} is not a directory; pass --working-dir")
+        try:
+            excludes, files, size = upload_excludes(str(wd), excludes)
+        except OSError as e:
+            raise SubmitError(f"cannot read the working dir {wd}: {e}") from e
     except SubmitError as e:
         _err(f"{e} (nothing was submitted)")
         return ERROR
+    print(
+        f"{PROG}: uploading {wd} ({files} files, {size / 2**20:.1f} MiB), leaving out {' '.join(excludes)} "
+        f"and what .gitignore/.rayignore name",
+        flush=True,
+    )
+    runtime_env = {"working_dir": str(wd), "excludes": excludes, "env_vars": env}
+    try:
+        job_id = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id, metadata=metadata)
     except Exception as e:  # the job server refused: duplicate id, working dir too large, bad runtime_env...
         _err(f"the job server refused the job: {str(e).strip()}")
         return ERROR

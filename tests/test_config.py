@@ -448,6 +448,7 @@ def test_cli_train_dispatches_to_the_driver(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "rlhf_dist.trainers.ppo", types.SimpleNamespace(run=seen.append))
     monkeypatch.setitem(sys.modules, "fake_rewards", types.SimpleNamespace(r=lambda p, r: [0.0] * len(r)))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLHF_DIST_DRIVER", "1")  # the driver itself, as the supervisor starts it (supervise.py)
     assert main(["train", TINY, "train.iterations=2", "reward.function=fake_rewards:r"]) == 0
     assert len(seen) == 1 and seen[0].train.iterations == 2
 

@@ -14,18 +14,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # The one statement of the layer order, lowest first: a module may import its own package and any lower layer; the
-# packages that share a layer do not import each other. config, metrics and checkpoint import nothing of ours, so they
-# sit at the bottom where any layer may use them (data reads the run config); doctor and submit are commands, imported
-# only by the CLI.
+# packages that share a layer do not import each other. config imports nothing of ours and sits at the bottom, where any
+# layer may use it (data reads the run config); metrics, checkpoint and run_dir (which reads the config and raises its
+# ConfigError) sit just above it, below everything else; doctor and submit are commands, imported only by the CLI.
 LAYERS = (
-    ("config", "metrics", "checkpoint"),
+    ("config",),
+    ("metrics", "checkpoint", "run_dir"),
     ("algo", "data", "comm"),
     ("models",),
     ("engines",),
     ("workers",),
     ("orchestration",),
     ("trainers",),
-    ("doctor", "submit"),
+    ("doctor", "submit", "supervise"),
     ("cli",),
 )
 # A reference as a string, resolved at run time: `_lazy("rlhf_dist.doctor:run")`, reward.function in a YAML.

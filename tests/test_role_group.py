@@ -37,16 +37,50 @@ class Echo:
         if self.rank == 1:
             os._exit(1)
 
+    def die_once(self, marker: str) -> int:
+        """Dies the first time any actor of the group is asked (the marker file says it happened), then answers."""
+        if self.rank == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return self.rank
+
+    def stale_once(self, marker: str) -> int:
+        from rlhf_dist.comm.errors import StaleStateError
+
+        if self.rank == 0 and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise StaleStateError("rank 0 lost its state")
+        return self.rank
+
     def refuse(self) -> None:
         if self.rank == 2:
             raise ValueError("no reward for an empty response")
 
 
-def _group(n: int, timeout_s: float):
+def _group(n: int, timeout_s: float, max_restarts: int = 0):
     from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
 
     pg = reserve("echo", n, 0.5, 0, "PACK", timeout_s=60)
-    return RoleGroup("echo", Echo, Bundles(pg, list(range(n)), 0.5, 0), lambda rank: ((rank,), {}), timeout_s)
+    bundles = Bundles(pg, list(range(n)), 0.5, 0)
+    return RoleGroup("echo", Echo, bundles, lambda rank: ((rank,), {}), timeout_s, max_restarts=max_restarts)
+
+
+def test_a_dead_actor_is_restarted_restored_and_its_call_sent_again(local_ray, tmp_path):
+    from rlhf_dist.orchestration.role_group import ActorRestartError
+
+    group = _group(3, timeout_s=120, max_restarts=1)
+    restored = []
+    group.on_restart = restored.append
+    before = list(group.ping())
+    assert group.call("die_once", str(tmp_path / "died")).get() == [0, 1, 2]
+    assert group.restarts == 1 and restored == [1]
+    assert group.pids[1] != before[1] and group.pids[::2] == before[::2]
+    # an actor that says its state is stale is restored and asked again, and it is no restart
+    assert group.call("stale_once", str(tmp_path / "stale")).get() == [0, 1, 2]
+    assert group.restarts == 1 and restored == [1, 0]
+    # restarts spent: one line naming role, actor and that
+    with pytest.raises(ActorRestartError, match=r"^role echo actor 1 is gone: [^\n]*; died with [^\n]*$"):
+        group.call("die").get()
 
 
 def test_scatter_gathers_in_order_and_failures_name_the_actor(local_ray):
@@ -68,5 +102,5 @@ def test_scatter_gathers_in_order_and_failures_name_the_actor(local_ray):
     with pytest.raises(RoleMethodError, match=r"role echo actor 2 raised ValueError in refuse\(\): no reward for"):
         group.call("refuse").get()
     group.timeout_s = 60  # the die() call queues behind actor 1's nap
-    with pytest.raises(ActorDiedError, match=r"role echo actor 1 failed in die\(\)"):
+    with pytest.raises(ActorDiedError, match=r"^role echo actor 1 died in die\(\): [^\n]*$"):
         group.call("die").get()

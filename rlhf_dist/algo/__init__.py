@@ -4,6 +4,7 @@ masked      masked reductions and mask checks
 advantages  GAE, GRPO, RLOO, REINFORCE++, token rewards from scores
 kl          KL estimators k1/k2/k3, KL-penalised rewards, fixed and adaptive KL controllers
 losses      PPO policy / value losses, entropy, Bradley-Terry, DPO/IPO, truncated IS weights
+nonfinite   which samples hold a NaN or inf, the first and how many
 """
 
 from rlhf_dist.algo.advantages import (
@@ -42,18 +43,21 @@ from rlhf_dist.algo.masked import (
     per_token_mask,
     response_lengths,
 )
+from rlhf_dist.algo.nonfinite import NonFiniteError, first_and_count, nonfinite_rows, whole_groups, zero_rows
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "KL_ESTIMATORS",
     "LOSS_AGGS",
+    "NonFiniteError",
     "aggregate_loss",
     "as_bool_mask",
     "bradley_terry_loss",
     "check_right_padded",
     "dpo_loss",
     "entropy_from_logits",
+    "first_and_count",
     "gae_advantages_and_returns",
     "grpo_advantages",
     "kl_estimate",
@@ -63,6 +67,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "nonfinite_rows",
     "per_token_mask",
     "ppo_policy_loss",
     "reinforce_pp_advantages",
@@ -72,4 +77,6 @@ __all__ = [
     "token_rewards_from_scores",
     "truncated_is_weights",
     "value_loss",
+    "whole_groups",
+    "zero_rows",
 ]

@@ -140,6 +140,14 @@ class TrainConfig:
     zero_stage: int = option(2, "DeepSpeed ZeRO stage", ge=0, le=3)
     offload: bool = option(False, "DeepSpeed optimizer/parameter offload to CPU")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    on_nonfinite: Literal["stop", "skip"] = option(
+        "stop",
+        "a NaN/inf reward, advantage, loss or gradient: stop naming it, or skip (drop the samples from the loss, "
+        "skip the optimizer step) and count it in the metrics",
+    )
+    max_skipped_steps: int = option(
+        20, "optimizer steps skipped in a row (non-finite gradients, fp16 overflow) that stop the run", ge=1
+    )
 
 
 @dataclass
@@ -243,6 +251,15 @@ class CheckpointConfig:
     resume: bool = option(False, "resume from the latest checkpoint under output_dir")
     keep: int = option(2, "complete checkpoints kept under output_dir/checkpoints; older ones are deleted", ge=1)
     save_final: bool = option(True, "save after the last iteration")
+    overwrite: bool = option(
+        False,
+        "a fresh run into an output_dir holding another run's results deletes that run's checkpoints/, metrics "
+        "file, policy/ and run.json (once it holds the dir's lock, before it starts); false = refuse to start; "
+        "ignored with resume=true",
+    )
+    max_auto_resume: int = option(
+        2, "automatic resumes from the last complete checkpoint after a learner or the driver dies; 0 = none", ge=0
+    )
 
 
 @dataclass
@@ -252,6 +269,12 @@ class RayConfig:
     )
     actor_timeout_s: float = option(600.0, "longest wait on any actor call before it is an error", gt=0)
     num_cpus: int | None = option(None, "logical CPUs of the embedded Ray; null = detected", ge=1)
+    max_actor_restarts: int = option(
+        3,
+        "times Ray brings back each rollout, reward or reference actor that dies (its shard is re-run); "
+        "0 = a dead actor stops the run (a learner never restarts alone: see checkpoint.max_auto_resume)",
+        ge=0,
+    )
 
 
 # --- the rest of the RLHF pipeline: SFT, reward model, DPO, preference collection (issue 6) --------------------------

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rlhf_dist.data import schema as S
-from rlhf_dist.data.readers import DataError, describe, iter_source, missing_column
+from rlhf_dist.data.readers import DataError, MissingColumnError, describe, iter_source, missing_column
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class DatasetSpec:
     to the canonical name. split: the split of a DatasetDict folder. max_tokens: the longest prompt + answer allowed
     (prompt + the longer of chosen/rejected for preferences); on_overlong: "drop" (counted in the DropReport, logged)
     or "error". batch_size: rows per record batch. json_block_bytes: the JSON reader's block, larger than any row.
+    column_key: the config key that names the text column (e.g. "data.prompt_column"), named in errors instead of
+    `columns` when the spec comes from a config.
     """
 
     path: str | os.PathLike
@@ -70,6 +72,7 @@ class DatasetSpec:
     on_overlong: Literal["drop", "error"] = "drop"
     batch_size: int = 1024
     json_block_bytes: int = 8 << 20
+    column_key: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -114,13 +117,20 @@ def read_batches(spec: DatasetSpec) -> Iterator[pa.RecordBatch]:
     """
     wanted = spec.source_columns
     out_schema = pa.schema([pa.field(name, pa.string()) for name in spec.names])
-    for file, row, batch in iter_source(
-        Path(spec.path), wanted, split=spec.split, batch_size=spec.batch_size, json_block_bytes=spec.json_block_bytes
-    ):
-        validate(batch, spec, file, row)
-        arrays = [_as_string(batch.column(source)) for source in wanted.values()]
-        meta = {META_FILE: str(file).encode(), META_ROW: str(row).encode()}
-        yield pa.RecordBatch.from_arrays(arrays, schema=out_schema.with_metadata(meta))
+    try:
+        for file, row, batch in iter_source(
+            Path(spec.path),
+            wanted,
+            split=spec.split,
+            batch_size=spec.batch_size,
+            json_block_bytes=spec.json_block_bytes,
+        ):
+            validate(batch, spec, file, row)
+            arrays = [_as_string(batch.column(source)) for source in wanted.values()]
+            meta = {META_FILE: str(file).encode(), META_ROW: str(row).encode()}
+            yield pa.RecordBatch.from_arrays(arrays, schema=out_schema.with_metadata(meta))
+    except MissingColumnError as e:  # the readers know the file, the spec knows which option renames the column
+        raise missing_column(e.file, e.canonical, e.source, e.present, spec.column_key) from None
 
 
 def load_table(spec: DatasetSpec) -> pa.Table:
@@ -141,7 +151,7 @@ def validate(batch: pa.RecordBatch, spec: DatasetSpec, file: str | os.PathLike, 
     wanted = spec.source_columns
     for canonical, source in wanted.items():
         if source not in batch.schema.names:
-            raise missing_column(Path(file), canonical, source, batch.schema.names)
+            raise missing_column(Path(file), canonical, source, batch.schema.names, spec.column_key)
     stripped = {}
     for canonical, source in wanted.items():
         where = lambda i, c=canonical, s=source: f"{file}: row {row_offset + i}, column {describe(s, c)}"  # noqa: E731
@@ -149,9 +159,10 @@ def validate(batch: pa.RecordBatch, spec: DatasetSpec, file: str | os.PathLike, 
         if pa.types.is_null(column.type):
             _fail_first(pa.array(np.ones(len(column), bool)), where, "null", "give every row a value or remove it")
         if not _is_text(column.type):
+            option = spec.column_key or f"columns={{{canonical!r}: ...}}"
             raise DataError(
                 f"{where(0)}: type {column.type}, expected text (string); convert the column to strings "
-                f"or point columns={{{canonical!r}: ...}} at a text column"
+                f"or point {option} at a text column"
             )
         column = _as_string(column)
         _fail_first(column.is_null(), where, "null", "give every row a value or remove it")

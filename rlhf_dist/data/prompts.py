@@ -2,37 +2,37 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
-import pyarrow.json as pj
-import pyarrow.parquet as pq
 
 from rlhf_dist.config import RunConfig
 from rlhf_dist.data import schema as S
+from rlhf_dist.data.datasets import DataError, DatasetSpec, load_table
 from rlhf_dist.data.synthetic import make_prompts
 
 
 def read_prompt_texts(cfg: RunConfig) -> list[str]:
+    """The synthetic task's data.num_prompts prompts, or every row of data.prompts' prompt column.
+
+    A file goes through the validated readers (rlhf_dist.data.datasets), so any bad input is one DataError line
+    naming data.prompts, the file, the row and the column, and the fix.
+    """
     d = cfg.data
     if d.task == "synthetic":
         return make_prompts(d.num_prompts, seed=cfg.seed)
-    path = Path(d.prompts)
-    if not path.exists():
-        raise FileNotFoundError(f"data.prompts: {path} does not exist; point it at a .jsonl or .parquet file")
-    if path.suffix == ".parquet":
-        table = pq.read_table(path)
-    elif path.suffix in (".jsonl", ".json"):
-        table = pj.read_json(path)
-    else:
-        raise ValueError(f"data.prompts: {path} has suffix {path.suffix!r}; use .jsonl or .parquet")
-    if d.prompt_column not in table.column_names:
-        raise KeyError(
-            f"data.prompts: {path} has no column {d.prompt_column!r} (columns: {table.column_names}); "
-            f"set data.prompt_column"
+    spec = DatasetSpec(d.prompts, "prompts", columns={"prompt": d.prompt_column}, column_key="data.prompt_column")
+    try:
+        table = load_table(spec)
+    except (OSError, ValueError) as err:  # ValueError covers DataError and pyarrow's ArrowInvalid
+        message = " ".join(str(err).split())
+        if str(d.prompts) not in message:  # pyarrow's own messages (a corrupt Parquet footer) name no file
+            message = f"{d.prompts}: {message}"
+        raise DataError(f"data.prompts: {message}") from err
+    if table.num_rows == 0:
+        raise DataError(
+            f"data.prompts: {d.prompts}: no prompts in the file; add rows with a {d.prompt_column!r} column"
         )
-    return table.column(d.prompt_column).to_pylist()
+    return table.column("prompt").to_pylist()
 
 
 def tokenize_prompts(texts: list[str], tokenizer, max_tokens: int) -> pa.Table:
@@ -52,9 +52,11 @@ class PromptSampler:
 
     def __init__(self, table: pa.Table, per_iteration: int, samples_per_prompt: int, seed: int):
         if per_iteration > table.num_rows:
-            raise ValueError(
-                f"train.prompts_per_iteration={per_iteration} is more than the {table.num_rows} prompts available; "
-                f"lower it or add prompts"
+            raise DataError(
+                f"data.prompts: {table.num_rows} prompt{'' if table.num_rows == 1 else 's'}, fewer than "
+                f"train.prompts_per_iteration={per_iteration}; "
+                f"add prompts (data.prompts, or data.num_prompts for the synthetic task) or lower "
+                f"train.prompts_per_iteration"
             )
         self.table, self.per_iteration, self.n, self.seed = table, per_iteration, samples_per_prompt, seed
         self.epoch, self.position = 0, 0

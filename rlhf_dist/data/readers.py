@@ -28,10 +28,19 @@ HF_STATE = "state.json"
 HF_DICT = "dataset_dict.json"
 _JSON_ERROR = re.compile(r"Column\((?P<col>[^)]*)\) (?P<what>.*?) in row (?P<row>\d+)")
 _JSON_ROW = re.compile(r"^(?P<what>.*) in row (?P<row>\d+)$")
+_UTF8_INDEX = re.compile(r"Invalid UTF8 sequence at string index (?P<index>\d+)")
 
 
 class DataError(ValueError):
     """Bad input data. The message is one line naming the file, the row (0-based) and the column, and the fix."""
+
+
+class MissingColumnError(DataError):
+    """A requested column is not in the file; the fields let a caller name its own option in the fix."""
+
+    def __init__(self, message: str, file: Path, canonical: str, source: str, present: list[str]):
+        super().__init__(message)
+        self.file, self.canonical, self.source, self.present = file, canonical, source, present
 
 
 class SourceBatch(NamedTuple):
@@ -45,11 +54,43 @@ def describe(column: str, canonical: str) -> str:
     return f"{column!r}" if column == canonical else f"{column!r} (the {canonical} column)"
 
 
-def missing_column(file: Path, canonical: str, source: str, present: list[str]) -> DataError:
-    return DataError(
+def missing_column(
+    file: Path, canonical: str, source: str, present: list[str], key: str | None = None
+) -> MissingColumnError:
+    """`key`: the config key that names the column (e.g. data.prompt_column), else the data spec's `columns`."""
+    fix = f"set {key} to one of those" if key else f"set columns={{{canonical!r}: '<one of those>'}} in the data spec"
+    return MissingColumnError(
         f"{file}: row 0, column {describe(source, canonical)}: no such column; the file has columns "
-        f"{', '.join(map(repr, present)) or '(none)'}; set columns={{{canonical!r}: '<one of those>'}} in the data spec"
+        f"{', '.join(map(repr, present)) or '(none)'}; {fix}",
+        file,
+        canonical,
+        source,
+        present,
     )
+
+
+def first_invalid_utf8(column: pa.Array) -> int | None:
+    """Index of the first string in `column` that is not valid UTF-8 (None if all are, or it holds no text).
+
+    pyarrow's JSON, Parquet and IPC readers all let such bytes through; they fail later, far from the file.
+    """
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if not any(is_(column.type) for is_ in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)):
+        return None
+    try:
+        column.validate(full=True)
+        return None
+    except pa.ArrowInvalid as e:
+        m = _UTF8_INDEX.search(str(e))
+        if m:
+            return int(m["index"])
+    for i in range(len(column)):  # a message in another wording: find the row one string at a time
+        try:
+            column.slice(i, 1).validate(full=True)
+        except pa.ArrowInvalid:
+            return i
+    return None
 
 
 def iter_source(
@@ -69,7 +110,7 @@ def iter_source(
     hf_files = _hf_files(path, split)
     if hf_files is not None:
         for file in hf_files:
-            yield from _rechunk(_read_arrow(file, wanted), batch_size)
+            yield from _utf8_checked(_rechunk(_read_arrow(file, wanted), batch_size), wanted)
         return
     if split is not None:
         raise ValueError(
@@ -81,7 +122,7 @@ def iter_source(
             reader = _read_parquet(file, wanted, batch_size)
         else:
             reader = _read_jsonl(file, wanted, json_block_bytes)
-        yield from _rechunk(reader, batch_size)
+        yield from _utf8_checked(_rechunk(reader, batch_size), wanted)
 
 
 def _rechunk(reader: Iterator[SourceBatch], batch_size: int) -> Iterator[SourceBatch]:
@@ -90,6 +131,22 @@ def _rechunk(reader: Iterator[SourceBatch], batch_size: int) -> Iterator[SourceB
     for item in reader:
         for start in range(0, item.batch.num_rows, batch_size):
             yield SourceBatch(item.file, item.row_offset + start, item.batch.slice(start, batch_size))
+
+
+def _utf8_checked(reader: Iterator[SourceBatch], wanted: dict[str, str]) -> Iterator[SourceBatch]:
+    for item in reader:
+        for canonical, source in wanted.items():
+            bad = first_invalid_utf8(item.batch.column(source))
+            if bad is not None:
+                row, where = item.row_offset + bad, ""
+                fix = "write the column as UTF-8 text (decode the bytes with their real encoding first)"
+                if item.file.name.endswith(JSONL_SUFFIXES):
+                    where, fix = f" (line {_line_of_row(item.file, row)})", "re-encode the file as UTF-8 (iconv)"
+                raise DataError(
+                    f"{item.file}: row {row}{where}, column {describe(source, canonical)}: bytes that are not "
+                    f"UTF-8; {fix}"
+                )
+        yield item
 
 
 def _shards(path: Path) -> list[Path]:
@@ -126,7 +183,10 @@ def _hf_files(path: Path, split: str | None) -> list[Path] | None:
         )
         if split is None:
             if len(splits) != 1:
-                raise ValueError(f"{path}: DatasetDict with splits {splits}; set split to one of them in the data spec")
+                raise ValueError(
+                    f"{path}: DatasetDict with splits {splits}; set split to one of them in the data spec, or point "
+                    f"the path at that split's folder"
+                )
             split = splits[0]
         if split not in splits or not (path / split / HF_STATE).is_file():
             raise ValueError(f"{path}: no split {split!r}; the splits are {splits}; set split to one of them")
@@ -224,24 +284,43 @@ def _read_jsonl(file: Path, wanted: dict[str, str], block_bytes: int) -> Iterato
 
 
 def _first_record(file: Path) -> dict | None:
-    """The first object of the file, read with the json module: only one line, for the missing-column check."""
-    opener = gzip.open if file.name.endswith(".gz") else open
-    with opener(file, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+    """The first object of the file, read with the json module: only one line, for the missing-column check.
+
+    Read as bytes: bad UTF-8 in a requested column is reported with its row by the batch check, wherever it is.
+    """
+    with _open_bytes(file) as f:
+        for number, raw in enumerate(f, 1):
+            if raw.strip():
                 try:
-                    record = json.loads(line)
+                    record = json.loads(raw.decode("utf-8", errors="surrogateescape"))
                 except ValueError as e:
                     raise DataError(
-                        f"{file}: row 0: not valid JSON ({e}); the file must be JSON Lines, one object per line"
+                        f"{file}: row 0 (line {number}): not valid JSON ({e}); the file must be JSON Lines, "
+                        f"one object per line"
                     ) from e
                 if not isinstance(record, dict):
                     raise DataError(
-                        f"{file}: row 0: a JSON {type(record).__name__}, not an object; the file must be "
-                        f"JSON Lines, one object per line (convert a JSON array with `jq -c '.[]'`)"
+                        f"{file}: row 0 (line {number}): a JSON {type(record).__name__}, not an object; the file "
+                        f"must be JSON Lines, one object per line (convert a JSON array with `jq -c '.[]'`)"
                     )
                 return record
     return None
+
+
+def _open_bytes(file: Path):
+    return gzip.open(file, "rb") if file.name.endswith(".gz") else open(file, "rb")
+
+
+def _line_of_row(file: Path, row: int) -> int:
+    """The 1-based line of JSONL row `row` (0-based): pyarrow's rows skip blank lines. Read only for an error."""
+    seen, number = -1, 0
+    with _open_bytes(file) as f:
+        for number, raw in enumerate(f, 1):
+            if raw.strip():
+                seen += 1
+                if seen == row:
+                    return number
+    return number + 1  # past the last complete line: an unterminated last row
 
 
 def _json_error(file: Path, block_start: int, message: str, wanted: dict[str, str], block_bytes: int) -> DataError:
@@ -262,7 +341,11 @@ def _json_error(file: Path, block_start: int, message: str, wanted: dict[str, st
         )
     m = _JSON_ROW.search(message.strip())
     if m:
+        row = block_start + int(m["row"])
+        # rapidjson says "Invalid encoding in string" for a string that runs to the end of its line.
+        hint = " (an unclosed string?)" if "Invalid encoding" in m["what"] else ""
         return DataError(
-            f"{file}: row {block_start + int(m['row'])}: {m['what']}; fix that line (one JSON object per line)"
+            f"{file}: row {row} (line {_line_of_row(file, row)}): {m['what']}{hint}; fix that line (one JSON "
+            f"object per line)"
         )
     return DataError(f"{file}: row {block_start} or later: {message}; fix the file (one JSON object per line)")

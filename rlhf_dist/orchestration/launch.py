@@ -74,10 +74,14 @@ def launch_roles(cfg: RunConfig, started: dict[str, RoleGroup] | None = None) ->
         owner_n = plans[p.bundle_owner].num_actors
         bundles = Bundles(pgs[p.bundle_owner], [i % owner_n for i in range(p.num_actors)], p.num_cpus, p.num_gpus)
         role_cls = resolve_function(f"ROLE_TABLE[{spec.name}]", spec.worker)
-        groups[spec.name] = start_group(spec.name, role_cls, cfg, bundles)
+        restarts = 0 if spec.learner else cfg.ray.max_actor_restarts  # a learner's state dies with it
+        groups[spec.name] = start_group(spec.name, role_cls, cfg, bundles, max_restarts=restarts)
         if spec.name == "rollout":
             wait_for_engines(cfg, groups[spec.name])
     for spec in ROLE_TABLE:  # once every actor is on its way: their constructors run side by side
         if spec.learner and spec.name in groups:
             form_learner_group(groups[spec.name])
+    for group in groups.values():  # the process ids a restart is told apart by
+        if group.max_restarts:
+            group.ping()
     return groups

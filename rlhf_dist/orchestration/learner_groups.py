@@ -21,11 +21,17 @@ from rlhf_dist.orchestration.cluster import worker_env
 from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
 
 
-def start_group(name: str, role_cls: type, cfg: RunConfig, bundles: Bundles) -> RoleGroup:
+def start_group(name: str, role_cls: type, cfg: RunConfig, bundles: Bundles, max_restarts: int = 0) -> RoleGroup:
     """The one way a group starts: every role is built as ``role_cls(cfg, rank, world_size)``."""
     n = len(bundles.indices)
     return RoleGroup(
-        name, role_cls, bundles, lambda rank: ((cfg, rank, n), {}), cfg.ray.actor_timeout_s, env_vars=worker_env()
+        name,
+        role_cls,
+        bundles,
+        lambda rank: ((cfg, rank, n), {}),
+        cfg.ray.actor_timeout_s,
+        env_vars=worker_env(),
+        max_restarts=max_restarts,
     )
 
 

@@ -49,9 +49,9 @@ class Phases:
         self.record(group.name, method)
         return group.call(method, *args, **kwargs)
 
-    def scatter(self, group: RoleGroup, method: str, batch: pa.RecordBatch, *args: Any) -> Pending:
+    def scatter(self, group: RoleGroup, method: str, batch: pa.RecordBatch, *args: Any, **kwargs: Any) -> Pending:
         self.record(group.name, method)
-        return group.scatter(method, batch, *args)
+        return group.scatter(method, batch, *args, **kwargs)
 
     def chains(self) -> Chains:
         return {phase: tuple(tuple(calls) for calls in chains.values()) for phase, chains in self._calls.items()}

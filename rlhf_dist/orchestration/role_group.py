@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import resource
 import sys
 import threading
@@ -20,6 +21,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf_dist.comm.errors import StaleStateError
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import concat_in_order, split_balanced
 from rlhf_dist.orchestration.placement import ResourceError
@@ -39,6 +41,10 @@ class ActorDiedError(RoleGroupError):
 
 class RoleMethodError(RoleGroupError):
     """A role method raised (a user's reward function's ValueError, say); the actor is alive."""
+
+
+class ActorRestartError(ActorDiedError):
+    """An actor died and Ray could not bring it back: its restarts (``ray.max_actor_restarts``) are spent."""
 
 
 class PlacementTimeoutError(ResourceError):
@@ -75,6 +81,7 @@ def reserve(name: str, n: int, num_cpus: float, num_gpus: float, strategy: str, 
 # The driver sees an iteration's wall time; each actor sees the time spent inside its role's methods. The difference
 # is orchestration (scheduling, serialisation, object transfer, waiting): rlhf_dist.trainers.timing does the sums.
 STATS_METHOD = "compute_stats"
+PING_METHOD = "ping"  # answers with the actor's process id once it is up: a new pid means Ray restarted it
 
 
 class ComputeLedger:
@@ -194,6 +201,11 @@ def _compute_stats(self, reset: bool = True) -> dict:
     return _ledger(self).report(reset)
 
 
+def _ping(self) -> int:
+    """The actor's process id; answering at all means its constructor has run."""
+    return os.getpid()
+
+
 def timed_role(role_cls: type) -> type:
     """A subclass of ``role_cls`` whose public methods record their wall time, plus ``compute_stats(reset=True)``.
 
@@ -203,10 +215,11 @@ def timed_role(role_cls: type) -> type:
     namespace: dict[str, Any] = {
         "__doc__": role_cls.__doc__,
         STATS_METHOD: _compute_stats,
+        PING_METHOD: _ping,
         "__init__": _timed_init(role_cls.__init__),
     }
     for name in dir(role_cls):
-        if name.startswith("_") or name == STATS_METHOD:
+        if name.startswith("_") or name in (STATS_METHOD, PING_METHOD):
             continue
         attr = inspect.getattr_static(role_cls, name)
         if not inspect.isfunction(attr) or inspect.iscoroutinefunction(attr):
@@ -218,7 +231,14 @@ def timed_role(role_cls: type) -> type:
 
 
 class RoleGroup:
-    """The actors of one role, with a timeout on every wait that names the actor that did not answer."""
+    """The actors of one role, with a timeout on every wait that names the actor that did not answer.
+
+    With ``max_restarts`` > 0 the role heals: Ray restarts a dead actor in its bundle (its constructor runs again),
+    ``on_restart(rank)`` gives it back the run's state (a rollout engine gets the current weights), and the call it
+    died in is sent again. Only for roles whose calls give the same answer when repeated: rollout (seeds derive
+    from the run's seed, the iteration and the rank), reward and reference. A learner never restarts alone: its
+    optimizer state and process group are gone with it (the driver resumes the whole run from a checkpoint).
+    """
 
     def __init__(
         self,
@@ -228,10 +248,14 @@ class RoleGroup:
         make_args: Callable[[int], tuple[tuple, dict]],
         timeout_s: float,
         env_vars: dict[str, str] | None = None,
+        max_restarts: int = 0,
     ):
         self.name = name
         self.bundles = bundles
         self.timeout_s = timeout_s
+        self.max_restarts = max_restarts
+        self.restarts = 0  # actors of this group brought back so far
+        self.on_restart: Callable[[int], None] | None = None
         remote_cls = ray.remote(timed_role(role_cls))
         self.actors = []
         for rank, bundle_index in enumerate(bundles.indices):
@@ -241,50 +265,121 @@ class RoleGroup:
                     num_cpus=bundles.num_cpus,
                     num_gpus=bundles.num_gpus,
                     name=None,
+                    max_restarts=max_restarts,
+                    max_task_retries=0,  # the group decides what to re-run, after the actor has its state back
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         placement_group=bundles.pg, placement_group_bundle_index=bundle_index
                     ),
                     runtime_env={"env_vars": dict(env_vars or {})},
                 ).remote(*args, **kwargs)
             )
+        self.pids: list[int | None] = [None] * len(self.actors)  # filled by ``ping``
 
     def __len__(self) -> int:
         return len(self.actors)
 
+    # -- healing -----------------------------------------------------------------------------------------------
+    def ping(self) -> list[int]:
+        """Waits until every actor is up; returns their pids and remembers them (``restarted`` compares to them)."""
+        self.pids = Pending(self, PING_METHOD, [a.ping.remote() for a in self.actors]).get(heal=False)
+        return self.pids
+
+    def restarted(self) -> list[int]:
+        """Ranks whose process changed since the last ``ping`` (Ray restarted them) after healing each one; raises
+        ``ActorRestartError`` for an actor that is gone for good."""
+        before = list(self.pids)
+        now = [self._wait_up(rank) for rank in range(len(self.actors))]
+        ranks = [r for r, (a, b) in enumerate(zip(before, now)) if a is not None and a != b]
+        for rank in ranks:
+            self.restore(rank)
+        return ranks
+
+    def recover(self, rank: int, err: Exception) -> None:
+        """Brings back actor ``rank`` after ``err`` said it died; ``ActorRestartError`` when Ray gave up on it."""
+        try:
+            self._wait_up(rank)
+        except ActorRestartError as gone:
+            raise ActorRestartError(f"{gone}; died with {_first_line(err)}") from err
+        self.restore(rank)
+
+    def refresh(self, rank: int) -> None:
+        """Actor ``rank`` said its state is stale (``StaleStateError``): restore it; a new pid counts as a restart."""
+        self.restore(rank, restarted=self._wait_up(rank) != self.pids[rank])
+
+    def _wait_up(self, rank: int) -> int:
+        """The actor's pid once it answers; Ray answers "unavailable" while it restarts the process."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return ray.get(self.actors[rank].ping.remote(), timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            except ray.exceptions.RayActorError as err:
+                raise ActorRestartError(f"role {self.name} actor {rank} is gone: {_first_line(err)}") from err
+            except ray.exceptions.GetTimeoutError:
+                break
+        raise ActorTimeoutError(
+            f"role {self.name} actor {rank} did not come back within {self.timeout_s:.0f} s (ray.actor_timeout_s)"
+        )
+
+    def restore(self, rank: int, restarted: bool = True) -> None:
+        """Gives actor ``rank`` the run's state back (``on_restart``); counts it as a restart if Ray restarted it."""
+        if restarted:
+            self.restarts += 1
+            print(f"role {self.name} actor {rank} restarted ({self.restarts} so far); restoring its state", flush=True)
+        if self.on_restart is not None:
+            self.on_restart(rank)
+        self.pids[rank] = self._wait_up(rank)
+
     # -- calls -------------------------------------------------------------------------------------------------
     def call(self, method: str, *args: Any, **kwargs: Any) -> Pending:
         """The same call on every actor, all in flight at once."""
-        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
-        return Pending(self, method, refs)
+        return Pending.submit(self, method, [(rank, args, kwargs) for rank in range(len(self.actors))])
 
     def compute_stats(self, reset: bool = True) -> Pending:
         """Every actor's seconds per role method and peak memory since the last reset (see ``ComputeLedger``)."""
         return self.call(STATS_METHOD, reset)
 
     def call_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Pending:
-        return Pending(self, method, [getattr(self.actors[rank], method).remote(*args, **kwargs)], ranks=[rank])
+        return Pending.submit(self, method, [(rank, args, kwargs)])
 
     def scatter(self, method: str, batch: pa.RecordBatch, *args: Any, **kwargs: Any) -> Pending:
         """Split ``batch`` into one token-balanced shard per actor; ``Pending.batch()`` gathers them in order."""
         if len(self.actors) == 1:  # nothing to balance, nothing to reorder
-            return Pending(self, method, [getattr(self.actors[0], method).remote(batch, *args, **kwargs)])
+            return Pending.submit(self, method, [(0, (batch, *args), kwargs)])
         # Before generation only prompts count; after it, prompts and responses.
         columns = tuple(c for c in (S.PROMPT_IDS, S.RESPONSE_IDS) if c in batch.schema.names)
         shards, index = split_balanced(batch, len(self.actors), token_columns=columns)
         # Shards go as plain arguments: Ray inlines small ones into the call (no object-store round trip: about half
         # the latency of an explicit ray.put on a small batch) and puts large ones into the object store itself.
-        refs = [getattr(a, method).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)]
-        return Pending(self, method, refs, index=index)
+        calls = [(rank, (shard, *args), kwargs) for rank, shard in enumerate(shards)]
+        return Pending.submit(self, method, calls, index=index)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 class Pending:
-    """Calls in flight on a group; waiting is bounded by the group's timeout."""
+    """Calls in flight on a group; waiting is bounded by the group's timeout. A call whose actor died is sent again
+    once the group has brought the actor back (``RoleGroup.recover``), so a shard is re-run, not lost."""
 
-    def __init__(self, group: RoleGroup, method: str, refs: list, index=None, ranks: Sequence[int] | None = None):
+    def __init__(
+        self, group: RoleGroup, method: str, refs: list, index=None, ranks: Sequence[int] | None = None, calls=None
+    ):
         self.group, self.method, self.refs, self.index = group, method, refs, index
         self.ranks = list(ranks) if ranks is not None else list(range(len(refs)))
+        self.calls = calls  # (rank, args, kwargs) per ref: what to send again after a restart
 
-    def get(self) -> list:
+    @classmethod
+    def submit(cls, group: RoleGroup, method: str, calls: list[tuple[int, tuple, dict]], index=None) -> Pending:
+        refs = [getattr(group.actors[rank], method).remote(*args, **kwargs) for rank, args, kwargs in calls]
+        return cls(group, method, refs, index=index, ranks=[c[0] for c in calls], calls=calls)
+
+    def get(self, heal: bool = True) -> list:
         deadline = time.monotonic() + self.group.timeout_s
         position = {ref: i for i, ref in enumerate(self.refs)}
         values: list = [None] * len(self.refs)
@@ -297,21 +392,40 @@ class Pending:
                 if not done:
                     self._timed_out(pending, position)
             for ref in done:  # each result is fetched once
+                i = position[ref]
                 try:
-                    values[position[ref]] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                    values[i] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 except ray.exceptions.GetTimeoutError:
                     self._timed_out([ref], position)
                 except ray.exceptions.RayActorError as err:  # before RayTaskError: some are both
-                    rank = self.ranks[position[ref]]
-                    raise ActorDiedError(
-                        f"role {self.group.name} actor {rank} failed in {self.method}(): {err}"
-                    ) from err
+                    rank = self.ranks[i]
+                    if not (heal and self.calls is not None and self.group.max_restarts):
+                        raise ActorDiedError(
+                            f"role {self.group.name} actor {rank} died in {self.method}(): {_first_line(err)}"
+                        ) from err
+                    self.group.recover(rank, err)
+                    deadline = self._resend(i, pending, position)
                 except ray.exceptions.RayTaskError as err:
-                    rank, cause = self.ranks[position[ref]], err.cause
+                    rank, cause = self.ranks[i], err.cause
+                    if isinstance(cause, StaleStateError) and heal and self.calls is not None:
+                        # restarted unseen (between calls): it said so itself; restore it and ask again
+                        self.group.refresh(rank)
+                        deadline = self._resend(i, pending, position)
+                        continue
                     raise RoleMethodError(
-                        f"role {self.group.name} actor {rank} raised {type(cause).__name__} in {self.method}(): {cause}"
+                        f"role {self.group.name} actor {rank} raised {type(cause).__name__} in {self.method}(): "
+                        f"{_first_line(cause)}"
                     ) from err
         return values
+
+    def _resend(self, i: int, pending: list, position: dict) -> float:
+        """Call ``i`` again on its (restored) actor; returns the new deadline."""
+        rank, args, kwargs = self.calls[i]
+        retry = getattr(self.group.actors[rank], self.method).remote(*args, **kwargs)
+        self.refs[i] = retry
+        position[retry] = i
+        pending.append(retry)
+        return time.monotonic() + self.group.timeout_s
 
     def _timed_out(self, pending: list, position: dict) -> None:
         late = [self.ranks[position[r]] for r in pending]

@@ -12,32 +12,63 @@ import time
 
 from rlhf_dist.config import RunConfig
 from rlhf_dist.orchestration.phases import Phases
-from rlhf_dist.orchestration.role_group import RoleGroup
+from rlhf_dist.orchestration.role_group import RoleGroup, RoleGroupError
 
 # what learner rank 0 calls on every rollout actor during a push (engines/weight_sync/client.py)
 ROLLOUT_UPDATE = ("start_weight_update", "update_weights", "finish_weight_update")
 
 
 class WeightPush:
+    """Also the rollout group's healer: a rollout engine that Ray restarted (``RoleGroup.on_restart``) is reconnected
+    with the others and given the last weights pushed, before the call it died in is sent again."""
+
     def __init__(self, cfg: RunConfig, policy: RoleGroup, rollout: RoleGroup):
         self.policy, self.rollout, self.name = policy, rollout, cfg.weight_transport()
-        workers_per_engine = cfg.generation.tensor_parallel_size if cfg.generation.engine == "vllm" else 1
-        policy.call(
-            "init_weight_sync",
+        self.args = (
             rollout.actors,
             self.name,
-            workers_per_engine,
+            cfg.generation.tensor_parallel_size if cfg.generation.engine == "vllm" else 1,  # workers per engine
             cfg.sync.bucket_mb,
             cfg.ray.actor_timeout_s,
-        ).get()
+        )
+        self.version = 0  # what the engines hold: version 0 is the model they load from disk
+        self.restoring = False  # inside a failed push: the retry brings the weights, reconnecting is enough
+        self.connect()
+        rollout.on_restart = self.restore
+
+    def connect(self) -> None:
+        """Every rollout engine joins learner rank 0's weight transfer (again, after one restarted: a new engine
+        knows nothing of the old transfer group)."""
+        self.policy.call("init_weight_sync", *self.args).get()
+
+    def restore(self, rank: int) -> None:
+        self.connect()
+        if self.version and not self.restoring:  # the learner still holds self.version: no push is under way
+            self._push(self.version, Phases())
 
     def push(self, version: int, phases: Phases | None = None) -> dict[str, float]:
         """Every rollout engine holds ``version`` when this returns. ``{"seconds", "bytes"}`` of the push."""
         phases = phases or Phases()
         t0 = time.perf_counter()
+        try:
+            nbytes = self._push(version, phases)
+        except RoleGroupError:
+            # A rollout engine that dies mid-push fails learner rank 0's call to it; once Ray has restarted it, the
+            # whole push is repeated (every engine gets the same bytes again, cheaper than tracking who got what).
+            self.restoring = True
+            try:
+                if not self.rollout.restarted():
+                    raise
+            finally:
+                self.restoring = False
+            nbytes = self._push(version, phases)
+        return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes)}
+
+    def _push(self, version: int, phases: Phases) -> int:
         pending = phases.call(self.policy, "push_weights", version)
         phases.record(self.rollout.name, *ROLLOUT_UPDATE, chain=f"{self.rollout.name} (driven by policy.push_weights)")
         versions, nbytes = pending.get()[0]
         if set(versions) != {version}:
             raise RuntimeError(f"weight sync: rollout actors report versions {versions}, expected {version}")
-        return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes)}
+        self.version = version
+        return nbytes

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from rlhf_dist import run_dir
 from rlhf_dist.config import ConfigError, RunConfig, resolve_function
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import concat_batches, repeat_interleave
@@ -80,6 +81,7 @@ def pair_up(samples: pa.RecordBatch, first_id: int) -> pa.RecordBatch:
     )
 
 
+@run_dir.claimed("collect")
 def run(cfg: RunConfig) -> dict:
     """Samples two answers per prompt from collect.policy, labels them, writes collect.output (Parquet)."""
     t0, c = time.perf_counter(), cfg.collect

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rlhf_dist import run_dir
 from rlhf_dist.config import RunConfig
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import to_padded
@@ -44,6 +45,7 @@ def reference_config(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, temperature=1.0))
 
 
+@run_dir.claimed("dpo")
 def run(cfg: RunConfig) -> dict:
     """DPO of model.policy on dpo.data against dpo.reference; saves the policy to dpo.output."""
     t0, stage = time.perf_counter(), cfg.dpo

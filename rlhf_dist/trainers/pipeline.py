@@ -15,8 +15,10 @@ import dataclasses
 import json
 import math
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+from rlhf_dist import run_dir
 from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.config.schema import PIPELINE_STAGES
 from rlhf_dist.models.tiny import ensure_tiny_model
@@ -113,11 +115,25 @@ def largest_stage_cpus(cfg: RunConfig) -> float:
     )
 
 
+COMMANDS = {"sft": "sft", "collect": "collect", "rm": "rm", "ppo": "train", "dpo": "dpo"}  # the CLI's name of each
+
+
+@run_dir.claimed("pipeline")
 def run(cfg: RunConfig) -> dict:
-    t0, stages = time.perf_counter(), cfg.pipeline.stages
     paths = artefacts(cfg)
-    configs, drivers = stage_configs(cfg, paths), {"sft": sft, "collect": collect, "rm": rm, "ppo": ppo, "dpo": dpo}
-    check_inputs(stages, configs, paths)
+    configs = stage_configs(cfg, paths)
+    check_inputs(cfg.pipeline.stages, configs, paths)
+    with ExitStack() as claims:
+        # Every stage's run is claimed (PPO's in ppo/) before Ray starts: one that would clobber another run's
+        # results fails now, not an hour in; each driver's own claim then finds its stage's.
+        for stage in cfg.pipeline.stages:
+            claims.enter_context(run_dir.claim(configs[stage], COMMANDS[stage]))
+        return run_stages(cfg, paths, configs)
+
+
+def run_stages(cfg: RunConfig, paths: dict[str, str], configs: dict[str, RunConfig]) -> dict:
+    t0, stages = time.perf_counter(), cfg.pipeline.stages
+    drivers = {"sft": sft, "collect": collect, "rm": rm, "ppo": ppo, "dpo": dpo}
     ensure_tiny_model(cfg)
     summaries: dict[str, dict] = {}
     with ray_session(cfg, min_cpus=largest_stage_cpus(cfg)):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,16 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from rlhf_dist import run_dir
 from rlhf_dist.algo import AdaptiveKLController, FixedKLController
-from rlhf_dist.checkpoint import checkpoint_root, latest_checkpoint, load_driver_state, prune, save_driver_state
+from rlhf_dist.checkpoint import (
+    begin_checkpoint,
+    checkpoint_identity,
+    latest_checkpoint,
+    load_driver_state,
+    prune,
+    save_driver_state,
+)
 from rlhf_dist.config import ROLE_TABLE, RunConfig, check_imports
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import to_padded
@@ -25,7 +34,7 @@ from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.orchestration.launch import running_roles
 from rlhf_dist.orchestration.phases import Phases
 from rlhf_dist.orchestration.placement import plan, required_resources
-from rlhf_dist.orchestration.role_group import RoleGroup, collect_compute_stats
+from rlhf_dist.orchestration.role_group import ActorDiedError, RoleGroup, collect_compute_stats
 from rlhf_dist.orchestration.weight_push import WeightPush
 from rlhf_dist.trainers import timing
 from rlhf_dist.trainers.experience import compute_advantages
@@ -54,14 +63,25 @@ class PPORun:
     sync: WeightPush
     iteration: int = 0  # the next one to run
     version: int = 0  # the policy version the rollout engines hold
+    earlier_restarts: Counter = field(default_factory=Counter)  # counted before the roles last started
 
     @classmethod
-    def start(cls, cfg: RunConfig, groups: dict[str, RoleGroup], sampler: PromptSampler) -> PPORun:
+    def start(
+        cls, cfg: RunConfig, groups: dict[str, RoleGroup], sampler: PromptSampler, earlier_restarts: Counter = None
+    ) -> PPORun:
         a = cfg.algo
         kl_ctl = (
             AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else FixedKLController(a.kl_coef)
         )
-        return cls(cfg, groups, sampler, kl_ctl, WeightPush(cfg, groups["policy"], groups["rollout"]))
+        sync = WeightPush(cfg, groups["policy"], groups["rollout"])
+        return cls(cfg, groups, sampler, kl_ctl, sync, earlier_restarts=Counter(earlier_restarts or {}))
+
+    def restarts(self) -> dict[str, int]:
+        """``restarts/<role>``: actors Ray brought back; ``restarts/auto_resume``: whole-run resumes; so far."""
+        now = {f"restarts/{g.name}": g.restarts for g in self.groups.values() if g.max_restarts}
+        if self.cfg.checkpoint.max_auto_resume:
+            now["restarts/auto_resume"] = 0
+        return {k: self.earlier_restarts.get(k, 0) + n for k, n in now.items()}
 
     @property
     def learners(self) -> list[RoleGroup]:
@@ -92,16 +112,15 @@ def prepare(cfg: RunConfig) -> PromptSampler:
     return PromptSampler(table, cfg.train.prompts_per_iteration, cfg.generation.samples_per_prompt, cfg.seed)
 
 
+@run_dir.claimed("train")
 def run(cfg: RunConfig) -> dict:
-    """Runs ``cfg.train.iterations`` iterations; returns a summary (paths, first/last metrics)."""
+    """Runs ``cfg.train.iterations`` iterations; returns a summary (paths, first/last metrics). output_dir is this
+    run's alone from the start (rlhf_dist/run_dir.py), before anything is written or Ray starts."""
     sampler = prepare(cfg)
     out = Path(cfg.output_dir)
     log = MetricsLog(out / cfg.logging.metrics_file, resume=cfg.checkpoint.resume)
     with ray_session(cfg, min_cpus=required_resources(plan(cfg))["CPU"]):
-        t0 = time.perf_counter()
-        with running_roles(cfg) as groups:
-            startup_s = time.perf_counter() - t0
-            final = train(PPORun.start(cfg, groups, sampler), log)
+        final, startup_s = train_resuming(cfg, sampler, log)
     summary = summarize(log.rows, startup_s)
     summary.update(policy_path=final, metrics_path=str(log.path))
     if cfg.logging.plot and log.rows:
@@ -128,10 +147,33 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def train(run: PPORun, log: MetricsLog) -> str | None:
+def train_resuming(cfg: RunConfig, sampler: PromptSampler, log: MetricsLog) -> tuple[str | None, float]:
+    """``train`` on freshly started roles; when an actor dies for good (a learner, whose optimizer state and process
+    group die with it, or an actor past its restarts) every role starts again and the run resumes from its last
+    complete checkpoint (from the start without one), at most ``checkpoint.max_auto_resume`` times. Returns where
+    the final policy went and the first start-up's seconds."""
+    first_batch, earlier, startup_s = sampler.state_dict(), Counter(), None
+    for attempt in range(cfg.checkpoint.max_auto_resume + 1):
+        t0, run = time.perf_counter(), None
+        try:
+            with running_roles(cfg) as groups:
+                startup_s = startup_s if startup_s is not None else time.perf_counter() - t0
+                run = PPORun.start(cfg, groups, sampler, earlier_restarts=earlier)
+                return train(run, log, from_checkpoint=cfg.checkpoint.resume or attempt > 0), startup_s
+        except ActorDiedError as err:
+            if attempt == cfg.checkpoint.max_auto_resume:
+                raise ActorDiedError(f"{err} (checkpoint.max_auto_resume={attempt} resumes spent)") from err
+            earlier = Counter(run.restarts() if run is not None else earlier)
+            earlier["restarts/auto_resume"] += 1
+            print(f"auto-resume {attempt + 1}/{cfg.checkpoint.max_auto_resume}: {err}; every role starts again")
+            sampler.load_state_dict(first_batch)  # without a checkpoint the run starts over
+    raise AssertionError("unreachable")
+
+
+def train(run: PPORun, log: MetricsLog, from_checkpoint: bool = False) -> str | None:
     """The loop; returns where the final policy was saved."""
     cfg = run.cfg
-    if cfg.checkpoint.resume:
+    if from_checkpoint:
         resume(run)
     log.truncate(run.iteration)
     progress = _progress(cfg)
@@ -156,7 +198,7 @@ def iteration(run: PPORun, phases: Phases) -> dict:
     cfg, groups = run.cfg, run.groups
     prompts = run.sampler.next_batch()
     with phases.phase("generate"):
-        batch = phases.scatter(groups["rollout"], "generate", prompts, run.iteration).batch()
+        batch = phases.scatter(groups["rollout"], "generate", prompts, run.iteration, version=run.version).batch()
         if cfg.generation.enable_sleep:  # free the engines' memory for the learners; the next push wakes them
             phases.call(groups["rollout"], "sleep").get()
     with phases.phase("score"):  # reward, reference, critic and the learner's own log-probs, all in flight at once
@@ -169,7 +211,9 @@ def iteration(run: PPORun, phases: Phases) -> dict:
             pending.append(phases.scatter(groups["critic"], "values", batch))
         batch = merge_columns(batch, *(p.batch() for p in pending))
     with phases.phase("advantages", on_driver=True):
-        batch, adv_stats = compute_advantages(batch, cfg.algo, run.kl_ctl.value)
+        batch, adv_stats = compute_advantages(
+            batch, cfg.algo, run.kl_ctl.value, on_nonfinite=cfg.train.on_nonfinite, iteration=run.iteration
+        )
     with phases.phase("train"):
         trains = [phases.scatter(group, "train", batch) for group in run.learners]
         pushed = run.sync.push(run.version + 1, phases) if run.push_during_train() else None
@@ -184,7 +228,7 @@ def iteration(run: PPORun, phases: Phases) -> dict:
     stats = batch_stats(batch)
     check_fresh_weights(batch, run.version, stats["logprob_mismatch"], cfg.sync.max_logprob_mismatch)
     run.iteration, run.version = run.iteration + 1, run.version + 1
-    return {**row, **stats, **adv_stats, **train_stats, "weight_sync_bytes": pushed["bytes"]}
+    return {**row, **stats, **adv_stats, **train_stats, "weight_sync_bytes": pushed["bytes"], **run.restarts()}
 
 
 def timing_columns(run: PPORun, phases: Phases, wall_s: float) -> dict[str, float]:
@@ -200,9 +244,11 @@ def timing_columns(run: PPORun, phases: Phases, wall_s: float) -> dict[str, floa
 
 
 def save_checkpoint(run: PPORun) -> None:
-    """Learner states first, the driver's state last: only a checkpoint with driver.json is complete."""
+    """Learner states first, the driver's state last: only a checkpoint with driver.json is complete. It names the run
+    (run_id, defining keys), so resume and pruning never take another run's."""
     cfg = run.cfg
-    path = checkpoint_root(cfg.output_dir) / f"iter_{run.iteration}"
+    rd = run_dir.current(cfg.output_dir, "train")
+    path = begin_checkpoint(cfg.output_dir, run.iteration, run_id=rd.run_id)
     for group in run.learners:
         group.call("save_checkpoint", str(path / group.name)).get()
     save_driver_state(
@@ -212,18 +258,28 @@ def save_checkpoint(run: PPORun) -> None:
             "version": run.version,
             "sampler": run.sampler.state_dict(),
             "kl_coef": run.kl_ctl.value,
+            "run_id": rd.run_id,
+            "defining": rd.defining,
         },
     )
-    prune(cfg.output_dir, keep=cfg.checkpoint.keep)
+    prune(cfg.output_dir, keep=cfg.checkpoint.keep, run_id=rd.run_id)
 
 
 def resume(run: PPORun) -> None:
-    """Restores the newest complete checkpoint and pushes its weights to the rollout; starts at 0 without one."""
+    """Restores this run's newest complete checkpoint and pushes its weights to the rollout; starts at 0 without one.
+    Another run's checkpoints (another run_id) are not looked at; one without a run_id only in a dir this run adopted
+    from an older version."""
     cfg = run.cfg
-    path = latest_checkpoint(cfg.output_dir)
+    rd = run_dir.current(cfg.output_dir, "train")
+    path = latest_checkpoint(cfg.output_dir, run_id=rd.run_id, accept_unowned=rd.adopted_legacy)
     if path is None:
-        print(f"checkpoint.resume: no checkpoint under {cfg.output_dir}/checkpoints; starting from iteration 0")
+        print(
+            f"checkpoint.resume: no checkpoint of run {rd.run_id} under {cfg.output_dir}/checkpoints; starting from 0"
+        )
         return
+    saved = checkpoint_identity(path)["defining"]
+    if saved is not None:  # the manifest agreed when the run started; the checkpoint must too
+        run_dir.check_defining(saved, rd.defining, f"checkpoint {path}")
     for group in run.learners:
         group.call("load_checkpoint", str(path / group.name)).get()
     state = load_driver_state(path)
@@ -243,7 +299,7 @@ def check_fresh_weights(batch: pa.RecordBatch, version: int, mismatch: float, li
             f"samples carry policy versions {sorted(versions)}, expected only {version}: a rollout "
             f"actor missed a weight sync"
         )
-    if mismatch > limit:
+    if not mismatch <= limit:  # NaN too
         raise RuntimeError(
             f"rollout and learner log-probs differ by {mismatch:.4f} per token on average (limit "
             f"sync.max_logprob_mismatch={limit}): the rollout engine is not running the learner's weights"
@@ -252,6 +308,8 @@ def check_fresh_weights(batch: pa.RecordBatch, version: int, mismatch: float, li
 
 def batch_stats(batch: pa.RecordBatch) -> dict[str, float]:
     reward = batch.column(S.REWARD).to_numpy(zero_copy_only=False)
+    skipped = np.isnan(reward).any()  # train.on_nonfinite=skip leaves NaN on the samples it dropped
+    mean, std = (np.nanmean, np.nanstd) if skipped else (np.mean, np.std)
     gold = batch.column(S.GOLD_REWARD).to_numpy(zero_copy_only=False)
     rollout, mask = to_padded(batch, S.ROLLOUT_LOGPROBS, dtype=torch.float32)
     learner, _ = to_padded(batch, S.OLD_LOGPROBS, dtype=torch.float32)
@@ -259,8 +317,8 @@ def batch_stats(batch: pa.RecordBatch) -> dict[str, float]:
     # Stale-weight guard: right after a sync the engine and the learner must agree on every token's log-prob.
     mismatch = float(((rollout - learner).abs() * mask).sum() / max(1, n_tokens))
     return {
-        "reward_mean": float(np.mean(reward)),
-        "reward_std": float(np.std(reward)),
+        "reward_mean": float(mean(reward)),
+        "reward_std": float(std(reward)),
         "gold_reward_mean": float(np.nanmean(gold)) if not np.all(np.isnan(gold)) else math.nan,
         "response_len": n_tokens / max(1, len(batch)),
         "generated_tokens": n_tokens,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rlhf_dist import run_dir
 from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.metrics import MetricsLog
 from rlhf_dist.orchestration.cluster import ray_session
@@ -25,6 +26,7 @@ def preferences_path(cfg: RunConfig, stage: str) -> Path:
     return path
 
 
+@run_dir.claimed("rm")
 def run(cfg: RunConfig) -> dict:
     """Trains a reward model from rm.init (else model.policy) on rm.data; saves it to rm.output."""
     t0, stage = time.perf_counter(), cfg.rm

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from rlhf_dist import run_dir
 from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.data.datasets import write_parquet
 from rlhf_dist.data.synthetic import POSITIVE_WORDS, corpus
@@ -47,6 +48,7 @@ def demonstrations_path(cfg: RunConfig) -> Path:
     return path
 
 
+@run_dir.claimed("sft")
 def run(cfg: RunConfig) -> dict:
     """SFT of model.policy on sft.data; saves the model (Hugging Face format) to sft.output."""
     t0, stage = time.perf_counter(), cfg.sft

@@ -40,9 +40,10 @@ class CriticWorker(Learner):
         clip = self.cfg.algo.value_clip
 
         def loss_fn(micro: pa.RecordBatch):
-            seqs, x = self.tensors(micro, (S.VALUES, S.RETURNS))
+            columns = (S.VALUES, S.RETURNS)
+            seqs, x, mask = self.training_tensors(micro, columns, checked=columns)
             values = response_values(self.engine, seqs)
-            loss, stats = value_loss(values, x[S.VALUES], x[S.RETURNS], seqs.response_mask, clip_eps=clip)
+            loss, stats = value_loss(values, x[S.VALUES], x[S.RETURNS], mask, clip_eps=clip)
             out = {f"critic/{k}": v for k, v in stats.items()}
             out["critic/value_loss"] = loss.detach()
             return loss, out

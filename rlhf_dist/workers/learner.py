@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from rlhf_dist.algo import NonFiniteError, first_and_count, nonfinite_rows
 from rlhf_dist.comm.process_group import find_free_port, init_process_group, node_ip
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import Sequences, split_even, to_padded, to_sequences
@@ -29,6 +30,7 @@ class Learner:
         setup_process(derive_seed(cfg.seed, role_seed, rank), threads)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.engine = None
+        self._skips_in_a_row = 0  # optimizer steps not applied since the last applied one
 
     # -- set-up: rank 0's address first, then every rank joins ----------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
@@ -85,14 +87,25 @@ class Learner:
         return split_even(batch, math.ceil(rows_per_rank / self.micro_size))
 
     def fit(self, batch: pa.RecordBatch, loss_fn) -> dict[str, float]:
-        """All epochs and mini-batches of one iteration; returns the mean of each statistic over the steps."""
+        """All epochs and mini-batches of one iteration; returns the mean of each statistic over the steps, and
+        the counts ``<role>/skipped_steps`` (updates not applied) and ``<role>/nonfinite_losses`` (micro-batches)."""
         totals: dict[str, float] = {}
         steps = 0
+        counts = {f"{self.role}/skipped_steps": 0, f"{self.role}/nonfinite_losses": 0}
+        t = self.cfg.train
         for micro_batches in self.mini_batches(batch):
-            for k, v in self.step(micro_batches, loss_fn).items():
+            epoch, mini = divmod(steps, t.mini_batches)
+            where = (
+                f"optimizer step {steps + 1} of this train call (epoch {epoch + 1}/{t.ppo_epochs}, mini-batch "
+                f"{mini + 1}/{t.mini_batches})"
+            )
+            stats, bad_losses = self.step(micro_batches, loss_fn, where)
+            for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
+            counts[f"{self.role}/skipped_steps"] += not stats[f"{self.role}/stepped"]
+            counts[f"{self.role}/nonfinite_losses"] += bad_losses
             steps += 1
-        return {k: v / max(1, steps) for k, v in totals.items()}
+        return {**{k: v / max(1, steps) for k, v in totals.items()}, **counts}
 
     def tensors(self, batch: pa.RecordBatch, columns: tuple[str, ...]) -> tuple[Sequences, dict[str, torch.Tensor]]:
         """The joined sequences of ``batch`` and its per-token float ``columns`` ``[B, T]`` (0 on padding), all on
@@ -101,18 +114,89 @@ class Learner:
         seqs = to_sequences(batch, self.tokenizer.pad_token_id).to(dev)
         return seqs, {c: to_padded(batch, c, pad_value=0.0, dtype=torch.float32)[0].to(dev) for c in columns}
 
-    def step(self, micro_batches: list[pa.RecordBatch], loss_fn) -> dict[str, float]:
-        """Accumulate over micro-batches, then one optimizer step; returns token-weighted mean stats."""
+    def training_tensors(
+        self, batch: pa.RecordBatch, columns: tuple[str, ...], checked: tuple[str, ...]
+    ) -> tuple[Sequences, dict[str, torch.Tensor], torch.Tensor]:
+        """``tensors`` plus the mask to train with: the response mask without the samples whose ``checked`` columns
+        hold a NaN or inf (the driver marks a sample it skips with NaN advantages and returns). Such a sample stops
+        the run under ``train.on_nonfinite=stop``; under ``skip`` it is left out of the loss (the losses in algo/
+        never read a masked position, so its NaN cannot leak)."""
+        x = {c: to_padded(batch, c, pad_value=0.0, dtype=torch.float32) for c in columns}
+        bad = torch.zeros(len(batch), dtype=torch.bool)
+        for c in checked:  # on the host, before the copy: no device sync
+            rows = nonfinite_rows(*x[c])
+            if self.cfg.train.on_nonfinite == "stop":
+                self._check_input(rows, c, x[c][0], batch)
+            bad |= rows
+        dev = device()
+        seqs = to_sequences(batch, self.tokenizer.pad_token_id).to(dev)
+        mask = seqs.response_mask & (~bad).to(dev)[:, None] if bad.any() else seqs.response_mask
+        return seqs, {c: v.to(dev) for c, (v, _) in x.items()}, mask
+
+    def step(self, micro_batches: list[pa.RecordBatch], loss_fn, where: str = "") -> tuple[dict[str, float], int]:
+        """Accumulate over micro-batches, then one optimizer step; returns token-weighted mean stats and how many
+        micro-batches had a non-finite loss.
+
+        A non-finite loss stops the run (``train.on_nonfinite=stop``) before the step, or is backpropagated: its NaN
+        gradients make the engine skip the step (engines/training/base.py). A skipped step stops the run under
+        ``stop`` (not in float16, where loss-scale overflows are routine), and ``train.max_skipped_steps`` of them in
+        a row stop it either way.
+        """
         totals: dict[str, float] = {}
         n_tokens = sum(_response_tokens(m) for m in micro_batches) or 1
-        for micro in micro_batches:
+        bad_losses = 0
+        for i, micro in enumerate(micro_batches):
             loss, stats = loss_fn(micro)
             self.engine.backward(loss)
+            value = float(loss.detach())  # after the backward is queued, where the stats below sync anyway
+            if not math.isfinite(value):
+                bad_losses += 1
+                if self.cfg.train.on_nonfinite == "stop":
+                    raise NonFiniteError(
+                        f"{self._who(micro)}: the loss is {value} at micro-batch {i + 1}/{len(micro_batches)} of "
+                        f"{where}; no update was applied. Set train.on_nonfinite=skip to skip such steps"
+                    )
             w = _response_tokens(micro) / n_tokens
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * w
-        totals.update({f"{self.role}/{k}": float(v) for k, v in self.engine.step().items()})
-        return totals
+        out = self.engine.step()
+        totals.update({f"{self.role}/{k}": float(v) for k, v in out.items()})
+        self._count_skip(out, where, micro_batches[0])
+        return totals, bad_losses
+
+    def _count_skip(self, out: dict, where: str, micro: pa.RecordBatch) -> None:
+        if out["stepped"]:
+            self._skips_in_a_row = 0
+            return
+        self._skips_in_a_row += 1
+        t, norm = self.cfg.train, out["grad_norm"]
+        if t.on_nonfinite == "stop" and self.cfg.model.dtype != "float16":
+            raise NonFiniteError(
+                f"{self._who(micro)}: the gradient norm is {norm} at {where}; the update was not applied. Set "
+                f"train.on_nonfinite=skip to skip such steps (at most train.max_skipped_steps={t.max_skipped_steps} "
+                "in a row)"
+            )
+        if self._skips_in_a_row >= t.max_skipped_steps:
+            raise NonFiniteError(
+                f"{self._who(micro)}: {self._skips_in_a_row} optimizer steps in a row were skipped (non-finite "
+                f"gradients or fp16 overflow; the last at {where}, gradient norm {norm}), "
+                f"train.max_skipped_steps={t.max_skipped_steps}; lower the learning rate or find the bad data"
+            )
+
+    def _who(self, batch: pa.RecordBatch) -> str:
+        version = batch.column(S.POLICY_VERSION)[0].as_py() if S.POLICY_VERSION in batch.schema.names else None
+        samples = f", samples of policy version {version}" if version is not None else ""
+        return f"{self.role} learner rank {self.rank}{samples}"
+
+    def _check_input(self, rows: torch.Tensor, column: str, x: torch.Tensor, batch: pa.RecordBatch) -> None:
+        first, count = first_and_count(rows)
+        if count:
+            sample = batch.column(S.SAMPLE_ID)[first].as_py() if S.SAMPLE_ID in batch.schema.names else first
+            value = float(x[first][~torch.isfinite(x[first])][0])
+            raise NonFiniteError(
+                f"{self._who(batch)}: {column} is {value} for sample {sample} (row {first} of a micro-batch of "
+                f"{len(rows)}), {count} non-finite; set train.on_nonfinite=skip to train without such samples"
+            )
 
     # -- weights out: learner rank 0 drives the rollout engines through vLLM's weight-transfer control plane -----
     def init_weight_sync(

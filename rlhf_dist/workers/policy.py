@@ -43,10 +43,10 @@ class PolicyWorker(Learner):
         self.engine.train()
         a, g = self.cfg.algo, self.cfg.generation
         columns = (S.ADVANTAGES, S.OLD_LOGPROBS, S.REF_LOGPROBS, S.ROLLOUT_LOGPROBS)
+        checked = columns if a.tis_cap is not None else columns[:3]  # rollout log-probs only count under TIS
 
         def loss_fn(micro: pa.RecordBatch):
-            seqs, x = self.tensors(micro, columns)
-            mask = seqs.response_mask
+            seqs, x, mask = self.training_tensors(micro, columns, checked)
             logprobs, entropy = response_logprobs(self.engine, seqs, temperature=g.temperature, return_entropy=True)
             advantages = x[S.ADVANTAGES]
             if a.tis_cap is not None:  # correct for the gap between the rollout engine and the learner

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rlhf_dist.algo import NonFiniteError
 from rlhf_dist.config import resolve_function
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import make_batch, to_sequences
@@ -31,10 +32,15 @@ class RewardWorker:
             self.gold = gold_reward
 
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """Returns the columns ``reward`` and ``gold_reward`` (NaN where the task has no gold scorer)."""
+        """Returns the columns ``reward`` and ``gold_reward`` (NaN where the task has no gold scorer).
+
+        A source returning NaN or inf stops the run (``train.on_nonfinite=stop``), or (``skip``) leaves that sample's
+        reward NaN, whatever the clip and the other source say, for the driver to drop it from training.
+        """
         prompts = batch.column(S.PROMPT_TEXT).to_pylist()
         responses = batch.column(S.RESPONSE_TEXT).to_pylist()
         reward = np.zeros(len(prompts), np.float32)
+        bad = np.zeros(len(prompts), bool)
         if self.function is not None:
             values = np.asarray(self.function(prompts, responses), dtype=np.float32)
             if values.shape != (len(prompts),):
@@ -42,20 +48,28 @@ class RewardWorker:
                     f"reward.function {self.cfg.reward.function!r} returned shape {values.shape}, "
                     f"expected one float per response ({len(prompts)})"
                 )
-            check_finite(values, f"reward.function {self.cfg.reward.function!r}", batch)
+            bad |= self.check_finite(values, f"reward.function {self.cfg.reward.function!r}", batch)
             reward += self.cfg.reward.function_weight * values
         if self.model is not None:
             scores = self.model_scores(batch)
-            check_finite(scores, f"the reward model {self.cfg.model.reward!r}", batch)
+            bad |= self.check_finite(scores, f"the reward model {self.cfg.model.reward!r}", batch)
             reward += self.cfg.reward.model_weight * scores
         if self.cfg.reward.clip is not None:
             reward = np.clip(reward, -self.cfg.reward.clip, self.cfg.reward.clip)
+        if bad.any():  # clipping would turn an inf into a plausible reward
+            reward[bad] = np.nan
         gold = (
             np.asarray([self.gold(p, r) for p, r in zip(prompts, responses)], np.float32)
             if self.gold is not None
             else np.full(len(prompts), math.nan, np.float32)
         )
         return make_batch({S.REWARD: reward, S.GOLD_REWARD: gold})
+
+    def check_finite(self, values: np.ndarray, source: str, batch: pa.RecordBatch) -> np.ndarray:
+        """The non-finite samples of ``values``; with ``train.on_nonfinite=stop`` any of them stops the run."""
+        if self.cfg.train.on_nonfinite == "stop":
+            check_finite(values, source, batch)
+        return ~np.isfinite(values)
 
     @torch.no_grad()
     def model_scores(self, batch: pa.RecordBatch) -> np.ndarray:
@@ -64,7 +78,7 @@ class RewardWorker:
         return scores.float().cpu().numpy()
 
 
-class NonFiniteRewardError(ValueError):
+class NonFiniteRewardError(NonFiniteError):
     """A reward source returned NaN or inf: training on it would skip every step and save the unchanged policy."""
 
 
@@ -77,5 +91,6 @@ def check_finite(values: np.ndarray, source: str, batch: pa.RecordBatch) -> None
         response = batch.column(S.RESPONSE_TEXT)[i].as_py()
         raise NonFiniteRewardError(
             f"{source} returned {values[i]} for sample {sample} (response {response[:60]!r}), {bad.size} of "
-            f"{len(values)} non-finite in this batch; make it return finite floats for every response"
+            f"{len(values)} non-finite in this batch; make it return finite floats for every response (or set "
+            "train.on_nonfinite=skip to train without such samples)"
         )

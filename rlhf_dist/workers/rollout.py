@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from rlhf_dist.comm.errors import StaleStateError
 from rlhf_dist.config import RunConfig
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import add_column
@@ -46,8 +47,16 @@ class RolloutWorker:
         self.engine = make_generation_engine(cfg, self.tokenizer)
         self.version = 0
 
-    def generate(self, prompts: pa.RecordBatch, iteration: int, greedy: bool = False) -> pa.RecordBatch:
-        """Adds response_ids, rollout_logprobs, response_text and policy_version to a batch of prompts."""
+    def generate(
+        self, prompts: pa.RecordBatch, iteration: int, greedy: bool = False, version: int | None = None
+    ) -> pa.RecordBatch:
+        """Adds response_ids, rollout_logprobs, response_text and policy_version to a batch of prompts; with
+        ``version``, refuses (``StaleStateError``) unless the engine holds that policy version."""
+        if version is not None and version != self.version:
+            raise StaleStateError(
+                f"rollout actor {self.rank} holds policy version {self.version}, the run is at {version}: it "
+                f"restarted, or missed a weight push"
+            )
         gen = self.cfg.generation
         sampling = SamplingConfig(
             max_new_tokens=gen.max_new_tokens,

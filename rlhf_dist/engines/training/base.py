@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 import shutil
 import tempfile
 import uuid
@@ -139,6 +141,21 @@ def prepare_module(module: nn.Module, options: TrainOptions) -> None:
             module.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
 
 
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file that needs more than torch's weights-only unpickler: refused, as unpickling it could run
+    code."""
+
+    @classmethod
+    def of(cls, file: str | os.PathLike, err: Exception) -> UnsafeCheckpointError:
+        """One line from torch's many-line weights-only error: the file and the global it refused."""
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"it names {found.group(1)}" if found else str(err).strip().splitlines()[-1][:200]
+        return cls(
+            f"{file} holds more than tensors and plain containers ({what}); refusing to unpickle it, as that could "
+            "run code. Load only checkpoints written by save_checkpoint"
+        )
+
+
 def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_dir)`` then rename tmp_dir to ``path``: readers never see a half-written directory.
 
@@ -210,6 +227,9 @@ class TrainEngine(ABC):
         Call it after every backward() or once after the last micro-batch's; both work. Before the boundary it
         does nothing. Returns ``{"stepped": bool, "grad_norm": float, "lr": float}``: ``grad_norm`` is the global
         norm before clipping (NaN when no step happened), ``lr`` the learning rate the step used (or would use).
+
+        A step whose global gradient norm is NaN or inf (or an fp16 overflow) is not applied, on every backend and
+        dtype: the gradients are dropped, the LR schedule stays, ``stepped`` is False and ``skipped_steps`` grows.
         """
 
     _pending_backwards: int = 0
@@ -231,6 +251,11 @@ class TrainEngine(ABC):
     @abstractmethod
     def global_steps(self) -> int:
         """Optimizer steps taken so far."""
+
+    @property
+    @abstractmethod
+    def skipped_steps(self) -> int:
+        """Accumulation boundaries whose update was not applied so far (non-finite gradients, fp16 overflow)."""
 
     # ---- full weights (collective under ZeRO-3) ---------------------------------------------------------------
     @abstractmethod

@@ -15,8 +15,12 @@ would compile a C++ extension for ~90 s and gain nothing at test sizes.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import pickle
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +31,7 @@ from rlhf_dist.engines.training.base import (
     ModelOrFactory,
     TrainEngine,
     TrainOptions,
+    UnsafeCheckpointError,
     make_lr_scheduler,
     optimizer_param_groups,
     prepare_module,
@@ -169,9 +174,19 @@ class DeepSpeedTrainEngine(TrainEngine):
         self._engine.backward(loss)
 
     def step(self) -> dict[str, float | bool]:
+        """DeepSpeed's own optimizers (ZeRO 1-3, and bf16/fp16 at stage 0) skip a step whose gradient norm is NaN or
+        inf (bf16 through ``bf16.check_grad_overflow``, on by default). At stage 0 in float32 it steps the bare torch
+        optimizer and would apply the NaN (tests/test_nonfinite.py pins both): that step we skip ourselves."""
         boundary = self._at_boundary()
         lr = float(self._engine.get_lr()[0])
         norm = self._plain_grad_norm() if boundary else None
+        if norm is not None and not math.isfinite(norm):  # what DeepSpeed's _take_model_step does on an overflow
+            self._engine.zero_grad()
+            self._engine.skipped_steps += 1  # its counters, saved in its checkpoints
+            self._engine.global_steps += 1
+            self._pending_backwards = 0
+            self._engine.set_gradient_accumulation_boundary(False)
+            return {"stepped": False, "grad_norm": norm, "lr": lr}
         self._engine.step()  # a no-op (bookkeeping only) before the boundary
         if not boundary:
             return {"stepped": False, "grad_norm": float("nan"), "lr": lr}
@@ -192,7 +207,11 @@ class DeepSpeedTrainEngine(TrainEngine):
 
     @property
     def global_steps(self) -> int:
-        return int(self._engine.global_steps)
+        return int(self._engine.global_steps) - int(self._engine.skipped_steps)  # DeepSpeed counts skipped ones too
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self._engine.skipped_steps)
 
     # ---- full weights -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -222,6 +241,7 @@ class DeepSpeedTrainEngine(TrainEngine):
         self._engine.save_checkpoint(str(path), client_state={CLIENT_STATE_KEY: client_state or {}})
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
+        check_checkpoint_is_data(Path(path))
         loaded, client_state = self._engine.load_checkpoint(
             str(path), load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -231,6 +251,28 @@ class DeepSpeedTrainEngine(TrainEngine):
                 "(expected a 'latest' file written by save_checkpoint)"
             )
         return (client_state or {}).get(CLIENT_STATE_KEY, {})
+
+
+def check_checkpoint_is_data(path: Path) -> None:
+    """Refuse a DeepSpeed checkpoint whose files hold more than tensors, plain containers and DeepSpeed's own
+    bookkeeping classes. DeepSpeed unpickles them with weights_only=False (its TorchCheckpointEngine.load) and has no
+    switch, so torch's weights-only unpickler reads each file first, memory-mapped: the tensors are not read twice."""
+    latest = path / "latest"
+    if not latest.is_file():
+        return  # DeepSpeed finds no checkpoint, and load_checkpoint says so
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # deferred: deepspeed
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # deferred: deepspeed
+    from deepspeed.utils.tensor_fragment import fragment_address  # deferred: deepspeed
+
+    # What DeepSpeed 0.19.8 pickles besides tensors (ZeRO optimizer states: the loss scaler, the stage, and for
+    # bf16 the fragment addresses); plain data classes that run nothing when rebuilt.
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    with torch.serialization.safe_globals(allowed):
+        for file in sorted((path / latest.read_text().strip()).rglob("*.pt")):
+            try:
+                torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+            except pickle.UnpicklingError as err:
+                raise UnsafeCheckpointError.of(file, err) from None
 
 
 def _hf_zero3_config(ds_config: dict[str, Any]) -> Any:

@@ -13,7 +13,9 @@ Mixed precision: parameters and optimizer stay float32; bfloat16/float16 run the
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from rlhf_dist.engines.training.base import (
     ModelOrFactory,
     TrainEngine,
     TrainOptions,
+    UnsafeCheckpointError,
     atomic_write_dir,
     make_lr_scheduler,
     optimizer_param_groups,
@@ -65,7 +68,7 @@ class TorchTrainEngine(TrainEngine):
         self._scheduler = make_lr_scheduler(self._optimizer, options)
         self._autocast_dtype = None if options.dtype == "float32" else options.torch_dtype
         self._scaler = torch.amp.GradScaler("cuda") if options.dtype == "float16" else None
-        self._global_steps = 0
+        self._global_steps = self._skipped_steps = 0
 
     # ---- module -----------------------------------------------------------------------------------------------
     @property
@@ -111,17 +114,24 @@ class TorchTrainEngine(TrainEngine):
             self._scaler.update()
             stepped = self._scaler.get_scale() >= scale
         else:
-            self._optimizer.step()
-            stepped = True
+            stepped = math.isfinite(grad_norm)  # a NaN/inf gradient would make every weight NaN
+            if stepped:
+                self._optimizer.step()
         if stepped:
             self._scheduler.step()
             self._global_steps += 1
+        else:
+            self._skipped_steps += 1
         self._optimizer.zero_grad(set_to_none=True)
         return {"stepped": stepped, "grad_norm": grad_norm, "lr": lr}
 
     @property
     def global_steps(self) -> int:
         return self._global_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._skipped_steps
 
     # ---- full weights -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -145,6 +155,7 @@ class TorchTrainEngine(TrainEngine):
                 "scheduler": self._scheduler.state_dict(),
                 "scaler": self._scaler.state_dict() if self._scaler is not None else None,
                 "global_steps": self._global_steps,
+                "skipped_steps": self._skipped_steps,
                 "client_state": client_state or {},
             }
             atomic_write_dir(path, lambda tmp: torch.save(state, tmp / CHECKPOINT_FILE))
@@ -154,13 +165,17 @@ class TorchTrainEngine(TrainEngine):
         file = Path(path) / CHECKPOINT_FILE
         if not file.is_file():
             raise FileNotFoundError(f"TorchTrainEngine.load_checkpoint: {file} not found (written by save_checkpoint)")
-        state = torch.load(file, map_location=self._device, weights_only=False)
+        try:  # tensors and plain containers only: a pickle naming any other class could run code on loading
+            state = torch.load(file, map_location=self._device, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError.of(file, err) from None
         self._module.load_state_dict(state["module"])
         self._optimizer.load_state_dict(state["optimizer"])
         self._scheduler.load_state_dict(state["scheduler"])
         if self._scaler is not None and state["scaler"] is not None:
             self._scaler.load_state_dict(state["scaler"])
         self._global_steps = state["global_steps"]
+        self._skipped_steps = state.get("skipped_steps", 0)
         return state["client_state"]
 
 
