@@ -78,3 +78,10 @@ def write_json(name: str, payload: dict, out_dir: str | os.PathLike | None = Non
 def mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def config_path(config: str) -> str:
+    """A config path as given, or relative to the repository root when it is not found from here."""
+    if not Path(config).exists() and (ROOT / config).exists():
+        return str(ROOT / config)
+    return config

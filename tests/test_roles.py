@@ -116,3 +116,71 @@ def test_policy_trains_and_rollout_receives_its_weights(cfg, rollout, prompts):
     for n, w in after.items():
         np.testing.assert_array_equal(w, learner[n])
     assert set(rollout.generate(prompts, iteration=4).column(S.POLICY_VERSION).to_pylist()) == {1}
+
+
+def test_policy_learner_corrects_stale_samples(tiny_cfg, rollout, prompts):
+    """Decoupled PPO in the learner: the rollout's log-probs are moved off the learner's (the proximal policy) by
+    known ratios k = pi_prox / pi_behav of 1, 3, 0.25 by token position. At the step's start pi_theta = pi_prox, so the
+    loss is -sum(w * A) / N with w = min(k, 2) (TIS) or k inside [0.5, 5], else 0 (IcePop)."""
+    from rlhf_dist.comm.process_group import find_free_port
+    from rlhf_dist.data.batch import add_column
+    from rlhf_dist.workers.policy import PolicyWorker
+
+    one_step = ("train.prompts_per_iteration=8", "train.engine=torch", "generation.max_new_tokens=8")
+    one_step += ("train.ppo_epochs=1", "train.mini_batches=1")
+    cfgs = {
+        "none": tiny_cfg(*one_step),
+        "tis": tiny_cfg(*one_step, "algo.off_policy=tis", "algo.tis_cap=2"),
+        "icepop": tiny_cfg(*one_step, "algo.off_policy=icepop", "algo.icepop_low=0.5", "algo.icepop_high=5"),
+    }
+    policy = PolicyWorker(cfgs["none"], 0, 1)
+    policy.init_group("127.0.0.1", find_free_port("127.0.0.1"))
+    samples = rollout.generate(prompts, iteration=5)
+    ks = (1.0, 3.0, 0.25)
+
+    def train(mode: str, k_of=lambda t: ks[t % 3]):
+        policy.cfg = cfgs[mode]  # one learner for every mode; each call starts from a fresh proximal policy
+        old = policy.logprobs(samples).column(S.OLD_LOGPROBS).to_pylist()
+        adv = [[1.0 if i % 2 == 0 else -0.5] * len(row) for i, row in enumerate(old)]
+        batch = samples
+        for name, col in (
+            (S.OLD_LOGPROBS, old),
+            (S.REF_LOGPROBS, old),
+            (S.ADVANTAGES, adv),
+            (S.ROLLOUT_LOGPROBS, [[lp - np.log(k_of(t)) for t, lp in enumerate(row)] for row in old]),
+        ):
+            batch = add_column(batch, name, pa.array(col, S.PER_TOKEN))
+        return policy.train(batch), adv
+
+    def weight(mode: str, k: float) -> float:
+        return 1.0 if mode == "none" else min(k, 2.0) if mode == "tis" else (k if 0.5 <= k <= 5.0 else 0.0)
+
+    stats = {}
+    for mode in cfgs:
+        stats[mode], adv = train(mode)
+        tokens = [(ks[t % 3], a) for row in adv for t, a in enumerate(row)]
+        expected = -sum(weight(mode, k) * a for k, a in tokens) / len(tokens)
+        assert stats[mode]["policy/loss"] == pytest.approx(expected, rel=1e-4), mode
+    share = {k: sum(kt == k for kt, _ in tokens) / len(tokens) for k in ks}
+    k3 = sum(share[k] * ((k - 1) - np.log(k)) for k in ks)
+    assert set(stats["tis"]) - set(stats["none"]) == {
+        "policy/is_clipped_frac",
+        "policy/is_weight_mean",
+        "policy/behav_kl",
+    }
+    assert set(stats["icepop"]) - set(stats["none"]) == {
+        "policy/icepop_masked_frac",
+        "policy/is_weight_mean",
+        "policy/behav_kl",
+    }
+    assert set(stats["none"]) <= set(stats["tis"]) and set(stats["none"]) <= set(stats["icepop"])
+    assert stats["tis"]["policy/is_clipped_frac"] == pytest.approx(share[3.0])
+    assert stats["tis"]["policy/is_weight_mean"] == pytest.approx(share[1.0] + 2.0 * share[3.0] + 0.25 * share[0.25])
+    assert stats["icepop"]["policy/icepop_masked_frac"] == pytest.approx(share[0.25])
+    assert stats["icepop"]["policy/is_weight_mean"] == pytest.approx(share[1.0] + 3.0 * share[3.0], rel=1e-5)
+    for mode in ("tis", "icepop"):
+        assert stats[mode]["policy/behav_kl"] == pytest.approx(k3, rel=1e-4)
+    # IcePop masking every token: no loss and not one nonzero gradient entry
+    masked, _ = train("icepop", k_of=lambda t: 10.0)
+    assert masked["policy/icepop_masked_frac"] == 1.0 and masked["policy/is_weight_mean"] == 0.0
+    assert masked["policy/loss"] == 0.0 and masked["policy/grad_norm"] == 0.0

@@ -6,11 +6,16 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import healing  # noqa: E402  (benchmarks/healing.py: kills processes of a job's own process tree)
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +43,7 @@ def _cfg(tiny_model, out, *extra):
             f"train.iterations={ITERATIONS}",
             "checkpoint.save_every=2",
             "checkpoint.save_final=false",
+            "algo.kl_target=0.05",  # the adaptive KL controller's state must survive a resume too
             *extra,
         ],
     )
@@ -118,22 +124,6 @@ def killing(monkeypatch, metrics_path, plan):
         killer.join(timeout=5)
 
 
-def test_killed_rollout_reward_and_reference_actors_heal_to_identical_metrics(
-    tiny_model, tmp_path, monkeypatch, straight
-):
-    from rlhf_dist.trainers.ppo import run
-
-    cfg = _cfg(tiny_model, tmp_path / "healed")
-    plan = [(1, 0.0, "rollout", 0), (2, 0.05, "reward", 0), (3, 0.0, "reference", 0), (4, 0.1, "rollout", 0)]
-    with killing(monkeypatch, tmp_path / "healed" / "metrics.jsonl", plan) as killer:
-        healed = _rows(run(cfg)["metrics_path"])
-    assert len(killer.killed) == len(plan)
-    assert healed[-1]["restarts/rollout"] == 2
-    assert healed[-1]["restarts/reward"] == 1
-    assert healed[-1]["restarts/reference"] == 1
-    assert_same_metrics(healed, straight)
-
-
 def test_chaos_random_kills_of_random_actors_end_in_identical_metrics(tiny_model, tmp_path, monkeypatch, straight):
     """Seeded chaos: several kills of random actors (learners included) at random moments in one run."""
     from rlhf_dist.trainers.ppo import run
@@ -148,55 +138,40 @@ def test_chaos_random_kills_of_random_actors_end_in_identical_metrics(tiny_model
     assert_same_metrics(healed, straight)
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    except FileNotFoundError:
-        return []
+def test_killed_actors_and_driver_heal_to_identical_metrics(tiny_model, tmp_path, straight):
+    """`rlhf-dist train` as a user runs it; SIGKILL from outside, one after another: the rollout, reward and reference
+    actors (restarted by Ray, restored, their shard re-run), then the driver (resumed by its supervisor from the last
+    checkpoint). The run ends with the uninterrupted run's metrics, and stays one run."""
+    from rlhf_dist.checkpoint import checkpoint_identity
+    from rlhf_dist.config import ConfigError
+    from rlhf_dist.trainers.ppo import run
 
-
-def test_killed_driver_is_resumed_by_the_supervisor_to_identical_metrics(tiny_model, tmp_path, straight):
-    """`rlhf-dist train` runs the driver as its child; SIGKILL it mid-run and the run resumes from its last
-    checkpoint in a new driver, ending with the uninterrupted run's metrics."""
-    import subprocess
-    import sys
-
-    out = tmp_path / "driver_killed"
-    cfg = _cfg(tiny_model, out)  # validates the overrides below
-    overrides = [
-        f"model.policy={cfg.model.policy}",
-        f"output_dir={out}",
-        "logging.progress_bar=false",
-        "logging.plot=false",
+    out = tmp_path / "killed"
+    kills = [(1, healing.FAULTS["rollout"]), (2, healing.FAULTS["reward"]), (3, healing.FAULTS["reference"])]
+    kills.append((4, healing.FAULTS["driver"]))
+    extra = [
+        f"model.policy={tiny_model}",
         "train.prompts_per_iteration=16",
         "generation.max_new_tokens=8",
-        f"train.iterations={ITERATIONS}",
-        "checkpoint.save_every=2",
-        "checkpoint.save_final=false",
+        "algo.kl_target=0.05",
     ]
-    log = open(tmp_path / "supervisor.log", "w")
-    sup = subprocess.Popen(
-        [sys.executable, "-m", "rlhf_dist.cli", "train", "configs/tiny_cpu.yaml", *overrides],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        metrics = out / "metrics.jsonl"
-        deadline = time.monotonic() + 600
-        while not (metrics.exists() and sum(1 for _ in open(metrics)) >= 3):
-            assert sup.poll() is None and time.monotonic() < deadline, open(tmp_path / "supervisor.log").read()
-            time.sleep(0.05)
-        (driver,) = _children(sup.pid)
-        t_kill = time.monotonic()
-        os.kill(driver, signal.SIGKILL)
-        assert sup.wait(timeout=600) == 0, open(tmp_path / "supervisor.log").read()
-    finally:
-        if sup.poll() is None:
-            for pid in _children(sup.pid):
-                os.kill(pid, signal.SIGKILL)
-            sup.kill()
-        log.close()
-    text = open(tmp_path / "supervisor.log").read()
-    assert "was killed by SIGKILL; resuming from the last complete checkpoint (1/2)" in text
-    print(f"driver killed, run finished {time.monotonic() - t_kill:.1f} s later")
-    assert_same_metrics(_rows(metrics), straight)
+    job = healing.run_job(out, ITERATIONS, kills, extra)
+    log = open(job["log"]).read()
+    assert job["rc"] == 0 and [k[0] for k in job["killed"]] == [k[1] for k in kills], log
+    for role in ("rollout", "reward", "reference"):
+        assert f"role {role} actor 0 restarted (1 so far)" in log
+    assert "was killed by SIGKILL; resuming from the last complete checkpoint (1/2)" in log
+    assert_same_metrics(_rows(out / "metrics.jsonl"), straight)
+
+    # One run, started twice; its checkpoints name it. Another run can neither start over it nor resume it as its
+    # own: both are refused before any actor starts, and the dir is left as it was.
+    manifest = json.loads((out / "run.json").read_text())
+    assert len(manifest["attempts"]) == 2
+    kept = sorted((out / "checkpoints").glob("iter_*"))
+    assert [p.name for p in kept] == ["iter_4", "iter_6"]
+    assert {checkpoint_identity(p)["run_id"] for p in kept} == {manifest["run_id"]}
+    with pytest.raises(ConfigError, match=r"^output_dir: .* holds checkpoints, metrics\.jsonl of run "):
+        run(_cfg(tiny_model, out))
+    with pytest.raises(ConfigError, match=r"^checkpoint\.resume: .* with seed=1, .* has seed=2; "):
+        run(_cfg(tiny_model, out, "seed=2", "checkpoint.resume=true"))
+    assert sorted((out / "checkpoints").glob("iter_*")) == kept

@@ -196,3 +196,48 @@ def test_a_late_actor_is_named(local_ray):
     group.timeout_s = 0.5
     with pytest.raises(ActorTimeoutError, match=r"role slow: actor\(s\) \[0\] did not answer work\(\) within"):
         group.call("work", 3.0).get()
+
+
+# -- tokens/s per device (NeMo-RL's end-to-end Tokens/sec/GPU) --------------------------------------------------------
+def token_batch():
+    import pyarrow as pa
+
+    from rlhf_dist.data import schema as S
+
+    return pa.record_batch(
+        {
+            S.PROMPT_IDS: pa.array(
+                [[1, 2, 3], [1, 2, 3], [4]], type=S.TOKENS
+            ),  # one prompt answered twice counts twice
+            S.RESPONSE_IDS: pa.array([[5, 6], [], [7, 8, 9, 10]], type=S.TOKENS),
+        }
+    )
+
+
+def test_batch_tokens_are_prompt_plus_response_per_sample():
+    assert timing.batch_tokens(token_batch()) == (3 + 3 + 1) + (2 + 0 + 4)  # 13
+
+
+def test_tokens_per_device_second_by_hand():
+    row = timing.tokens_per_device_s(1200, 0.5, "gpu", 4)
+    assert row == {"throughput/tokens_per_s_per_gpu": 600.0, "throughput/gpus": 4.0}  # 1200 / (0.5 x 4)
+    assert timing.tokens_per_device_s(90, 3.0, "cpu", 5)["throughput/tokens_per_s_per_cpu"] == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="at least one device"):
+        timing.tokens_per_device_s(10, 1.0, "cpu", 0)
+
+
+def test_devices_are_the_roles_gpus_else_their_cpus():
+    from rlhf_dist.config.schema import RoleConfig, RolesConfig
+
+    assert timing.run_devices(RolesConfig()) == ("cpu", 5)  # one CPU per role, no GPU
+    gpu = RolesConfig(
+        rollout=RoleConfig(num_actors=2, num_gpus=1),
+        reward=RoleConfig(num_gpus=0.5),  # a share of a GPU is still a device
+        reference=RoleConfig(colocate_with="policy"),  # on the policy's GPUs: not counted again
+        policy=RoleConfig(num_actors=2, num_gpus=1),
+        critic=RoleConfig(num_actors=0),
+    )
+    assert timing.run_devices(gpu) == ("gpu", 5)  # 2 + 0.5 + 2, rounded up
+    # the driver's call: 13 tokens in 0.25 s on 4 CPUs (no critic) = 13 tokens/s per CPU
+    row = timing.throughput(timing.batch_tokens(token_batch()), 0.25, RolesConfig(critic=RoleConfig(num_actors=0)))
+    assert row == {"throughput/tokens_per_s_per_cpu": pytest.approx(13.0), "throughput/cpus": 4.0}

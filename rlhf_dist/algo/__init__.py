@@ -4,6 +4,7 @@ masked      masked reductions and mask checks
 advantages  GAE, GRPO, RLOO, REINFORCE++, token rewards from scores
 kl          KL estimators k1/k2/k3, KL-penalised rewards, fixed and adaptive KL controllers
 losses      PPO policy / value losses, entropy, Bradley-Terry, DPO/IPO, truncated IS weights
+off_policy  decoupled PPO for stale or mismatched samples, with truncated or IcePop-masked importance weights
 nonfinite   which samples hold a NaN or inf, the first and how many
 """
 
@@ -44,6 +45,7 @@ from rlhf_dist.algo.masked import (
     response_lengths,
 )
 from rlhf_dist.algo.nonfinite import NonFiniteError, first_and_count, nonfinite_rows, whole_groups, zero_rows
+from rlhf_dist.algo.off_policy import OFF_POLICY_CORRECTIONS, decoupled_ppo_loss, icepop_weights
 
 __all__ = [
     "AdaptiveKLController",
@@ -51,15 +53,18 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGS",
     "NonFiniteError",
+    "OFF_POLICY_CORRECTIONS",
     "aggregate_loss",
     "as_bool_mask",
     "bradley_terry_loss",
     "check_right_padded",
+    "decoupled_ppo_loss",
     "dpo_loss",
     "entropy_from_logits",
     "first_and_count",
     "gae_advantages_and_returns",
     "grpo_advantages",
+    "icepop_weights",
     "kl_estimate",
     "kl_penalized_rewards",
     "masked_entropy",

@@ -118,9 +118,21 @@ class AlgoConfig:
     kl_mode: Literal["reward", "loss"] = option("reward", "reward: KL penalty in the reward; loss: KL term in the loss")
     entropy_coef: float = option(0.0, "entropy bonus coefficient", ge=0)
     normalize_advantages: bool = option(True, "whiten advantages over the batch")
-    tis_cap: float | None = option(
-        None, "truncated importance sampling cap on rollout/learner ratios; null = off", gt=0
+    off_policy: Literal["none", "tis", "icepop"] = option(
+        "none",
+        "correction for samples of an older or mismatched policy (decoupled PPO: clip around old_logprobs, weight "
+        "each token by old/rollout probability): none; tis = weights truncated at tis_cap; icepop = tokens whose "
+        "weight leaves [icepop_low, icepop_high] masked. none with tis_cap set means tis (as before this key existed)",
     )
+    tis_cap: float | None = option(
+        None, "truncated importance sampling cap on old/rollout probability ratios (off_policy=tis); null = off", gt=0
+    )
+    icepop_low: float = option(0.5, "off_policy=icepop: lower end of the old/rollout ratio band kept", gt=0)
+    icepop_high: float = option(5.0, "off_policy=icepop: upper end of the old/rollout ratio band kept", gt=0)
+
+    def off_policy_correction(self) -> str:
+        """The correction the policy loss applies: off_policy, or "tis" where only tis_cap is set."""
+        return "tis" if self.off_policy == "none" and self.tis_cap is not None else self.off_policy
 
 
 @dataclass

@@ -131,6 +131,29 @@ def _check_algo_roles(cfg: RunConfig) -> None:
         )
 
 
+def _check_off_policy(cfg: RunConfig) -> None:
+    a = cfg.algo
+    if a.off_policy == "tis" and a.tis_cap is None:
+        raise ConfigError(
+            "algo.tis_cap",
+            "null, but algo.off_policy=tis truncates the weights at it; set algo.tis_cap=2 (or another cap)",
+        )
+    if a.off_policy != "icepop":
+        return
+    if a.tis_cap is not None:
+        raise ConfigError(
+            "algo.tis_cap",
+            f"{a.tis_cap} is ignored by algo.off_policy=icepop (it masks, not truncates); set algo.tis_cap=null "
+            "or algo.off_policy=tis",
+        )
+    if not (a.icepop_low < a.icepop_high and a.icepop_low <= 1.0 <= a.icepop_high):
+        raise ConfigError(
+            "algo.icepop_low",
+            f"{a.icepop_low} with algo.icepop_high={a.icepop_high}: the band must hold ratio 1 (an on-policy token) "
+            "and have low < high; e.g. algo.icepop_low=0.5 algo.icepop_high=5",
+        )
+
+
 def _check_batches(cfg: RunConfig) -> None:
     t, roles = cfg.train, cfg.roles
     learners = max(roles.policy.num_actors, roles.critic.num_actors)
@@ -299,6 +322,7 @@ CHECKS = [
     _check_model_and_reward,
     _check_data,
     _check_algo_roles,
+    _check_off_policy,
     _check_batches,
     _check_generation,
     _check_colocation,

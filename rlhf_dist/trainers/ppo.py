@@ -182,6 +182,7 @@ def train(run: PPORun, log: MetricsLog, from_checkpoint: bool = False) -> str | 
         t0, phases = time.perf_counter(), Phases()
         row = iteration(run, phases)
         row.update(timing_columns(run, phases, time.perf_counter() - t0))
+        row.update(timing.throughput(row["total_tokens"], row["time/wall"], cfg.roles))
         log.log(row)
         progress(row)
         if cfg.checkpoint.save_every and run.iteration % cfg.checkpoint.save_every == 0:
@@ -322,6 +323,7 @@ def batch_stats(batch: pa.RecordBatch) -> dict[str, float]:
         "gold_reward_mean": float(np.nanmean(gold)) if not np.all(np.isnan(gold)) else math.nan,
         "response_len": n_tokens / max(1, len(batch)),
         "generated_tokens": n_tokens,
+        "total_tokens": timing.batch_tokens(batch),  # prompts and responses: the throughput's numerator
         "logprob_mismatch": mismatch,
     }
 

@@ -10,11 +10,23 @@ become one metrics row:
 - ``compute/critical_path``: the sum over phases, plus the driver's own math (advantages);
 - ``overhead_frac = 1 - compute/critical_path / time/wall``: the share of the iteration spent outside model compute
   (scheduling, serialisation, object transfer, waiting on a busy CPU, the driver's bookkeeping);
-- ``memory/<role>_peak_mb`` (and ``memory/<role>_gpu_peak_mb``): peak memory, max over the role's actors.
-Pure functions on plain dicts: no Ray here.
+- ``memory/<role>_peak_mb`` (and ``memory/<role>_gpu_peak_mb``): peak memory, max over the role's actors;
+- ``throughput/tokens_per_s_per_gpu`` (or ``_per_cpu``): NeMo-RL's end-to-end tokens/s/GPU (``throughput``).
+Pure functions on plain dicts (and one on an Arrow batch): no Ray here.
 """
 
 from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rlhf_dist.data import schema as S
+
+if TYPE_CHECKING:
+    from rlhf_dist.config.schema import RolesConfig
 
 # Per phase, chains of "role.method" calls that run side by side; the calls within a chain run one after the other.
 # A phase's critical path is its longest chain. The driver records them as it runs (orchestration/phases.py).
@@ -125,3 +137,42 @@ def phase_overhead(row: dict[str, float]) -> dict[str, float]:
     ]
     out["between"] = row["time/wall"] - sum(row[f"time/{p}"] for p in phases) - sum(row[f"critical/{p}"] for p in extra)
     return out
+
+
+# -- throughput per device, as NeMo-RL defines it -------------------------------------------------------------------
+# NeMo-RL (github.com/NVIDIA-NeMo/RL, docs/about/performance-summary.md; docs.nvidia.com/nemo/rl/latest/about/
+# performance-summary.html): "Tokens/sec/GPU = Total Tokens Processed / (Time for Stage x Number of GPUs)". Its
+# end-to-end figure, ``e2e_tokens_per_sec_per_gpu`` in nemo_rl/algorithms/utils.py::print_performance_metrics, is
+# ``metrics["total_num_tokens"] / timing["total_step_time"] / total_num_gpus``: total_num_tokens (grpo.py) sums the
+# unpadded ``input_lengths`` of the flattened message logs, every sample's prompt plus its generated tokens;
+# total_num_gpus is cluster.num_nodes x cluster.gpus_per_node, every GPU of the job, generation and training alike.
+
+
+def batch_tokens(batch: pa.RecordBatch) -> int:
+    """NeMo-RL's ``total_num_tokens`` of one iteration: every sample's prompt plus its response, unpadded (the
+    list lengths of ``prompt_ids`` and ``response_ids``); a prompt answered n times counts n times."""
+    return sum(int(pc.sum(pc.list_value_length(batch.column(c))).as_py() or 0) for c in (S.PROMPT_IDS, S.RESPONSE_IDS))
+
+
+def run_devices(roles: RolesConfig) -> tuple[str, int]:
+    """``("gpu", n)`` where any role has GPUs: the GPUs the roles reserve (a colocated role's are its anchor's,
+    counted once; fractions rounded up, as a shared GPU is still one device); else ``("cpu", n)``: the logical CPUs
+    Ray gives the actors (they may outnumber the cores: configs/tiny_cpu.yaml asks for 5 on a 2-core machine)."""
+    gpus = roles.reserved("num_gpus")
+    if gpus > 0:
+        return "gpu", math.ceil(gpus - 1e-9)
+    return "cpu", math.ceil(roles.reserved("num_cpus") - 1e-9)
+
+
+def tokens_per_device_s(tokens: int, wall_s: float, kind: str, devices: int) -> dict[str, float]:
+    """``throughput/tokens_per_s_per_<kind> = tokens / (wall_s x devices)`` and ``throughput/<kind>s = devices``."""
+    if devices <= 0:
+        raise ValueError(f"tokens per device-second needs at least one device, got {devices} {kind}(s)")
+    rate = tokens / (wall_s * devices) if wall_s > 0 else float("nan")
+    return {f"throughput/tokens_per_s_per_{kind}": rate, f"throughput/{kind}s": float(devices)}
+
+
+def throughput(tokens: int, wall_s: float, roles: RolesConfig) -> dict[str, float]:
+    """One iteration's tokens (``batch_tokens``) over its wall time (``time/wall``: NeMo-RL's total step time) and
+    the run's devices (``run_devices``); the driver calls it once per iteration."""
+    return tokens_per_device_s(tokens, wall_s, *run_devices(roles))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from rlhf_dist.algo import kl_estimate, masked_mean, ppo_policy_loss, truncated_is_weights
+from rlhf_dist.algo import decoupled_ppo_loss, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import make_batch
 from rlhf_dist.models.load import load_causal_lm
@@ -42,19 +42,30 @@ class PolicyWorker(Learner):
     def train(self, batch: pa.RecordBatch) -> dict[str, float]:
         self.engine.train()
         a, g = self.cfg.algo, self.cfg.generation
+        correction = a.off_policy_correction()
         columns = (S.ADVANTAGES, S.OLD_LOGPROBS, S.REF_LOGPROBS, S.ROLLOUT_LOGPROBS)
-        checked = columns if a.tis_cap is not None else columns[:3]  # rollout log-probs only count under TIS
+        checked = columns if correction != "none" else columns[:3]  # rollout log-probs only count when corrected
 
         def loss_fn(micro: pa.RecordBatch):
             seqs, x, mask = self.training_tensors(micro, columns, checked)
             logprobs, entropy = response_logprobs(self.engine, seqs, temperature=g.temperature, return_entropy=True)
-            advantages = x[S.ADVANTAGES]
-            if a.tis_cap is not None:  # correct for the gap between the rollout engine and the learner
-                tis = truncated_is_weights(x[S.OLD_LOGPROBS], x[S.ROLLOUT_LOGPROBS], mask, a.tis_cap)
-                advantages = advantages * tis
-            loss, stats = ppo_policy_loss(
-                logprobs, x[S.OLD_LOGPROBS], advantages, mask, clip_eps=a.clip_eps, dual_clip=a.dual_clip
-            )
+            if correction == "none":
+                loss, stats = ppo_policy_loss(
+                    logprobs, x[S.OLD_LOGPROBS], x[S.ADVANTAGES], mask, clip_eps=a.clip_eps, dual_clip=a.dual_clip
+                )
+            else:  # the samples come from the rollout engine's (older, or numerically different) policy
+                loss, stats = decoupled_ppo_loss(
+                    logprobs,
+                    x[S.OLD_LOGPROBS],
+                    x[S.ROLLOUT_LOGPROBS],
+                    x[S.ADVANTAGES],
+                    mask,
+                    correction,
+                    tis_cap=a.tis_cap,
+                    icepop_band=(a.icepop_low, a.icepop_high),
+                    clip_eps=a.clip_eps,
+                    dual_clip=a.dual_clip,
+                )
             ent = masked_mean(entropy, mask)
             if a.entropy_coef:
                 loss = loss - a.entropy_coef * ent
