@@ -152,6 +152,11 @@ class TrainConfig:
     zero_stage: int = option(2, "DeepSpeed ZeRO stage", ge=0, le=3)
     offload: bool = option(False, "DeepSpeed optimizer/parameter offload to CPU")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    mode: Literal["sync", "one_step_off"] = option(
+        "sync",
+        "sync: generate, then train on it; one_step_off: the next batch is generated while this one trains "
+        "(samples one policy version behind; pair with algo.off_policy)",
+    )
     on_nonfinite: Literal["stop", "skip"] = option(
         "stop",
         "a NaN/inf reward, advantage, loss or gradient: stop naming it, or skip (drop the samples from the loss, "

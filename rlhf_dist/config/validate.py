@@ -192,6 +192,12 @@ def _rollout_gpus(cfg: RunConfig) -> tuple[float, str]:
 def _check_generation(cfg: RunConfig) -> None:
     g, (gpus, key) = cfg.generation, _rollout_gpus(cfg)
     tp = g.tensor_parallel_size
+    if cfg.train.mode != "sync" and g.enable_sleep:
+        raise ConfigError(
+            "generation.enable_sleep",
+            f"true with train.mode={cfg.train.mode}: the engines generate while the learners train, so they cannot "
+            f"sleep then; set generation.enable_sleep=false or train.mode=sync",
+        )
     if g.engine == "hf":
         if tp != 1:
             raise ConfigError(

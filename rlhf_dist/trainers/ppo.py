@@ -34,7 +34,8 @@ from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.orchestration.launch import running_roles
 from rlhf_dist.orchestration.phases import Phases
 from rlhf_dist.orchestration.placement import plan, required_resources
-from rlhf_dist.orchestration.role_group import ActorDiedError, RoleGroup, collect_compute_stats
+from rlhf_dist.orchestration.role_group import ActorDiedError, Pending, RoleGroup, collect_compute_stats
+from rlhf_dist.orchestration.schedules import SCHEDULES, OneStepOff, Sync
 from rlhf_dist.orchestration.weight_push import WeightPush
 from rlhf_dist.trainers import timing
 from rlhf_dist.trainers.experience import compute_advantages
@@ -64,6 +65,8 @@ class PPORun:
     iteration: int = 0  # the next one to run
     version: int = 0  # the policy version the rollout engines hold
     earlier_restarts: Counter = field(default_factory=Counter)  # counted before the roles last started
+    schedule: Sync | OneStepOff | None = None  # train.mode: when each batch is generated
+    sampler_before: dict[int, dict] = field(default_factory=dict)  # iteration -> sampler state before its prompts
 
     @classmethod
     def start(
@@ -74,7 +77,17 @@ class PPORun:
             AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target else FixedKLController(a.kl_coef)
         )
         sync = WeightPush(cfg, groups["policy"], groups["rollout"])
-        return cls(cfg, groups, sampler, kl_ctl, sync, earlier_restarts=Counter(earlier_restarts or {}))
+        run = cls(cfg, groups, sampler, kl_ctl, sync, earlier_restarts=Counter(earlier_restarts or {}))
+        run.schedule = SCHEDULES[cfg.train.mode](run.start_generation)
+        return run
+
+    def start_generation(self, iteration: int) -> Pending:
+        """Draws iteration ``iteration``'s prompts and puts their generation in flight on the rollout actors, which
+        must hold at least the learners' current version by then."""
+        self.sampler_before = {i: s for i, s in self.sampler_before.items() if i >= self.iteration}
+        self.sampler_before[iteration] = self.sampler.state_dict()
+        prompts = self.sampler.next_batch()
+        return self.groups["rollout"].scatter("generate", prompts, iteration, min_version=self.version)
 
     def restarts(self) -> dict[str, int]:
         """``restarts/<role>``: actors Ray brought back; ``restarts/auto_resume``: whole-run resumes; so far."""
@@ -197,9 +210,9 @@ def train(run: PPORun, log: MetricsLog, from_checkpoint: bool = False) -> str | 
 def iteration(run: PPORun, phases: Phases) -> dict:
     """One PPO iteration: generate, score in parallel, advantages, train, push the new weights; the metrics row."""
     cfg, groups = run.cfg, run.groups
-    prompts = run.sampler.next_batch()
-    with phases.phase("generate"):
-        batch = phases.scatter(groups["rollout"], "generate", prompts, run.iteration, version=run.version).batch()
+    with phases.phase("generate"):  # the schedule (train.mode) decides whether this batch was generated already
+        phases.record(groups["rollout"].name, "generate")
+        batch = run.schedule.batch(run.iteration, cfg.train.iterations)
         if cfg.generation.enable_sleep:  # free the engines' memory for the learners; the next push wakes them
             phases.call(groups["rollout"], "sleep").get()
     with phases.phase("score"):  # reward, reference, critic and the learner's own log-probs, all in flight at once
@@ -226,8 +239,8 @@ def iteration(run: PPORun, phases: Phases) -> dict:
     else:  # its own clock overlaps the train phase: kept out of the phases, which add up to the iteration
         row["overlapped/weight_sync"] = pushed["seconds"]
     run.kl_ctl.update(adv_stats["kl"], len(batch))
-    stats = batch_stats(batch)
-    check_fresh_weights(batch, run.version, stats["logprob_mismatch"], cfg.sync.max_logprob_mismatch)
+    stats = batch_stats(batch, run.version)
+    check_fresh_weights(batch, run.version, run.schedule.max_staleness, stats, cfg.sync.max_logprob_mismatch)
     run.iteration, run.version = run.iteration + 1, run.version + 1
     return {**row, **stats, **adv_stats, **train_stats, "weight_sync_bytes": pushed["bytes"], **run.restarts()}
 
@@ -257,7 +270,8 @@ def save_checkpoint(run: PPORun) -> None:
         {
             "next_iteration": run.iteration,
             "version": run.version,
-            "sampler": run.sampler.state_dict(),
+            # where the prompts of the next iteration start: one whose generation is in flight is drawn again
+            "sampler": run.sampler_before.get(run.iteration, run.sampler.state_dict()),
             "kl_coef": run.kl_ctl.value,
             "run_id": rd.run_id,
             "defining": rd.defining,
@@ -291,23 +305,25 @@ def resume(run: PPORun) -> None:
     print(f"resumed from {path}: next iteration {run.iteration}, policy version {run.version}")
 
 
-def check_fresh_weights(batch: pa.RecordBatch, version: int, mismatch: float, limit: float) -> None:
-    """Stale weights are an error, not a curiosity (TRL #5312): every sample must come from the current version,
-    and the engine's log-probs must agree with the learner's for the same tokens."""
+def check_fresh_weights(batch: pa.RecordBatch, version: int, max_staleness: int, stats: dict, limit: float) -> None:
+    """Stale weights are an error, not a curiosity (TRL #5312): every sample must come from the learners' version or
+    at most ``max_staleness`` before it (the schedule's bound), and where the engine ran the learners' current
+    weights its log-probs must agree with theirs for the same tokens."""
     versions = set(batch.column(S.POLICY_VERSION).to_pylist())
-    if versions != {version}:
+    if not versions <= set(range(version - max_staleness, version + 1)):
         raise RuntimeError(
-            f"samples carry policy versions {sorted(versions)}, expected only {version}: a rollout "
-            f"actor missed a weight sync"
+            f"samples carry policy versions {sorted(versions)}, expected {version} or at most {max_staleness} "
+            f"before it (train.mode): a rollout actor missed a weight sync"
         )
-    if not mismatch <= limit:  # NaN too
+    mismatch = stats["logprob_mismatch"]
+    if stats["logprob_checked_samples"] and not mismatch <= limit:  # NaN too
         raise RuntimeError(
             f"rollout and learner log-probs differ by {mismatch:.4f} per token on average (limit "
             f"sync.max_logprob_mismatch={limit}): the rollout engine is not running the learner's weights"
         )
 
 
-def batch_stats(batch: pa.RecordBatch) -> dict[str, float]:
+def batch_stats(batch: pa.RecordBatch, version: int) -> dict[str, float]:
     reward = batch.column(S.REWARD).to_numpy(zero_copy_only=False)
     skipped = np.isnan(reward).any()  # train.on_nonfinite=skip leaves NaN on the samples it dropped
     mean, std = (np.nanmean, np.nanstd) if skipped else (np.mean, np.std)
@@ -315,8 +331,12 @@ def batch_stats(batch: pa.RecordBatch) -> dict[str, float]:
     rollout, mask = to_padded(batch, S.ROLLOUT_LOGPROBS, dtype=torch.float32)
     learner, _ = to_padded(batch, S.OLD_LOGPROBS, dtype=torch.float32)
     n_tokens = int(mask.sum())
-    # Stale-weight guard: right after a sync the engine and the learner must agree on every token's log-prob.
-    mismatch = float(((rollout - learner).abs() * mask).sum() / max(1, n_tokens))
+    # Stale-weight guard: right after a sync the engine and the learner must agree on every token's log-prob; only
+    # samples of the learner's version can be compared (one_step_off: the first batch, and ones regenerated).
+    current = torch.from_numpy(batch.column(S.POLICY_VERSION).to_numpy(zero_copy_only=False) == version)
+    checked = mask if bool(current.all()) else mask * current[:, None]
+    n_checked = int(checked.sum())
+    mismatch = float(((rollout - learner).abs() * checked).sum() / n_checked) if n_checked else math.nan
     return {
         "reward_mean": float(mean(reward)),
         "reward_std": float(std(reward)),
@@ -325,6 +345,8 @@ def batch_stats(batch: pa.RecordBatch) -> dict[str, float]:
         "generated_tokens": n_tokens,
         "total_tokens": timing.batch_tokens(batch),  # prompts and responses: the throughput's numerator
         "logprob_mismatch": mismatch,
+        "logprob_checked_samples": int(current.sum()),
+        "staleness": int(version - batch.column(S.POLICY_VERSION).to_numpy(zero_copy_only=False).min()),
     }
 
 

@@ -48,13 +48,13 @@ class RolloutWorker:
         self.version = 0
 
     def generate(
-        self, prompts: pa.RecordBatch, iteration: int, greedy: bool = False, version: int | None = None
+        self, prompts: pa.RecordBatch, iteration: int, greedy: bool = False, min_version: int | None = None
     ) -> pa.RecordBatch:
         """Adds response_ids, rollout_logprobs, response_text and policy_version to a batch of prompts; with
-        ``version``, refuses (``StaleStateError``) unless the engine holds that policy version."""
-        if version is not None and version != self.version:
+        ``min_version``, refuses (``StaleStateError``) unless the engine holds that policy version or a newer one."""
+        if min_version is not None and self.version < min_version:
             raise StaleStateError(
-                f"rollout actor {self.rank} holds policy version {self.version}, the run is at {version}: it "
+                f"rollout actor {self.rank} holds policy version {self.version}, the run is at {min_version}: it "
                 f"restarted, or missed a weight push"
             )
         gen = self.cfg.generation
