@@ -87,6 +87,34 @@ def test_recipes_have_their_shape():
     assert two.roles.reserved("num_gpus") == 16 and two.train.zero_stage == 3 and two.ray.address == "auto"
 
 
+@pytest.mark.parametrize(
+    "overrides, skips",
+    [
+        ([], True),  # the GRPO recipe: one step per batch on on-policy samples
+        (["train.recompute_old_logprobs=always"], False),
+        (["train.ppo_epochs=2"], False),
+        (["train.mini_batches=2"], False),
+        (["train.mode=one_step_off"], False),
+        (["algo.off_policy=tis", "algo.tis_cap=2"], False),
+        (["algo.tis_cap=2"], False),  # tis_cap alone means tis
+        (["algo.off_policy=icepop"], False),
+        (["algo.kl_mode=reward"], True),  # the KL penalty then reads the rollout engine's log-probs
+    ],
+)
+def test_old_logprobs_are_skipped_only_for_one_on_policy_step(overrides, skips):
+    cfg = load(*overrides, path=GRPO)
+    assert cfg.train.recompute_old_logprobs == (
+        "always" if "train.recompute_old_logprobs=always" in overrides else "auto"
+    )
+    assert cfg.train.skips_old_logprobs(cfg.algo) is skips
+
+
+def test_the_default_recomputes_old_logprobs():
+    cfg = load_config(None)  # PPO: 2 epochs of 2 mini-batches, so auto keeps the pass
+    assert cfg.train.recompute_old_logprobs == "auto" and not cfg.train.skips_old_logprobs(cfg.algo)
+    assert cfg.sync.check_every == 10
+
+
 def test_relative_paths_resolve_against_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load(path=TINY)
@@ -218,6 +246,7 @@ def test_type_and_choice_errors(override, message):
         ("generation.top_p=1.5", "generation.top_p", "in (0, 1]"),
         ("generation.top_p=.nan", "generation.top_p", "in (0, 1]"),
         ("train.iterations=0", "train.iterations", ">= 1"),
+        ("sync.check_every=0", "sync.check_every", ">= 1"),
     ],
 )
 def test_range_errors(override, key, rng):

@@ -187,3 +187,33 @@ def test_one_step_off_trains_on_samples_one_version_behind_and_resumes(tiny_cfg,
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert [r["staleness"] for r in rows[2:]] == [0, 1]  # regenerated on the resumed weights, then one behind
     assert all(np.isfinite(r["policy/loss"]) and np.isfinite(r["critic/value_loss"]) for r in rows)
+
+
+def test_one_on_policy_step_skips_the_old_logprob_pass(tiny_cfg, local_ray):
+    """GRPO with one optimizer step per batch in sync mode (train.recompute_old_logprobs=auto): the policy actors
+    compute log-probs only for the stale-weight alarm, every sync.check_every=2 iterations, on an eighth of the
+    batch; the loss takes the learner's own (ratio 1), and the run still learns."""
+    import math
+
+    from rlhf_dist.trainers.ppo import run
+
+    cfg = tiny_cfg(
+        "train.iterations=4",
+        "train.prompts_per_iteration=8",
+        "generation.max_new_tokens=6",
+        "train.ppo_epochs=1",
+        "train.mini_batches=1",
+        "sync.check_every=2",
+        "logging.plot=false",
+        path="configs/grpo_tiny_cpu.yaml",
+    )
+    assert cfg.train.skips_old_logprobs(cfg.algo)
+    rows = [json.loads(line) for line in open(run(cfg)["metrics_path"])]
+    assert [r["policy_version"] for r in rows] == [0, 1, 2, 3]
+    assert ["compute/policy/logprobs" in r for r in rows] == [True, False, True, False]
+    assert [r["logprob_checked_samples"] for r in rows] == [4, 0, 4, 0]  # 8 prompts x 4 samples / 8
+    assert all(r["logprob_mismatch"] < 1e-3 for r in rows[::2]) and all(
+        math.isnan(r["logprob_mismatch"]) for r in rows[1::2]
+    )
+    assert all(np.isfinite(r["policy/loss"]) and r["policy/grad_norm"] > 0 for r in rows)
+    assert all(r["policy/ratio_mean"] == 1.0 and r["policy/approx_kl"] == 0.0 for r in rows)

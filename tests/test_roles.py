@@ -3,6 +3,7 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from rlhf_dist.data import schema as S
 from rlhf_dist.trainers.ppo import merge_columns
@@ -184,3 +185,84 @@ def test_policy_learner_corrects_stale_samples(tiny_cfg, rollout, prompts):
     masked, _ = train("icepop", k_of=lambda t: 10.0)
     assert masked["policy/icepop_masked_frac"] == 1.0 and masked["policy/is_weight_mean"] == 0.0
     assert masked["policy/loss"] == 0.0 and masked["policy/grad_norm"] == 0.0
+
+
+def test_policy_learner_takes_its_own_log_probs_as_old_at_one_on_policy_step(tiny_cfg, rollout, prompts):
+    """train.recompute_old_logprobs=auto with one step on on-policy samples: the batch carries no old_logprobs and the
+    learner takes its forward pass's, detached. That is the step an explicit column of its current log-probs gives
+    (always): the same loss (ratio 1 on every token: -mean(A)), the same gradient, the same new weights."""
+    from rlhf_dist.comm.process_group import find_free_port
+    from rlhf_dist.data.batch import add_column
+    from rlhf_dist.workers.policy import PolicyWorker
+
+    one_step = ("train.prompts_per_iteration=8", "train.engine=torch", "generation.max_new_tokens=8")
+    one_step += ("train.ppo_epochs=1", "train.mini_batches=1", "algo.kl_mode=loss", "algo.kl_estimator=k3")
+    auto, always = tiny_cfg(*one_step), tiny_cfg(*one_step, "train.recompute_old_logprobs=always")
+    assert auto.train.skips_old_logprobs(auto.algo) and not always.train.skips_old_logprobs(always.algo)
+    samples = rollout.generate(prompts, iteration=6)
+    lengths = samples.column(S.RESPONSE_IDS).value_lengths().to_pylist()
+    adv = [[1.0 if i % 2 == 0 else -0.5] * n for i, n in enumerate(lengths)]
+    ref = [[lp - 0.1 * (t % 2) for t, lp in enumerate(row)] for row in samples.column(S.ROLLOUT_LOGPROBS).to_pylist()]
+    batch = add_column(samples, S.ADVANTAGES, pa.array(adv, S.PER_TOKEN))
+    batch = add_column(batch, S.REF_LOGPROBS, pa.array(ref, S.PER_TOKEN))
+
+    stats, weights = {}, {}
+    for mode, cfg in (("auto", auto), ("always", always)):
+        policy = PolicyWorker(cfg, 0, 1)  # both start from the same saved tiny model
+        policy.init_group("127.0.0.1", find_free_port("127.0.0.1"))
+        given = batch if mode == "auto" else merge_columns(batch, policy.logprobs(batch))
+        assert (S.OLD_LOGPROBS in given.schema.names) == (mode == "always")
+        stats[mode] = policy.train(given)
+        weights[mode] = {n: p.detach().clone() for n, p in policy.engine.module.named_parameters()}
+    tokens = [a for row in adv for a in row]
+    expected = -sum(tokens) / len(tokens) + auto.algo.kl_coef * stats["auto"]["policy/kl_to_ref"]
+    assert stats["auto"]["policy/loss"] == pytest.approx(expected, rel=1e-6)
+    assert stats["auto"]["policy/ratio_mean"] == 1.0 and stats["auto"]["policy/approx_kl"] == 0.0
+    for key in ("policy/loss", "policy/grad_norm", "policy/kl_to_ref", "policy/entropy", "policy/clip_frac"):
+        assert stats["auto"][key] == pytest.approx(stats["always"][key], rel=1e-5, abs=1e-7), key
+    assert stats["auto"]["policy/grad_norm"] > 0
+    for name, w in weights["auto"].items():
+        torch.testing.assert_close(w, weights["always"][name], rtol=1e-5, atol=1e-7)
+
+
+def test_the_stale_weight_alarm_checks_a_sample_when_old_logprobs_are_not_recomputed(tiny_cfg, rollout, prompts):
+    """Without the old log-prob pass the driver asks the learner for a seeded eighth of the batch every
+    sync.check_every iterations: it agrees with the engine on current weights and raises once the weights differ."""
+    from rlhf_dist.comm.process_group import find_free_port
+    from rlhf_dist.trainers.ppo import alarm_sample, batch_stats, check_fresh_weights
+    from rlhf_dist.workers.policy import PolicyWorker
+    from rlhf_dist.workers.reward import RewardWorker
+
+    cfg = tiny_cfg(
+        "train.prompts_per_iteration=8",
+        "train.engine=torch",
+        "generation.max_new_tokens=8",
+        "train.micro_batch_size=2",  # chunks of the sample, not the config's count for the whole batch
+        "sync.check_every=3",
+    )
+    policy = PolicyWorker(cfg, 0, 1)
+    policy.init_group("127.0.0.1", find_free_port("127.0.0.1"))
+    samples = rollout.generate(prompts, iteration=7)
+    batch = merge_columns(samples, RewardWorker(cfg).score(samples))
+    assert alarm_sample(batch, cfg, 1, ranks=1) is None and alarm_sample(batch, cfg, 5, ranks=1) is None
+    sample = alarm_sample(batch, cfg, 6, ranks=1)
+    assert len(sample) == 1 and sample.equals(alarm_sample(batch, cfg, 6, ranks=1))  # 8 samples / 8, repeatable
+    three = alarm_sample(samples, cfg, 0, ranks=3)  # at least one per rank, equal shards
+    assert len(three) == 3 and len(policy.logprobs(three, subset=True).column(S.OLD_LOGPROBS)) == 3
+
+    def stats():
+        return batch_stats(batch, 0, merge_columns(sample, policy.logprobs(sample, subset=True)))
+
+    fresh = stats()
+    assert fresh["logprob_checked_samples"] == 1 and fresh["logprob_mismatch"] < 1e-4
+    check_fresh_weights(batch, 0, 0, fresh, cfg.sync.max_logprob_mismatch)
+    unchecked = batch_stats(batch, 0)
+    assert unchecked["logprob_checked_samples"] == 0 and np.isnan(unchecked["logprob_mismatch"])
+    check_fresh_weights(batch, 0, 0, unchecked, cfg.sync.max_logprob_mismatch)
+    with torch.no_grad():  # the learner moves on; the engine missed the push
+        for p in policy.engine.module.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    stale = stats()
+    assert stale["logprob_mismatch"] > cfg.sync.max_logprob_mismatch
+    with pytest.raises(RuntimeError, match="rollout and learner log-probs differ"):
+        check_fresh_weights(batch, 0, 0, stale, cfg.sync.max_logprob_mismatch)

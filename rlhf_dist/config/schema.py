@@ -157,6 +157,12 @@ class TrainConfig:
         "sync: generate, then train on it; one_step_off: the next batch is generated while this one trains "
         "(samples one policy version behind; pair with algo.off_policy)",
     )
+    recompute_old_logprobs: Literal["auto", "always"] = option(
+        "auto",
+        "the policy's log-probs of the samples before its update (a forward pass over the batch): auto = skipped "
+        "where they equal the learner's own at its one step (ppo_epochs=1, mini_batches=1, mode=sync, "
+        "algo.off_policy none), the KL penalty then reads the rollout engine's; always = every iteration",
+    )
     on_nonfinite: Literal["stop", "skip"] = option(
         "stop",
         "a NaN/inf reward, advantage, loss or gradient: stop naming it, or skip (drop the samples from the loss, "
@@ -165,6 +171,18 @@ class TrainConfig:
     max_skipped_steps: int = option(
         20, "optimizer steps skipped in a row (non-finite gradients, fp16 overflow) that stop the run", ge=1
     )
+
+    def skips_old_logprobs(self, algo: AlgoConfig) -> bool:
+        """Whether the policy's old log-probs are not recomputed (``recompute_old_logprobs=auto``): with one optimizer
+        step on on-policy samples and no off-policy correction (which needs them as the proximal policy), they equal
+        the detached log-probs of the learner's own forward pass at that step."""
+        one_step = self.ppo_epochs == 1 and self.mini_batches == 1
+        return (
+            self.recompute_old_logprobs == "auto"
+            and one_step
+            and self.mode == "sync"
+            and algo.off_policy_correction() == "none"
+        )
 
 
 @dataclass
@@ -252,6 +270,12 @@ class SyncConfig:
     bucket_mb: int = option(64, "weights are flattened into buckets of this size, one send per bucket", ge=1)
     max_logprob_mismatch: float = option(
         0.1, "mean |rollout - learner| log-prob gap after a sync above which the run fails (stale weights)", gt=0
+    )
+    check_every: int = option(
+        10,
+        "iterations between the log-prob gap checks (on a seeded eighth of the batch) where the policy's old "
+        "log-probs are not recomputed (train.recompute_old_logprobs); 1 = every iteration",
+        ge=1,
     )
 
 

@@ -33,16 +33,20 @@ def compute_advantages(
 
     The KL leash: with ``algo.kl_mode == "reward"`` every token's reward is ``-kl_coef * kl``, and the sequence score
     lands on the last token; with ``"loss"`` the policy loss carries the KL instead and rewards are the score alone.
+    ``kl`` is KL(old || ref) per token, old being the learner's ``old_logprobs``; a batch without them (not recomputed:
+    ``train.recompute_old_logprobs``, sync mode) uses the rollout engine's, of the same weights: they differ only by
+    the engines' numerics, which the driver's stale-weight alarm bounds (``sync.max_logprob_mismatch``).
 
     A NaN or inf in an input or in the advantages raises NonFiniteError naming it (``on_nonfinite="stop"``), or
     (``"skip"``) the sample is left out of every batch statistic (baselines, whitening, KL) and gets NaN advantages
     and returns, which the learners read as "not trained on"; ``nonfinite/skipped_samples`` counts them.
     """
     lengths = batch.column(S.RESPONSE_IDS).value_lengths().to_numpy(zero_copy_only=False).copy()
-    logprobs, mask = to_padded(batch, S.OLD_LOGPROBS, dtype=torch.float32)
+    old = S.OLD_LOGPROBS if S.OLD_LOGPROBS in batch.schema.names else S.ROLLOUT_LOGPROBS
+    logprobs, mask = to_padded(batch, old, dtype=torch.float32)
     inputs = {
         S.REWARD: torch.from_numpy(batch.column(S.REWARD).to_numpy(zero_copy_only=False).astype(np.float32)),
-        S.OLD_LOGPROBS: logprobs,
+        old: logprobs,
         S.REF_LOGPROBS: to_padded(batch, S.REF_LOGPROBS, dtype=torch.float32)[0],
     }
     if algo.estimator == "gae":
@@ -57,14 +61,14 @@ def compute_advantages(
                 _check(rows, name, x, batch, iteration)
             bad |= rows
     if not bad.any():
-        advantages, returns, stats = _advantages(inputs, mask.float(), algo, kl_coef)
+        advantages, returns, stats = _advantages(inputs, mask.float(), algo, kl_coef, old)
     else:  # the math runs on the finite samples alone; the others get NaN
         keep = ~bad
         if algo.estimator == "rloo":
             keep = whole_groups(keep, inputs[S.GROUP_ID], min_kept=2)
         index = torch.nonzero(keep).flatten()
         kept = {name: x[index] for name, x in inputs.items()}
-        kept_adv, kept_ret, stats = _advantages(kept, mask[index].float(), algo, kl_coef)
+        kept_adv, kept_ret, stats = _advantages(kept, mask[index].float(), algo, kl_coef, old)
         advantages = torch.full(mask.shape, float("nan")).index_copy_(0, index, kept_adv)
         returns = None if kept_ret is None else torch.full(mask.shape, float("nan")).index_copy_(0, index, kept_ret)
         bad = ~keep
@@ -84,10 +88,11 @@ def compute_advantages(
 
 
 def _advantages(
-    x: dict[str, torch.Tensor], mask_f: torch.Tensor, algo, kl_coef: float
+    x: dict[str, torch.Tensor], mask_f: torch.Tensor, algo, kl_coef: float, old: str
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-    """(advantages, returns or None, stats) of the samples in ``x``, all of them finite."""
-    kl = kl_estimate(x[S.OLD_LOGPROBS], x[S.REF_LOGPROBS], mask_f, algo.kl_estimator)
+    """(advantages, returns or None, stats) of the samples in ``x``, all of them finite; ``old`` names the policy's
+    log-probs in it."""
+    kl = kl_estimate(x[old], x[S.REF_LOGPROBS], mask_f, algo.kl_estimator)
     penalty = -kl_coef * kl if algo.kl_mode == "reward" else torch.zeros_like(kl)
     scores = x[S.REWARD]
     stats = {"kl": float(masked_mean(kl, mask_f)), "kl_coef": kl_coef}

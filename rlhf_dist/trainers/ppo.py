@@ -50,6 +50,7 @@ CONSOLE_KEYS = (
     "time/iteration",
 )
 PLOT_KEYS = ("reward_mean", "gold_reward_mean", "kl")
+CHECK_SHARE = 8  # without the old log-prob pass, the stale-weight alarm checks 1 in CHECK_SHARE samples
 LEARNERS = tuple(r.name for r in ROLE_TABLE if r.learner)
 
 
@@ -219,11 +220,17 @@ def iteration(run: PPORun, phases: Phases) -> dict:
         pending = [
             phases.scatter(groups["reward"], "score", batch),
             phases.scatter(groups["reference"], "logprobs", batch),
-            phases.scatter(groups["policy"], "logprobs", batch),
         ]
+        own_old = cfg.train.skips_old_logprobs(cfg.algo)  # one on-policy step: the policy loss takes its own
+        if not own_old:
+            pending.append(phases.scatter(groups["policy"], "logprobs", batch))
+        # then the stale-weight alarm's share of the batch, every sync.check_every iterations
+        sample = alarm_sample(batch, cfg, run.iteration, len(groups["policy"].actors)) if own_old else None
+        sampled = phases.scatter(groups["policy"], "logprobs", sample, subset=True) if sample is not None else None
         if "critic" in groups:
             pending.append(phases.scatter(groups["critic"], "values", batch))
         batch = merge_columns(batch, *(p.batch() for p in pending))
+        sample = merge_columns(sample, sampled.batch()) if sampled is not None else None
     with phases.phase("advantages", on_driver=True):
         batch, adv_stats = compute_advantages(
             batch, cfg.algo, run.kl_ctl.value, on_nonfinite=cfg.train.on_nonfinite, iteration=run.iteration
@@ -239,7 +246,7 @@ def iteration(run: PPORun, phases: Phases) -> dict:
     else:  # its own clock overlaps the train phase: kept out of the phases, which add up to the iteration
         row["overlapped/weight_sync"] = pushed["seconds"]
     run.kl_ctl.update(adv_stats["kl"], len(batch))
-    stats = batch_stats(batch, run.version)
+    stats = batch_stats(batch, run.version, sample)
     check_fresh_weights(batch, run.version, run.schedule.max_staleness, stats, cfg.sync.max_logprob_mismatch)
     run.iteration, run.version = run.iteration + 1, run.version + 1
     return {**row, **stats, **adv_stats, **train_stats, "weight_sync_bytes": pushed["bytes"], **run.restarts()}
@@ -323,20 +330,41 @@ def check_fresh_weights(batch: pa.RecordBatch, version: int, max_staleness: int,
         )
 
 
-def batch_stats(batch: pa.RecordBatch, version: int) -> dict[str, float]:
-    reward = batch.column(S.REWARD).to_numpy(zero_copy_only=False)
-    skipped = np.isnan(reward).any()  # train.on_nonfinite=skip leaves NaN on the samples it dropped
-    mean, std = (np.nanmean, np.nanstd) if skipped else (np.mean, np.std)
-    gold = batch.column(S.GOLD_REWARD).to_numpy(zero_copy_only=False)
+def alarm_sample(batch: pa.RecordBatch, cfg: RunConfig, iteration: int, ranks: int) -> pa.RecordBatch | None:
+    """Every ``sync.check_every`` iterations (from the first), the samples whose learner log-probs the stale-weight
+    alarm compares with the engine's where the whole batch's are not computed: a 1/CHECK_SHARE share, a multiple of
+    the policy's ``ranks`` (equal shards), drawn from (seed, iteration) so a run is repeatable. None on the others."""
+    if iteration % cfg.sync.check_every:
+        return None
+    k = min(len(batch), ranks * math.ceil(math.ceil(len(batch) / CHECK_SHARE) / ranks))
+    rows = np.random.default_rng((cfg.seed, iteration)).choice(len(batch), size=k, replace=False)
+    return batch.take(pa.array(np.sort(rows)))
+
+
+def logprob_mismatch(batch: pa.RecordBatch, version: int) -> tuple[float, int]:
+    """Stale-weight guard: right after a sync the engine and the learner must agree on every token's log-prob; only
+    samples of the learner's version can be compared (one_step_off: the first batch, and ones regenerated). Returns
+    the mean |rollout - learner| per token over them, and how many samples that is."""
     rollout, mask = to_padded(batch, S.ROLLOUT_LOGPROBS, dtype=torch.float32)
     learner, _ = to_padded(batch, S.OLD_LOGPROBS, dtype=torch.float32)
-    n_tokens = int(mask.sum())
-    # Stale-weight guard: right after a sync the engine and the learner must agree on every token's log-prob; only
-    # samples of the learner's version can be compared (one_step_off: the first batch, and ones regenerated).
     current = torch.from_numpy(batch.column(S.POLICY_VERSION).to_numpy(zero_copy_only=False) == version)
     checked = mask if bool(current.all()) else mask * current[:, None]
     n_checked = int(checked.sum())
     mismatch = float(((rollout - learner).abs() * checked).sum() / n_checked) if n_checked else math.nan
+    return mismatch, int(current.sum())
+
+
+def batch_stats(batch: pa.RecordBatch, version: int, sample: pa.RecordBatch | None = None) -> dict[str, float]:
+    """The batch's metrics; the log-prob gap over its ``old_logprobs``, else over ``sample`` (a part of it with the
+    learner's log-probs: alarm_sample), else none is checked (``logprob_checked_samples`` 0)."""
+    reward = batch.column(S.REWARD).to_numpy(zero_copy_only=False)
+    skipped = np.isnan(reward).any()  # train.on_nonfinite=skip leaves NaN on the samples it dropped
+    mean, std = (np.nanmean, np.nanstd) if skipped else (np.mean, np.std)
+    gold = batch.column(S.GOLD_REWARD).to_numpy(zero_copy_only=False)
+    mask = to_padded(batch, S.ROLLOUT_LOGPROBS, dtype=torch.float32)[1]
+    n_tokens = int(mask.sum())
+    checked = batch if S.OLD_LOGPROBS in batch.schema.names else sample
+    mismatch, n_checked = logprob_mismatch(checked, version) if checked is not None else (math.nan, 0)
     return {
         "reward_mean": float(mean(reward)),
         "reward_std": float(std(reward)),
@@ -345,7 +373,7 @@ def batch_stats(batch: pa.RecordBatch, version: int) -> dict[str, float]:
         "generated_tokens": n_tokens,
         "total_tokens": timing.batch_tokens(batch),  # prompts and responses: the throughput's numerator
         "logprob_mismatch": mismatch,
-        "logprob_checked_samples": int(current.sum()),
+        "logprob_checked_samples": n_checked,
         "staleness": int(version - batch.column(S.POLICY_VERSION).to_numpy(zero_copy_only=False).min()),
     }
 
