@@ -34,7 +34,7 @@ FAULTS = {  # name -> the process killed
     "driver": "driver",
 }
 # what a fault may change: how long things took and how often something was restarted
-NOT_COMPARED = ("time/", "compute/", "critical/", "overhead", "memory/", "overlapped/", "restarts/")
+NOT_COMPARED = ("time/", "compute/", "critical/", "overhead", "memory/", "overlapped/", "restarts/", "throughput/")
 # what the run printed about healing, for the "what the run did" column
 HEAL_LINES = re.compile(r"restarted \(\d+ so far\)|auto-resume \d+/\d+|was killed by \w+; resuming|resumed from \S+")
 
@@ -72,7 +72,8 @@ def rows(path: Path) -> list[dict]:
 
 def run_job(out: Path, iters: int, kills: list[tuple[int, str]], extra: list[str]) -> dict:
     """`rlhf-dist train` on the tiny job into `out`; for each (rows, target) of `kills`, once the metrics file has
-    that many rows, SIGKILLs the target (a FAULTS value) in the job's process tree."""
+    that many rows, SIGKILLs the target (a FAULTS value) in the job's process tree, then waits until the iteration
+    that was in flight is logged (after a resume, logged again): the seconds in between are its time to recover."""
     overrides = [
         f"output_dir={out}",
         f"train.iterations={iters}",
@@ -94,13 +95,16 @@ def run_job(out: Path, iters: int, kills: list[tuple[int, str]], extra: list[str
             stderr=subprocess.STDOUT,
         )
         try:
-            while todo and job.poll() is None:
-                after, target = todo[0]
-                pid = victim(job, target) if len(rows(out / "metrics.jsonl")) >= after else None
-                if pid:
+            in_flight = None  # (iteration, kill time) of the last kill until that iteration is logged
+            while (todo or in_flight) and job.poll() is None:
+                logged = len(rows(out / "metrics.jsonl"))
+                if in_flight is not None and logged > in_flight[0]:
+                    killed[-1] = (*killed[-1], time.monotonic() - in_flight[1])
+                    in_flight = None
+                elif in_flight is None and logged >= todo[0][0] and (pid := victim(job, todo[0][1])):
                     os.kill(pid, signal.SIGKILL)
-                    killed.append((target, time.monotonic() - t0))
-                    todo.pop(0)
+                    in_flight = (logged, time.monotonic())
+                    killed.append((todo.pop(0)[1], in_flight[1] - t0))
                 time.sleep(0.05)
             rc = job.wait(timeout=1800)
         finally:
@@ -139,14 +143,17 @@ def main() -> None:
         results.append({"fault": fault, **run_job(base / fault, args.iters, kills, args.overrides)})
     info = machine()
     lines = []
+    iteration_s = sorted(r["time/iteration"] for r in straight["rows"])[len(straight["rows"]) // 2]
     for r in results[1:]:
-        r["recover_s"] = r["wall_s"] - straight["wall_s"]
+        r["recover_s"] = r["killed"][0][2] if r["killed"] and len(r["killed"][0]) > 2 else None
         r["identical"] = r["rc"] == 0 and same_metrics(r["rows"], straight["rows"])
-        did = "; ".join(r["healing"]) or "nothing (the fault was not noticed)"
+        did = "; ".join(h.rstrip(":") for h in r["healing"]) or "nothing (the fault was not noticed)"
         done = "finished" if r["rc"] == 0 else f"failed (exit {r['rc']})"
         lines.append([f"SIGKILL {r['fault']}", f"{did}; {done}", r["recover_s"], "yes" if r["identical"] else "no"])
-    print(f"uninterrupted: {straight['wall_s']:.1f} s for {args.iters} iterations; {load_line(info)}")
-    print(table(["fault injected", "what the run did", "time to recover (s)", "metrics identical"], lines, ".1f"))
+    print(f"uninterrupted: {straight['wall_s']:.1f} s, {args.iters} iterations, median {iteration_s:.2f} s each")
+    print(load_line(info))
+    headers = ["fault injected", "what the run did", "kill to the killed iteration logged (s)", "metrics identical"]
+    print(table(headers, lines, ".1f"))
     for r in results:
         del r["rows"]
     path = write_json("healing", {"machine": info, "iterations": args.iters, "runs": results})
