@@ -6,8 +6,11 @@ Timings (submit -> job start, total) are printed: run with `-s` to see them.
 """
 
 import json
+import os
+import signal
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -203,36 +206,80 @@ def test_scripts_refuse_when_ray_already_runs(cluster):
 @pytest.mark.slow
 def test_ppo_job_over_two_nodes(cluster, tiny_model, tmp_path):
     """`rlhf-dist submit configs/tiny_cpu.yaml` on the two-node cluster: the two policy learners land on different
-    nodes (placement=spread), form one process group across them, and the run finishes with its metrics."""
+    nodes (placement=spread), form one process group across them, and the run finishes with its metrics. Midway the
+    job's driver is SIGKILLed: the job's `rlhf-dist train` (its supervisor) starts it again, and it resumes from the
+    run's last checkpoint on the same cluster."""
     out = tmp_path / "run"
     overrides = [
         f"model.policy={tiny_model}",
         f"output_dir={out}",
-        "train.iterations=2",
+        "train.iterations=4",
         "train.prompts_per_iteration=8",
         "generation.max_new_tokens=6",
         "logging.plot=false",
         "logging.progress_bar=false",
         "roles.policy.num_actors=2",
         "roles.policy.placement=spread",
+        "checkpoint.save_every=2",
         "ray.actor_timeout_s=180",
     ]  # a hang fails in minutes, not the default 10
-    proc = client(
-        cluster,
-        f"""
-        rc = S.submit({str(REPO / "configs/tiny_cpu.yaml")!r}, {overrides!r}, ADDR, working_dir={str(REPO)!r})
-        print("JOB_END", time.time(), flush=True)
-        from ray.util.state import list_actors
-        learners = list_actors(address=ADDR, filters=[("class_name", "=", "PolicyWorker")], detail=True)
-        print("POLICY_NODES", json.dumps(sorted({{a.node_id for a in learners}})), flush=True)
-        sys.exit(rc)
-    """,
-        timeout=800,
-    )
-    assert len(json.loads(stamp(proc.stdout, "POLICY_NODES"))) == 2, proc.stdout[-3000:]
+    killer = DriverKiller(out, after_rows=3)
+    killer.start()
+    try:
+        proc = client(
+            cluster,
+            f"""
+            rc = S.submit({str(REPO / "configs/tiny_cpu.yaml")!r}, {overrides!r}, ADDR, working_dir={str(REPO)!r})
+            print("JOB_END", time.time(), flush=True)
+            from ray.util.state import list_actors
+            learners = list_actors(address=ADDR, filters=[("class_name", "=", "PolicyWorker")], detail=True)
+            print("POLICY_NODES", json.dumps(sorted({{a.node_id for a in learners}})), flush=True)
+            sys.exit(rc)
+        """,
+            timeout=800,
+        )
+    finally:
+        killer.stop.set()
+        killer.join(timeout=5)
+    assert killer.killed, "the job's driver was never found to kill"
+    assert len(json.loads(stamp(proc.stdout, "POLICY_NODES"))) >= 2, proc.stdout[-3000:]
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stdout
+    assert "was killed by SIGKILL; resuming from the last complete checkpoint (1/2)" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert len(json.loads((out / "run.json").read_text())["attempts"]) == 2
     submit_at = float(stamp(proc.stdout, "SUBMIT_AT"))
-    print(f"\n[ppo job] submit -> done {float(stamp(proc.stdout, 'JOB_END')) - submit_at:.1f} s")
+    print(f"\n[ppo job] submit -> done {float(stamp(proc.stdout, 'JOB_END')) - submit_at:.1f} s, driver killed once")
+
+
+class DriverKiller(threading.Thread):
+    """SIGKILLs the job's driver once ``after_rows`` metrics rows are written: the process the job's supervisor
+    started (RLHF_DIST_DRIVER=1 in its environment) for this output dir. Same machine, so /proc shows it."""
+
+    def __init__(self, out, after_rows: int):
+        super().__init__(daemon=True)
+        self.out, self.after_rows, self.killed, self.stop = out, after_rows, [], threading.Event()
+
+    def driver(self) -> int | None:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                environ = open(f"/proc/{entry.name}/environ", "rb").read().split(b"\0")
+                cmdline = open(f"/proc/{entry.name}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"RLHF_DIST_DRIVER=1" in environ and str(self.out).encode() in cmdline:
+                return int(entry.name)
+        return None
+
+    def run(self):
+        metrics = self.out / "metrics.jsonl"
+        while not self.stop.wait(0.1):
+            rows = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            pid = self.driver() if rows >= self.after_rows else None
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                self.killed.append(pid)
+                return
