@@ -68,23 +68,6 @@ def test_weights_arrive_and_version_advances(tiny_cfg, local_ray):
             np.testing.assert_array_equal(w, learner[n].detach().numpy())
 
 
-def test_grpo_runs_without_critic(tiny_cfg, local_ray):
-    from rlhf_dist.trainers.ppo import run
-
-    cfg = tiny_cfg(
-        "train.iterations=2",
-        "train.prompts_per_iteration=4",
-        "generation.max_new_tokens=6",
-        "logging.plot=false",
-        path="configs/grpo_tiny_cpu.yaml",
-    )
-    assert cfg.roles.critic.num_actors == 0
-    summary = run(cfg)
-    rows = [json.loads(line) for line in open(summary["metrics_path"])]
-    assert len(rows) == 2 and "critic/value_loss" not in rows[0]
-    assert all(np.isfinite(r["policy/loss"]) for r in rows)
-
-
 def test_default_job_learns(tiny_model, tmp_path, capfd):
     """The embedded default through the CLI, shortened: it starts its own local Ray and the gold reward rises."""
     from rlhf_dist.cli import main
@@ -189,10 +172,10 @@ def test_one_step_off_trains_on_samples_one_version_behind_and_resumes(tiny_cfg,
     assert all(np.isfinite(r["policy/loss"]) and np.isfinite(r["critic/value_loss"]) for r in rows)
 
 
-def test_one_on_policy_step_skips_the_old_logprob_pass(tiny_cfg, local_ray):
-    """GRPO with one optimizer step per batch in sync mode (train.recompute_old_logprobs=auto): the policy actors
-    compute log-probs only for the stale-weight alarm, every sync.check_every=2 iterations, on an eighth of the
-    batch; the loss takes the learner's own (ratio 1), and the run still learns."""
+def test_grpo_without_critic_skips_the_old_logprob_pass(tiny_cfg, local_ray):
+    """GRPO (no critic actors) with one optimizer step per batch in sync mode (train.recompute_old_logprobs=auto):
+    the policy actors compute log-probs only for the stale-weight alarm, every sync.check_every=2 iterations, on an
+    eighth of the batch; the loss takes the learner's own (ratio 1), and the run still learns."""
     import math
 
     from rlhf_dist.trainers.ppo import run
@@ -207,8 +190,9 @@ def test_one_on_policy_step_skips_the_old_logprob_pass(tiny_cfg, local_ray):
         "logging.plot=false",
         path="configs/grpo_tiny_cpu.yaml",
     )
-    assert cfg.train.skips_old_logprobs(cfg.algo)
+    assert cfg.train.skips_old_logprobs(cfg.algo) and cfg.roles.critic.num_actors == 0
     rows = [json.loads(line) for line in open(run(cfg)["metrics_path"])]
+    assert "critic/value_loss" not in rows[0]
     assert [r["policy_version"] for r in rows] == [0, 1, 2, 3]
     assert ["compute/policy/logprobs" in r for r in rows] == [True, False, True, False]
     assert [r["logprob_checked_samples"] for r in rows] == [4, 0, 4, 0]  # 8 prompts x 4 samples / 8

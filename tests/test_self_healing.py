@@ -130,7 +130,7 @@ def test_chaos_random_kills_of_random_actors_end_in_identical_metrics(tiny_model
 
     rng = random.Random(7)
     roles = ("rollout", "reward", "reference", "policy", "critic")
-    plan = sorted((rng.randrange(1, ITERATIONS - 1), rng.uniform(0, 0.3), rng.choice(roles), 0) for _ in range(4))
+    plan = sorted((rng.randrange(1, ITERATIONS - 1), rng.uniform(0, 0.3), rng.choice(roles), 0) for _ in range(3))
     cfg = _cfg(tiny_model, tmp_path / "chaos", "checkpoint.max_auto_resume=4")
     with killing(monkeypatch, tmp_path / "chaos" / "metrics.jsonl", plan) as killer:
         healed = _rows(run(cfg)["metrics_path"])
