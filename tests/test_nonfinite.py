@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from test_training_engine import tiny_llama
 
 from rlhf_dist.algo import NonFiniteError, first_and_count, nonfinite_rows, whole_groups, zero_rows
 from rlhf_dist.config.schema import AlgoConfig
@@ -191,22 +192,6 @@ def test_reward_skip_lets_the_sample_through_as_nan_even_when_clipped(tiny_cfg):
 
 # ---------------------------------------------------------------------------------------------------------------
 # the engines: a step with a non-finite gradient norm is not applied, on every backend
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=32,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg)
 
 
 @pytest.fixture(scope="module")
