@@ -1,6 +1,7 @@
-"""train.mode side by side: sync vs one_step_off, for PPO with a critic and for GRPO, several seeds, interleaved in
-one run: samples/s, tokens/s per device (NeMo-RL's definition), and the gold reward reached after the same number of
-samples (learning must not suffer). A table on stdout; JSON in benchmarks/results/modes.json.
+"""Schedules and layouts side by side: sync vs one_step_off (= async, staleness 1) vs async staleness 2 vs streamed
+scoring vs the hybrid engine, for PPO with a critic and for GRPO, several seeds, interleaved in one run: samples/s,
+tokens/s per device (NeMo-RL's definition), and the gold reward reached after the same number of samples (learning
+must not suffer). A table on stdout; JSON in benchmarks/results/modes.json.
 
     python benchmarks/modes.py                       # both tiny CPU configs, 2 seeds, the configs' iteration counts
     python benchmarks/modes.py --seeds 3 --iters 40 --configs configs/grpo_tiny_cpu.yaml
@@ -20,6 +21,12 @@ MODES = {  # mode -> the overrides it runs with
     "sync": ["train.mode=sync"],
     # samples one version behind: the decoupled objective with truncated importance weights corrects for it
     "one_step_off": ["train.mode=one_step_off", "algo.off_policy=tis", "algo.tis_cap=2.0"],
+    # async with max_staleness=1 is one_step_off (the same schedule, orchestration/schedules.py)
+    "async_2": ["train.mode=async", "train.max_staleness=2", "algo.off_policy=tis", "algo.tis_cap=2.0"],
+    # sync, each rollout actor's share in 3 parts scored as they land
+    "stream_3": ["train.mode=sync", "train.stream_chunks=3"],
+    # sync, the engine inside the policy learner's process (no rollout actors, weights in memory)
+    "hybrid": ["train.mode=sync", "generation.hybrid_engine=true"],
 }
 CONFIGS = ("configs/tiny_cpu.yaml", "configs/grpo_tiny_cpu.yaml")
 TAIL = 5  # iterations the end-of-run gold reward is averaged over

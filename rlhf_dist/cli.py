@@ -94,6 +94,21 @@ def _add_init_tiny_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into DIR even if it is not empty")
 
 
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--policy", required=True, metavar="DIR", help="the policy to evaluate (a Hugging Face model dir)")
+    p.add_argument("--baseline", metavar="DIR", help="a policy to compare with (win rate under the judge)")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    args.output_dir = cfg.output_dir
+    check_paths(cfg)
+    check_imports(cfg)
+    _call("rlhf_dist.trainers.evaluate:run", cfg, args.policy, args.baseline)
+    return 0
+
+
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default="configs/tiny_cpu.yaml", help="YAML (default configs/tiny_cpu.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -113,6 +128,19 @@ def _bench(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("warmup", "iters", "name") if getattr(args, k) is not None}
     module.bench(args.config, args.overrides, **given)
     return 0
+
+
+def _add_label_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--summary", action="store_true", help="print the summary of the judgements so far and exit")
+
+
+def _label(args: argparse.Namespace) -> int:
+    """Serves the labelling page until Ctrl-C (its summary then), or with --summary prints the summary only."""
+    cfg = load_config(args.config, args.overrides)
+    args.output_dir = cfg.output_dir
+    check_paths(cfg)
+    return _call("rlhf_dist.label.app:summary" if args.summary else "rlhf_dist.label.app:serve", cfg)
 
 
 @dataclass(frozen=True)
@@ -155,6 +183,24 @@ COMMANDS = [
         "SFT -> collect -> reward model -> PPO and DPO -> comparison table",
         _add_config_args,
         run_job("rlhf_dist.trainers.pipeline:run"),
+    ),
+    Command(
+        "label",
+        "a web page where people judge answer pairs (judgements feed rm / dpo via label.sources); --summary",
+        _add_label_args,
+        _label,
+    ),
+    Command(
+        "eval",
+        "a policy (and a baseline) on held-out prompts: reward, gold, KL, length, distinct-n, win rate",
+        _add_eval_args,
+        _eval,
+    ),
+    Command(
+        "serve-reward",
+        "serve model.reward as a Ray Serve application (reward.serve) that jobs on the cluster share, until Ctrl-C",
+        _add_config_args,
+        run_job("rlhf_dist.orchestration.reward_serve:serve_reward"),
     ),
     Command(
         "submit",

@@ -5,14 +5,27 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 
+class Tracker(Protocol):
+    """Where rows go besides the JSONL file (rlhf_dist/trackers.py: TensorBoard, wandb, MLflow)."""
+
+    def log(self, row: dict) -> None: ...
+    def artifact(self, path: Path) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
+
+
 class MetricsLog:
-    def __init__(self, path: Path, resume: bool = False):
+    """The one interface the drivers log through: rows to ``path`` (JSON lines) and to ``trackers``, if any; used as
+    a context manager, the trackers are closed at the end (marked failed when the run raised)."""
+
+    def __init__(self, path: Path, resume: bool = False, trackers: Tracker | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.trackers = trackers
         self.rows: list[dict] = []
         if resume and self.path.exists():
             self.rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -33,6 +46,24 @@ class MetricsLog:
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def artifact(self, path: Path | None) -> None:
+        """A file of the run (the final plot) for the trackers to keep; None (no plot drawn) is skipped."""
+        if self.trackers is not None and path is not None:
+            self.trackers.artifact(Path(path))
+
+    def close(self, failed: bool = False) -> None:
+        if self.trackers is not None:
+            trackers, self.trackers = self.trackers, None
+            trackers.close(failed)
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        self.close(failed=kind is not None)
 
 
 def mean_of_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:

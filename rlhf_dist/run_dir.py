@@ -51,6 +51,7 @@ DEFINING_KEYS = {
     "rm": (*_COMMON, "rm.init", "rm.data.path"),
     "dpo": (*_COMMON, "dpo.reference", "dpo.data.path", "dpo.loss_type"),
     "pipeline": (*_COMMON, "algo.estimator", "pipeline.ppo_reward"),
+    "eval": (*_COMMON, "eval.prompts", "eval.samples"),  # each eval claims a new folder of its own
 }
 
 
@@ -63,6 +64,7 @@ def results(cfg: RunConfig, command: str) -> list[Path]:
         "train": [CHECKPOINTS, cfg.logging.metrics_file, "policy"],
         "collect": [] if cfg.collect.output else ["preferences.parquet"],
         "pipeline": [cfg.pipeline.table_file],
+        "eval": ["eval.json"],
     }.get(command, [f"{command}.metrics.jsonl"])
     return [out / n for n in names]
 

@@ -280,7 +280,8 @@ def test_empty_required_strings():
             "roles.policy.num_actors",
             "set roles.policy.num_actors=1",
         ),
-        (["roles.reference.num_actors=0"], "roles.reference.num_actors", "or algo.kl_coef=0"),
+        (["roles.reference.num_actors=0"], "roles.reference.num_actors", "set roles.reference.num_actors=1"),
+        (["roles.reference.num_actors=0", "algo.kl_coef=0"], "roles.reference.num_actors", "KL metric"),
         (
             ["roles.policy.num_actors=2", "roles.critic.num_actors=4", "train.prompts_per_iteration=3"],
             "train.prompts_per_iteration",

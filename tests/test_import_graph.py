@@ -16,17 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # The one statement of the layer order, lowest first: a module may import its own package and any lower layer; the
 # packages that share a layer do not import each other. config imports nothing of ours and sits at the bottom, where any
 # layer may use it (data reads the run config); metrics, checkpoint and run_dir (which reads the config and raises its
-# ConfigError) sit just above it, below everything else; doctor and submit are commands, imported only by the CLI.
+# ConfigError) sit just above it, below everything else; trackers (MetricsLog's rows to TensorBoard, wandb, MLflow,
+# filed under run_dir's run id) above those; doctor, submit and label are commands, imported only by the CLI.
 LAYERS = (
     ("config",),
     ("metrics", "checkpoint", "run_dir"),
+    ("trackers",),
     ("algo", "data", "comm"),
     ("models",),
     ("engines",),
     ("workers",),
     ("orchestration",),
     ("trainers",),
-    ("doctor", "submit", "supervise"),
+    ("doctor", "submit", "supervise", "label"),
     ("cli",),
 )
 # A reference as a string, resolved at run time: `_lazy("rlhf_dist.doctor:run")`, reward.function in a YAML.
@@ -191,6 +193,10 @@ DEFERRED = {
     "cli": "imported to build the CLI's parser: `rlhf-dist config` loads neither torch nor Ray",
     "torch": "doctor reports a broken torch instead of failing on it",
     "matplotlib": "optional; its backend is chosen only when a plot is drawn",
+    "trackers": "tensorboard, wandb, mlflow: optional (rlhf_dist[trackers]) and slow to import; loaded only when "
+    "logging.trackers names them",
+    "label": "`rlhf-dist label` serving collected pairs loads no torch; only on-demand sampling does",
+    "serve": "ray[serve] is optional (rlhf_dist[serve]) and slow to import; loaded only when reward.serve.enabled",
 }
 
 

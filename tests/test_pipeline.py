@@ -50,6 +50,8 @@ def test_pipeline_end_to_end(tiny_model, tmp_path, local_ray, capsys):
     assert p["base"]["kl_to_sft"] > max(p["ppo"]["kl_to_sft"], p["dpo"]["kl_to_sft"]) > 0
     # PPO optimised the reward model: its score is above the SFT model's.
     assert p["ppo"]["rm_score"] > p["sft"]["rm_score"]
+    # ... and wins most paired samples against it under the RM (SFT against itself: all ties, 0.5)
+    assert p["ppo"]["win_rate_vs_sft"] > 0.6 and p["sft"]["win_rate_vs_sft"] == 0.5, p
     rm = table["stages"]["rm"]
     assert rm["eval_last"]["accuracy"] > 0.55 and rm["eval_last"]["loss"] < rm["eval_first"]["loss"] - 0.05, rm
     prefs = table["preferences"]

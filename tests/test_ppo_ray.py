@@ -125,6 +125,74 @@ def test_engines_start_first_and_sleep_while_learners_train(tiny_cfg, local_ray)
             assert generated <= slept and all(slept <= start and end <= woke for start, end in trains)
 
 
+def test_streamed_parts_are_scored_while_the_rest_still_generates(tiny_cfg, local_ray):
+    """train.stream_chunks=3: each of 2 rollout actors generates its share in 3 calls; reward, reference, critic and
+    the policy's old log-probs start on the first finished part before the last one is generated; the parts put
+    back together train as one batch."""
+    from rlhf_dist.orchestration.launch import running_roles
+    from rlhf_dist.orchestration.phases import Phases
+    from rlhf_dist.orchestration.role_group import collect_compute_stats
+    from rlhf_dist.trainers import ppo
+
+    cfg = tiny_cfg(
+        "train.stream_chunks=3",
+        "train.recompute_old_logprobs=always",
+        "train.prompts_per_iteration=12",
+        "generation.max_new_tokens=8",
+        "roles.rollout.num_actors=2",
+        "ray.num_cpus=null",
+    )
+    sampler = ppo.prepare(cfg)
+    with running_roles(cfg) as groups:
+        run = ppo.PPORun.start(cfg, groups, sampler)
+        collect_compute_stats(groups)
+        row = ppo.iteration(run, Phases())
+        spans = _spans(collect_compute_stats(groups))
+    assert len(spans["rollout"]["generate"]) == 6
+    last_generated = max(end for _, end in spans["rollout"]["generate"])
+    for role, method in (("reward", "score"), ("reference", "logprobs"), ("critic", "values"), ("policy", "logprobs")):
+        assert len(spans[role][method]) == 6 and min(s for s, _ in spans[role][method]) < last_generated, role
+    assert row["logprob_checked_samples"] == 12 and row["logprob_mismatch"] < 1e-3
+    assert np.isfinite(row["policy/loss"]) and np.isfinite(row["critic/value_loss"])
+
+
+def test_hybrid_engine_generates_inside_the_policy_learners(tiny_cfg, local_ray):
+    """generation.hybrid_engine=true with 2 ZeRO-3 policy learners: no rollout actors of their own, each learner
+    generates with its own engine, and every push (a gather on both ranks, then a copy in memory) gives both
+    engines the learners' weights: their log-probs match the learners' after every sync."""
+    from rlhf_dist.orchestration.launch import running_roles
+    from rlhf_dist.orchestration.phases import Phases
+    from rlhf_dist.orchestration.role_group import collect_compute_stats
+    from rlhf_dist.trainers import ppo
+
+    cfg = tiny_cfg(
+        "generation.hybrid_engine=true",
+        "train.recompute_old_logprobs=always",
+        "train.engine=deepspeed",
+        "train.zero_stage=3",
+        "train.prompts_per_iteration=8",
+        "generation.max_new_tokens=6",
+        "roles.policy.num_actors=2",
+        "roles.rollout.num_actors=2",
+        "ray.num_cpus=null",
+    )
+    sampler = ppo.prepare(cfg)
+    with running_roles(cfg) as groups:
+        assert groups["rollout"].actors is groups["policy"].actors
+        run = ppo.PPORun.start(cfg, groups, sampler)
+        assert run.sync.name == "in_process"
+        collect_compute_stats(groups)
+        rows = [ppo.iteration(run, Phases()) for _ in range(3)]
+        stats = collect_compute_stats(groups)
+        assert groups["rollout"].call("get_version").get() == [3, 3]
+    assert [r["policy_version"] for r in rows] == [0, 1, 2]
+    assert all(r["logprob_checked_samples"] == 8 and r["logprob_mismatch"] < 1e-3 for r in rows)
+    assert all(r["weight_sync_bytes"] > 0 for r in rows)
+    # the same processes report generation under rollout and training under policy
+    assert {m for s in stats["rollout"] for m in s["seconds"]} <= {"generate", "get_version"}
+    assert "generate" not in {m for s in stats["policy"] for m in s["seconds"]}
+
+
 def _spans(stats: dict) -> dict:
     """{role: {method: [(start, end), ...]}} over all actors of the role."""
     out: dict = {}
@@ -169,6 +237,46 @@ def test_one_step_off_trains_on_samples_one_version_behind_and_resumes(tiny_cfg,
     rows = [json.loads(line) for line in open(run(cfg("train.iterations=4", "checkpoint.resume=true"))["metrics_path"])]
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert [r["staleness"] for r in rows[2:]] == [0, 1]  # regenerated on the resumed weights, then one behind
+    assert all(np.isfinite(r["policy/loss"]) and np.isfinite(r["critic/value_loss"]) for r in rows)
+
+
+def test_async_bounds_staleness_with_a_slow_learner_drains_for_the_alarm_and_resumes(tiny_cfg, local_ray):
+    """train.mode=async, max_staleness=2, 2 rollout actors and 2 ZeRO-2 learners made slow (2 epochs of 2 steps):
+    generation runs two batches ahead and then waits, so samples reach the learners 0, 1, 2 versions old and never
+    older; every sync.check_every=3 iterations the pipeline drains and the alarm compares engine and learner at
+    the same version; a resume regenerates what was in flight from the checkpoint's weights."""
+    from rlhf_dist.trainers.ppo import run
+
+    def cfg(*extra):
+        return tiny_cfg(
+            "train.mode=async",
+            "train.max_staleness=2",
+            "algo.off_policy=icepop",
+            "sync.check_every=3",
+            "train.ppo_epochs=2",
+            "train.mini_batches=2",
+            "train.prompts_per_iteration=8",
+            "generation.max_new_tokens=6",
+            "roles.policy.num_actors=2",
+            "roles.rollout.num_actors=2",
+            "ray.num_cpus=null",
+            "logging.plot=false",
+            "checkpoint.save_every=2",
+            "checkpoint.save_final=false",
+            *extra,
+        )
+
+    rows = [json.loads(line) for line in open(run(cfg("train.iterations=3"))["metrics_path"])]
+    assert [r["staleness"] for r in rows] == [0, 1, 2]
+    assert [r["policy_version"] for r in rows] == [0, 1, 2]
+    assert [r["logprob_checked_samples"] for r in rows] == [8, 0, 0]
+
+    rows = [json.loads(line) for line in open(run(cfg("train.iterations=6", "checkpoint.resume=true"))["metrics_path"])]
+    assert [r["iteration"] for r in rows] == list(range(6))
+    # resumed at 2: regenerated on the checkpoint's weights; 3 is a drain; then the buffer fills again
+    assert [r["staleness"] for r in rows[2:]] == [0, 0, 1, 2]
+    assert [r["logprob_checked_samples"] for r in rows[2:]] == [8, 8, 0, 0]
+    assert all(r["logprob_mismatch"] < 1e-3 for r in rows if r["logprob_checked_samples"])
     assert all(np.isfinite(r["policy/loss"]) and np.isfinite(r["critic/value_loss"]) for r in rows)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import make_batch
-from rlhf_dist.orchestration.schedules import OneStepOff, Sync
+from rlhf_dist.orchestration.schedules import Async, OneStepOff, Sync
 
 
 class Gen:
@@ -23,7 +23,7 @@ class Gen:
 def test_sync_generates_each_batch_when_it_is_needed():
     log = []
     s = Sync(lambda i: Gen(log, i))
-    assert [s.batch(i, 3) for i in range(3)] == [0, 1, 2]
+    assert [s.generation(i, 3).batch() for i in range(3)] == [0, 1, 2]
     assert log == [("start", 0), ("wait", 0), ("start", 1), ("wait", 1), ("start", 2), ("wait", 2)]
     assert s.in_flight() is None
 
@@ -31,18 +31,58 @@ def test_sync_generates_each_batch_when_it_is_needed():
 def test_one_step_off_starts_the_next_generation_before_waiting_for_this_one():
     log = []
     s = OneStepOff(lambda i: Gen(log, i))
-    assert s.batch(0, 3) == 0 and s.in_flight() == 1
-    assert s.batch(1, 3) == 1 and s.in_flight() == 2
-    assert s.batch(2, 3) == 2 and s.in_flight() is None  # nothing generated past the last iteration
+    assert s.generation(0, 3).batch() == 0 and s.in_flight() == 1
+    assert s.generation(1, 3).batch() == 1 and s.in_flight() == 2
+    assert s.generation(2, 3).batch() == 2 and s.in_flight() is None  # nothing generated past the last iteration
     assert log == [("start", 0), ("start", 1), ("wait", 0), ("start", 2), ("wait", 1), ("wait", 2)]
 
 
 def test_one_step_off_after_a_resume_generates_the_resumed_iteration_again():
     log = []
     s = OneStepOff(lambda i: Gen(log, i))
-    s.batch(0, 10)  # iteration 1 in flight
-    assert s.batch(5, 10) == 5  # a resume to iteration 5: the in-flight batch of iteration 1 is not used
+    s.generation(0, 10).batch()  # iteration 1 in flight
+    assert s.generation(5, 10).batch() == 5  # a resume to iteration 5: the in-flight batch of iteration 1 is not used
     assert log[-3:] == [("start", 5), ("start", 6), ("wait", 5)]
+
+
+def test_async_keeps_max_staleness_batches_in_flight_ahead_of_training():
+    log = []
+    s = Async(lambda i: Gen(log, i), max_staleness=2)
+    assert s.generation(0, 5).batch() == 0 and [i for _, i in log] == [0, 1, 2, 0]
+    assert s.generation(1, 5).batch() == 1 and log[-2:] == [("start", 3), ("wait", 1)]
+    assert s.generation(2, 5).batch() == 2 and log[-2:] == [("start", 4), ("wait", 2)]
+    assert s.generation(3, 5).batch() == 3 and s.generation(4, 5).batch() == 4 and s.in_flight() is None
+    assert sorted(i for what, i in log if what == "start") == [0, 1, 2, 3, 4]  # each batch generated once
+
+
+@pytest.mark.parametrize("max_staleness", [1, 2, 3])
+def test_a_batch_is_learnt_from_at_most_max_staleness_iterations_after_its_generation_started(max_staleness):
+    """The learners' version moves one per iteration: a generation started at iteration s (the engines then hold
+    version s) and learnt from at iteration i carries samples i - s versions old. Iterations 0 and 5 are fresh
+    (drains for the log-prob alarm): nothing of theirs starts before the push of their own iteration."""
+    started, now = {}, [0]
+
+    def start(i):
+        started[i] = now[0]
+        return Gen([], i)
+
+    s = Async(start, max_staleness, fresh=lambda i: i % 5 == 0)
+    for i in range(12):
+        now[0] = i
+        assert s.generation(i, 12).batch() == i
+        assert 0 <= i - started[i] <= max_staleness
+    assert started[5] == 5 and started[10] == 10
+    assert max(i - started[i] for i in range(12)) == max_staleness  # the buffer does fill up
+
+
+def test_one_step_off_drains_at_the_fresh_iterations():
+    log = []
+    s = OneStepOff(lambda i: Gen(log, i), fresh=lambda i: i == 2)
+    s.generation(0, 4).batch()
+    s.generation(1, 4).batch()  # iteration 2 must come from the weights trained on iteration 1: not started yet
+    assert s.in_flight() is None and ("start", 2) not in log
+    s.generation(2, 4).batch()
+    assert log[-3:] == [("start", 2), ("start", 3), ("wait", 2)]
 
 
 def _batch(versions):

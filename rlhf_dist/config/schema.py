@@ -36,6 +36,7 @@ def section(cls: type, doc: str) -> Any:
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+Tracker = Literal["jsonl", "tensorboard", "wandb", "mlflow"]
 Estimator = Literal["gae", "grpo", "rloo", "reinforce_pp"]
 CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")  # estimators whose baseline is not a learned value
 GROUP_BASELINE = ("grpo", "rloo")  # baseline from the other samples of the same prompt
@@ -67,6 +68,36 @@ class DataConfig:
     num_prompts: int = option(512, "training prompts: generated (synthetic) or the first N read (prompts)", ge=1)
     eval_prompts: int = option(64, "held-out prompts scored at evaluation", ge=0)
     max_prompt_tokens: int = option(64, "prompts longer than this are truncated from the left", ge=1)
+    chat_template: str = option(
+        "auto",
+        "how prompts (here and in sft/rm/dpo data) become text: auto = a messages list ([{role, content}], TRL's "
+        "conversational rows) through the tokenizer's chat template, plain text as it is; none = no template "
+        "(messages are an error); PATH = that Jinja file for every prompt (plain text as one user turn)",
+        nonempty=True,
+    )
+
+
+@dataclass
+class RewardServeConfig:
+    enabled: bool = option(
+        False,
+        "score model.reward on a Ray Serve deployment that the reward actors call (rlhf_dist[serve]), instead of "
+        "loading it in each actor; one already running under `name` is reused (README: served reward model)",
+    )
+    name: str = option(
+        "rlhf_reward", "Serve application name; jobs on one cluster with the same name share it", nonempty=True
+    )
+    replicas: int = option(1, "replicas of the reward model (the fewest, when max_replicas is set)", ge=1)
+    max_replicas: int | None = option(
+        None, "set: Serve autoscales between replicas and max_replicas by requests in flight; null = fixed", ge=1
+    )
+    target_ongoing_requests: float = option(2.0, "autoscaling: requests in flight per replica it aims at", gt=0)
+    num_cpus: float = option(1.0, "CPUs per replica (torch threads follow it)", ge=0)
+    num_gpus: float = option(0.0, "GPUs per replica", ge=0)
+    batch_size: int = option(
+        16, "pairs per request: a reward actor sends its shard as several requests at once, spread over replicas", ge=1
+    )
+    timeout_s: float = option(120.0, "longest wait for one request's scores, in seconds", gt=0)
 
 
 @dataclass
@@ -79,6 +110,22 @@ class RewardConfig:
     function_weight: float = option(1.0, "weight of the function's score in the reward")
     model_weight: float = option(1.0, "weight of the reward model's score in the reward")
     clip: float | None = option(None, "clip the reward to [-clip, clip]; null = no clipping", gt=0)
+    endpoint: str | None = option(
+        None,
+        "http(s)://HOST:PORT/PATH of a reward service: POST {prompts: [...], responses: [...]} answered by "
+        "{rewards: [one float per response]} (README: remote reward service); null = none",
+    )
+    endpoint_weight: float = option(1.0, "weight of the reward service's score in the reward")
+    endpoint_batch_size: int = option(32, "(prompt, response) pairs per POST", ge=1)
+    endpoint_concurrency: int = option(4, "POSTs in flight at once from one reward actor", ge=1)
+    endpoint_timeout_s: float = option(30.0, "longest wait for one POST's answer, in seconds", gt=0)
+    endpoint_retries: int = option(
+        3, "retries of a POST that timed out, could not connect or got HTTP 5xx/429 (then the run stops)", ge=0
+    )
+    endpoint_backoff_s: float = option(
+        0.5, "wait before the first retry, doubled before each next one (exponential back-off)", ge=0
+    )
+    serve: RewardServeConfig = section(RewardServeConfig, "model.reward as a shared Ray Serve deployment")
 
 
 @dataclass
@@ -101,6 +148,11 @@ class GenerationConfig:
         "engine seed, one vectorised draw",
     )
     batch_size: int = option(64, "prompts per engine call", ge=1)
+    hybrid_engine: bool = option(
+        False,
+        "each policy learner carries its own generation engine in its process (veRL's hybrid engine): one actor "
+        "per device trains and generates by turns, weights handed over in memory; roles.rollout is not started",
+    )
 
 
 @dataclass
@@ -152,10 +204,23 @@ class TrainConfig:
     zero_stage: int = option(2, "DeepSpeed ZeRO stage", ge=0, le=3)
     offload: bool = option(False, "DeepSpeed optimizer/parameter offload to CPU")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
-    mode: Literal["sync", "one_step_off"] = option(
+    mode: Literal["sync", "one_step_off", "async"] = option(
         "sync",
         "sync: generate, then train on it; one_step_off: the next batch is generated while this one trains "
-        "(samples one policy version behind; pair with algo.off_policy)",
+        "(samples one policy version behind; pair with algo.off_policy); async: generation runs up to "
+        "train.max_staleness batches ahead of training",
+    )
+    max_staleness: int = option(
+        2,
+        "async: the most policy versions a sample may be behind the learner that trains on it (the bound on the "
+        "batches generated ahead); one_step_off is 1, sync 0",
+        ge=1,
+    )
+    stream_chunks: int = option(
+        1,
+        "parts each rollout actor generates its share in: reward, reference, critic (and the policy's old "
+        "log-probs) start on each finished part while the rest still generates; 1 = the whole batch, then score",
+        ge=1,
     )
     recompute_old_logprobs: Literal["auto", "always"] = option(
         "auto",
@@ -284,6 +349,23 @@ class LoggingConfig:
     metrics_file: str = option("metrics.jsonl", "one JSON line per iteration, under output_dir", nonempty=True)
     progress_bar: bool = option(True, "tqdm progress bar on the driver")
     plot: bool = option(True, "write metric plots under output_dir at the end")
+    trackers: list[Tracker] = field(
+        default_factory=lambda: ["jsonl"],
+        metadata={
+            "doc": "where metrics go besides the console: jsonl (always), tensorboard (<output_dir>/tensorboard), "
+            "wandb (<output_dir>/wandb), mlflow (logging.mlflow_tracking_uri); config, run.json and the plot go "
+            "along; all but jsonl need `pip install 'rlhf_dist[trackers]'`",
+            "path": False,
+            "nonempty": False,
+        },
+    )
+    project: str = option("rlhf_dist", "wandb project and mlflow experiment the runs are filed under", nonempty=True)
+    wandb_mode: Literal["offline", "online"] = option(
+        "offline", "wandb: offline writes the run under output_dir only (`wandb sync` uploads it); online streams it"
+    )
+    mlflow_tracking_uri: str | None = option(
+        None, "mlflow: where runs go (a server, sqlite:///...); null = a file store in <output_dir>/mlruns"
+    )
 
 
 @dataclass
@@ -454,6 +536,60 @@ class PipelineConfig:
 
 
 @dataclass
+class LabelConfig:
+    """`rlhf-dist label CONFIG`: people judge answer pairs on a web page (rlhf_dist/label/); and which preference
+    sources `rlhf-dist rm`, `dpo` and `pipeline` train on."""
+
+    host: str = option(
+        "127.0.0.1", "address the page listens on; any but loopback needs the token printed at start-up", nonempty=True
+    )
+    port: int = option(8765, "port of the page; 0 = a free one (printed)", ge=0, le=65535)
+    pairs: Literal["collect", "sample"] = option(
+        "collect",
+        "collect: the candidate pairs of `rlhf-dist collect` (label.pairs_path); sample: two answers per prompt "
+        "sampled from collect.policy on demand, label.sample_prompts prompts at a time",
+    )
+    pairs_path: str | None = option(
+        None, "Parquet of candidate pairs (prompt, chosen, rejected); null = collect.output", path=True
+    )
+    sample_prompts: int = option(32, "label.pairs=sample: prompts per sampling round", ge=1)
+    overlap: float = option(
+        0.1, "share of judgements that show a pair one other labeller already judged (agreement, kappa)", ge=0, le=1
+    )
+    output: str | None = option(
+        None, "folder of judgements, one Parquet per labeller; null = <output_dir>/labels", path=True
+    )
+    sources: list[Literal["simulated", "human"]] = field(
+        default_factory=lambda: ["simulated"],
+        metadata={
+            "doc": "preference pairs rm / dpo / pipeline train on: simulated = <stage>.data.path, else collect.output "
+            "(simulated raters or an AI judge); human = the decided judgements in label.output; list both to "
+            "train on the two together",
+            "path": False,
+            "nonempty": True,
+        },
+    )
+
+
+@dataclass
+class EvalConfig:
+    """`rlhf-dist eval CONFIG --policy DIR [--baseline DIR]`: read by that command only."""
+
+    prompts: str | None = option(
+        None,
+        "jsonl/parquet file (or local HF dataset dir) of held-out prompts, column data.prompt_column, the first "
+        "data.eval_prompts rows; null = the task's: the synthetic task's separate held-out stream, or the last "
+        "data.eval_prompts rows of data.prompts (which PPO also reads: give a file of its own to hold them out)",
+        path=True,
+    )
+    samples: int = option(4, "sampled responses per prompt (same seeds for the policy and the baseline)", ge=1)
+    max_new_tokens: int | None = option(None, "response length limit; null = generation.max_new_tokens", ge=1)
+    output_dir: str | None = option(
+        None, "every eval makes a new folder in here (never reusing one); null = <output_dir>/eval", path=True
+    )
+
+
+@dataclass
 class RunConfig:
     name: str = option("tiny", "run name (metrics, checkpoints)", nonempty=True)
     seed: int = option(1, "the one seed every actor, engine and sampler derives its seed from", ge=0)
@@ -478,6 +614,8 @@ class RunConfig:
     pipeline: PipelineConfig = section(
         PipelineConfig, "SFT -> collect -> RM -> PPO and DPO -> comparison (rlhf-dist pipeline)"
     )
+    label: LabelConfig = section(LabelConfig, "the human labelling page (rlhf-dist label) and preference sources")
+    eval: EvalConfig = section(EvalConfig, "held-out evaluation of a policy against a baseline (rlhf-dist eval)")
 
     def weight_transport(self) -> str:
         """``sync.transport`` with ``auto`` resolved: CUDA IPC when vLLM rollouts share the policy's GPUs, NCCL when

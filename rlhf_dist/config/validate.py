@@ -7,8 +7,10 @@ machine and are called by the CLI right before a run, on the machine that holds 
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import os
 import re
+import urllib.parse
 from typing import Any
 
 from .coerce import config_to_dict, from_dict
@@ -66,11 +68,35 @@ def _check_model_and_reward(cfg: RunConfig) -> None:
         raise ConfigError(
             "reward.function", f"{fn!r} is not of the form module:function; write e.g. my_pkg.rewards:length_reward"
         )
-    if fn is None and cfg.model.reward is None:
+    if fn is None and cfg.model.reward is None and cfg.reward.endpoint is None:
         raise ConfigError(
             "reward.function",
-            "no reward source: neither reward.function nor model.reward is set; "
-            "set reward.function=module:function or model.reward=PATH",
+            "no reward source: none of reward.function, model.reward, reward.endpoint is set; "
+            "set reward.function=module:function or model.reward=PATH, or reward.endpoint=http://HOST:PORT/PATH",
+        )
+    _check_endpoint(cfg.reward.endpoint)
+    serve = cfg.reward.serve
+    if serve.max_replicas is not None and serve.max_replicas < serve.replicas:
+        raise ConfigError(
+            "reward.serve.max_replicas",
+            f"{serve.max_replicas} < reward.serve.replicas={serve.replicas}, the fewest Serve autoscales to; "
+            "set it >= replicas, or null for a fixed count",
+        )
+
+
+def _check_endpoint(url: str | None) -> None:
+    """An http(s) URL with a host: anything else would fail only at the first reward call, after every actor started."""
+    if url is None:
+        return
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            "reward.endpoint",
+            f"{url!r} is not an http(s) URL with a host; write e.g. http://127.0.0.1:8000/score",
         )
 
 
@@ -117,13 +143,11 @@ def _check_algo_roles(cfg: RunConfig) -> None:
             f"{spp}, but algo.estimator={est} compares samples of the "
             f"same prompt; set generation.samples_per_prompt=2 or more",
         )
-    kl_needed = cfg.algo.kl_coef > 0 or cfg.algo.kl_target is not None
-    if kl_needed and roles.reference.num_actors == 0:
+    if roles.reference.num_actors == 0:  # even with algo.kl_coef=0 the KL to the reference is every row's metric
         raise ConfigError(
             "roles.reference.num_actors",
-            f"0, but the KL penalty (algo.kl_coef={cfg.algo.kl_coef}) "
-            f"needs reference log-probs; set roles.reference.num_actors=1 "
-            f"or algo.kl_coef=0",
+            f"0, but the KL penalty (algo.kl_coef={cfg.algo.kl_coef}) and the KL metric need reference log-probs; "
+            f"set roles.reference.num_actors=1",
         )
     if cfg.model.reward is not None and roles.reward.num_actors == 0:
         raise ConfigError(
@@ -197,6 +221,14 @@ def _check_generation(cfg: RunConfig) -> None:
             "generation.enable_sleep",
             f"true with train.mode={cfg.train.mode}: the engines generate while the learners train, so they cannot "
             f"sleep then; set generation.enable_sleep=false or train.mode=sync",
+        )
+    if g.hybrid_engine and (cfg.train.mode != "sync" or g.engine != "hf"):
+        what = f"train.mode={cfg.train.mode}" if cfg.train.mode != "sync" else f"generation.engine={g.engine}"
+        raise ConfigError(
+            "generation.hybrid_engine",
+            f"true with {what}: a hybrid actor generates and trains by turns, so only train.mode=sync overlaps "
+            f"nothing it cannot, and only the hf engine is tested inside a learner's process; set "
+            f"generation.hybrid_engine=false, or train.mode=sync and generation.engine=hf",
         )
     if g.engine == "hf":
         if tp != 1:
@@ -461,6 +493,57 @@ def _check_stage_resources(cfg: RunConfig) -> None:
 CHECKS += [_check_offline_stages, _check_collect, _check_pipeline, _check_stage_resources]
 
 
+# --- the labelling page and preference sources (issue 14) ----------------------------------------------------------
+
+
+def _check_label(cfg: RunConfig) -> None:
+    c = cfg.label
+    dup = sorted({s for s in c.sources if c.sources.count(s) > 1})
+    if dup:
+        raise ConfigError("label.sources", f"{', '.join(dup)} listed twice; name each source once")
+    if c.pairs_path is not None and c.pairs == "sample":
+        raise ConfigError(
+            "label.pairs_path", "is set, but label.pairs=sample samples its own; set label.pairs=collect or null it"
+        )
+    if any(ch.isspace() or ch in "/?#" for ch in c.host):
+        raise ConfigError("label.host", f"{c.host!r} is not an address; write e.g. 127.0.0.1, 0.0.0.0 or ::1")
+
+
+CHECKS += [_check_label]
+
+
+# --- experiment trackers and chat templates (issue 13) -------------------------------------------------------------
+# The module each tracker needs, and the package that brings it (all in the `trackers` extra).
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def _check_logging(cfg: RunConfig) -> None:
+    t = cfg.logging.trackers
+    dup = sorted({x for x in t if t.count(x) > 1})
+    if dup:
+        raise ConfigError("logging.trackers", f"{', '.join(dup)} listed twice; name each tracker once")
+    if cfg.logging.mlflow_tracking_uri is not None and "mlflow" not in t:
+        raise ConfigError(
+            "logging.mlflow_tracking_uri",
+            f"{cfg.logging.mlflow_tracking_uri!r} is set, but logging.trackers has no mlflow; add mlflow or null it",
+        )
+
+
+CHECKS += [_check_logging]
+
+
+def check_trackers(cfg: RunConfig) -> None:
+    """Every tracker in logging.trackers can be imported here (found, not imported: wandb alone takes seconds)."""
+    for name in cfg.logging.trackers:
+        module = TRACKER_MODULES.get(name)
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                "logging.trackers",
+                f"{name} needs the {module!r} package, which is not installed; pip install 'rlhf_dist[trackers]' "
+                f"or leave {name} out",
+            )
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Type-check (also configs built in code), range-check and cross-check; returns the typed config."""
     typed = from_dict(RunConfig, config_to_dict(cfg))
@@ -491,6 +574,12 @@ def check_paths(cfg: RunConfig) -> None:
             )
     if cfg.data.task == "prompts" and not os.path.exists(cfg.data.prompts):
         raise ConfigError("data.prompts", f"{cfg.data.prompts!r} does not exist (cwd {os.getcwd()}); fix the path")
+    template = cfg.data.chat_template
+    if template not in ("auto", "none") and not os.path.isfile(os.path.expanduser(template)):
+        raise ConfigError(
+            "data.chat_template",
+            f"{template!r} is not auto, none or a file (cwd {os.getcwd()}); fix the path to a Jinja chat template",
+        )
 
 
 def resolve_function(key: str, ref: str):
@@ -522,6 +611,8 @@ def resolve_function(key: str, ref: str):
 
 
 def check_imports(cfg: RunConfig) -> None:
-    """reward.function imports and is callable here (it may import heavy modules: hence not in validate)."""
+    """reward.function imports and is callable here (it may import heavy modules: hence not in validate); the
+    trackers' packages are installed."""
     if cfg.reward.function is not None:
         resolve_function("reward.function", cfg.reward.function)
+    check_trackers(cfg)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rlhf_dist.data import schema as S
-from rlhf_dist.data.readers import DataError, MissingColumnError, describe, iter_source, missing_column
+from rlhf_dist.data.chat import ChatFormat, Conversation, is_messages
+from rlhf_dist.data.readers import MESSAGES, DataError, MissingColumnError, describe, iter_source, missing_column
 
 log = logging.getLogger(__name__)
 
@@ -111,32 +112,86 @@ class DatasetSpec:
 
 
 def read_batches(spec: DatasetSpec) -> Iterator[pa.RecordBatch]:
-    """Validated record batches with the canonical string columns of `spec.kind`, streamed from `spec.path`.
+    """Validated record batches with the canonical columns of `spec.kind`, streamed from `spec.path`: each one text
+    (string) or, where the file holds conversations, messages lists (`readers.MESSAGES`, role and content only).
+
+    Demonstrations may also come as one `messages` column (TRL's conversational language-modelling rows, when the
+    file has no prompt column and spec.columns renames nothing): the last message, an assistant turn, is the
+    response, the ones before it the prompt.
 
     Each batch's schema metadata carries its file and first row (`rlhf_dist.file`, `rlhf_dist.row`).
     """
     wanted = spec.source_columns
-    out_schema = pa.schema([pa.field(name, pa.string()) for name in spec.names])
     try:
-        for file, row, batch in iter_source(
-            Path(spec.path),
-            wanted,
-            split=spec.split,
-            batch_size=spec.batch_size,
-            json_block_bytes=spec.json_block_bytes,
-        ):
+        for file, row, batch in _source_batches(spec, wanted):
             validate(batch, spec, file, row)
-            arrays = [_as_string(batch.column(source)) for source in wanted.values()]
+            arrays = [_canonical(batch.column(source)) for source in wanted.values()]
             meta = {META_FILE: str(file).encode(), META_ROW: str(row).encode()}
-            yield pa.RecordBatch.from_arrays(arrays, schema=out_schema.with_metadata(meta))
+            out_schema = pa.schema([pa.field(n, a.type) for n, a in zip(spec.names, arrays)], metadata=meta)
+            yield pa.RecordBatch.from_arrays(arrays, schema=out_schema)
     except MissingColumnError as e:  # the readers know the file, the spec knows which option renames the column
         raise missing_column(e.file, e.canonical, e.source, e.present, spec.column_key) from None
 
 
+def _source_batches(spec: DatasetSpec, wanted: dict[str, str]) -> Iterator[tuple[Path, int, pa.RecordBatch]]:
+    def read(columns: dict[str, str]):
+        path = Path(spec.path)
+        kwargs = dict(split=spec.split, batch_size=spec.batch_size, json_block_bytes=spec.json_block_bytes)
+        return iter_source(path, columns, **kwargs)
+
+    source = read(wanted)
+    try:
+        first = next(source, None)
+    except MissingColumnError as e:
+        if not (spec.kind == "demonstrations" and not spec.columns and e.canonical == "prompt"):
+            raise
+        if MESSAGES_COLUMN not in e.present:
+            raise
+        for file, row, batch in read({MESSAGES_COLUMN: MESSAGES_COLUMN}):
+            yield file, row, _split_last_turn(batch, file, row)
+        return
+    if first is not None:
+        yield first
+        yield from source
+
+
+MESSAGES_COLUMN = "messages"
+
+
+def _split_last_turn(batch: pa.RecordBatch, file: Path, row: int) -> pa.RecordBatch:
+    """A `messages` batch as prompt (every message but the last) and response (the last, an assistant turn)."""
+    column = batch.column(MESSAGES_COLUMN)
+    where = lambda i: f"{file}: row {row + i}, column {MESSAGES_COLUMN!r}"  # noqa: E731
+    if not is_messages(column.type):
+        raise DataError(
+            f"{where(0)}: type {column.type}, expected a list of {{role, content}} messages; give each row its "
+            f"conversation, or prompt and response columns"
+        )
+    _validate_messages(column, where)
+    prompts, responses = [], []
+    for i, conversation in enumerate(_canonical(column).to_pylist()):
+        if len(conversation) < 2 or conversation[-1]["role"] != "assistant":
+            raise DataError(
+                f"{where(i)}: the conversation must end with an assistant message after at least one other (the "
+                f"response to learn); fix the row or remove it"
+            )
+        prompts.append(conversation[:-1])
+        responses.append(conversation[-1:])
+    arrays = [pa.array(prompts, MESSAGES), pa.array(responses, MESSAGES)]
+    return pa.RecordBatch.from_arrays(arrays, names=["prompt", "response"])
+
+
 def load_table(spec: DatasetSpec) -> pa.Table:
     """The whole validated set as one table: for small sets (tests, evaluation prompts)."""
-    schema = pa.schema([pa.field(name, pa.string()) for name in spec.names])
-    return pa.Table.from_batches([b.replace_schema_metadata(None) for b in read_batches(spec)], schema=schema)
+    batches = [b.replace_schema_metadata(None) for b in read_batches(spec)]
+    schema = batches[0].schema if batches else pa.schema([pa.field(name, pa.string()) for name in spec.names])
+    for b in batches[1:]:
+        if b.schema != schema:
+            raise DataError(
+                f"{spec.path}: shards hold columns of different kinds ({schema} vs {b.schema}); give every shard "
+                f"each column as text, or every shard as messages lists"
+            )
+    return pa.Table.from_batches(batches, schema=schema)
 
 
 # --- validation ----------------------------------------------------------------------------------------------------
@@ -158,11 +213,14 @@ def validate(batch: pa.RecordBatch, spec: DatasetSpec, file: str | os.PathLike, 
         column = batch.column(source)
         if pa.types.is_null(column.type):
             _fail_first(pa.array(np.ones(len(column), bool)), where, "null", "give every row a value or remove it")
+        if is_messages(column.type):
+            _validate_messages(column, where)
+            continue
         if not _is_text(column.type):
             option = spec.column_key or f"columns={{{canonical!r}: ...}}"
             raise DataError(
-                f"{where(0)}: type {column.type}, expected text (string); convert the column to strings "
-                f"or point {option} at a text column"
+                f"{where(0)}: type {column.type}, expected text (string) or a list of {{role, content}} messages; "
+                f"convert the column to strings or point {option} at a text column"
             )
         column = _as_string(column)
         _fail_first(column.is_null(), where, "null", "give every row a value or remove it")
@@ -173,7 +231,7 @@ def validate(batch: pa.RecordBatch, spec: DatasetSpec, file: str | os.PathLike, 
             "empty text (after stripping whitespace)",
             "fill it in or remove the row",
         )
-    if spec.kind == "preferences":
+    if spec.kind == "preferences" and {"chosen", "rejected"} <= stripped.keys():
         source = wanted["rejected"]
         where = lambda i: f"{file}: row {row_offset + i}, column {describe(source, 'rejected')}"  # noqa: E731
         _fail_first(
@@ -182,6 +240,42 @@ def validate(batch: pa.RecordBatch, spec: DatasetSpec, file: str | os.PathLike, 
             f"same text as column {describe(wanted['chosen'], 'chosen')}",
             "a pair must differ; remove the row",
         )
+
+
+def _validate_messages(column: pa.Array, where) -> None:
+    """A messages column: every row a non-empty list of messages with text role and content (roles unchecked:
+    the template decides which it knows)."""
+    fields = {f.name: f.type for f in column.type.value_type}
+    for name in ("role", "content"):
+        if name not in fields or not _is_text(fields[name]):
+            have = ", ".join(f"{k}: {v}" for k, v in fields.items())
+            raise DataError(
+                f"{where(0)}: messages with fields {{{have}}}, expected {name!r} as text; write each message as "
+                f'{{"role": "user", "content": "..."}}'
+            )
+    _fail_first(column.is_null(), where, "null", "give every row a value or remove it")
+    _fail_first(pc.equal(pc.list_value_length(column), 0), where, "an empty messages list", "add a message")
+    messages, parents = pc.list_flatten(column), pc.list_parent_indices(column)
+    for name in ("role", "content"):
+        missing = pc.is_null(pc.struct_field(messages, name))
+        hits = pc.sum(pc.cast(missing, pa.int64())).as_py() or 0
+        if hits:
+            i = pc.index(missing, True).as_py()
+            row = parents[i].as_py()
+            n = i - pc.index(parents, row).as_py()
+            raise DataError(f"{where(row)}: message {n} has no {name}; give every message a role and a content")
+
+
+def _canonical(column: pa.Array) -> pa.Array:
+    """Text as string; messages as MESSAGES (role and content, other fields dropped)."""
+    if not is_messages(column.type):
+        return _as_string(column)
+    messages = pc.list_flatten(column)
+    inner = pa.StructArray.from_arrays(
+        [_as_string(pc.struct_field(messages, n)) for n in ("role", "content")], names=["role", "content"]
+    )
+    offsets = pc.subtract(column.offsets, column.offsets[0])  # a slice's offsets start where it starts
+    return pa.ListArray.from_arrays(offsets, inner, type=MESSAGES)
 
 
 def _fail_first(mask: pa.Array, where, problem: str, fix: str) -> None:
@@ -244,31 +338,36 @@ def tokenize(
     spec: DatasetSpec,
     apply_chat_template: bool | None = None,
     append_eos: bool = True,
+    chat: ChatFormat | None = None,
 ) -> TokenizedBatches:
     """Token batches: the text columns plus `prompt_ids` and `response_ids` / `chosen_ids`, `rejected_ids`
     (`list<int32>`, `rlhf_dist.data.schema.TOKENS`), no padding.
 
-    The prompt goes through the tokenizer's chat template as one user turn with the generation prompt appended when
-    the tokenizer has a template (apply_chat_template=None), or as plain text with the tokenizer's special tokens
-    (apply_chat_template=False). Answers are tokenised without special tokens and end with EOS (append_eos), so a
-    model trained on them learns to stop. A row whose prompt + longest answer exceeds spec.max_tokens is dropped and
-    counted in `.report` (a warning with the count is logged at the end) or, with on_overlong="error", a DataError.
+    `chat` (``data.chat_template`` resolved, rlhf_dist.data.chat) says how prompts become text: messages lists go
+    through the chat template with the generation prompt appended, and plain text too where it says so; without it,
+    a plain-text prompt goes through the tokenizer's template as one user turn when the tokenizer has one
+    (apply_chat_template=None) or always (True), or stays plain text with the tokenizer's special tokens (False).
+    Answers given as messages are the text the template puts after the prompt; answers are tokenised without special
+    tokens and end with EOS (append_eos), so a model trained on them learns to stop. Text columns come out as read, a
+    messages column as the text the model sees. A row whose prompt + longest answer exceeds spec.max_tokens is
+    dropped and counted in `.report` (a warning with the count is logged at the end) or, with on_overlong="error", a
+    DataError.
     """
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if apply_chat_template is None:
-        apply_chat_template = has_template
-    elif apply_chat_template and not has_template:
-        raise ValueError(
-            f"apply_chat_template=True but the tokenizer ({type(tokenizer).__name__}) has no "
-            f"chat_template; set tokenizer.chat_template or pass apply_chat_template=False"
-        )
+    if chat is None:
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        if apply_chat_template and not has_template:
+            raise ValueError(
+                f"apply_chat_template=True but the tokenizer ({type(tokenizer).__name__}) has no "
+                f"chat_template; set tokenizer.chat_template or pass apply_chat_template=False"
+            )
+        chat = ChatFormat(plain=has_template if apply_chat_template is None else apply_chat_template)
     eos = tokenizer.eos_token_id if append_eos else None
     if append_eos and eos is None:
         raise ValueError("append_eos=True but the tokenizer has no eos_token; set one or pass append_eos=False")
 
     def generate(report: DropReport) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            out = _tokenize_batch(batch, tokenizer, spec, apply_chat_template, eos, report)
+            out = _tokenize_batch(batch, tokenizer, spec, chat, eos, report)
             if out is not None and out.num_rows:
                 yield out
         if report.dropped_overlong:
@@ -297,17 +396,15 @@ def _tokenize_batch(batch, tokenizer, spec, chat, eos, report: DropReport) -> pa
                 f"tokenize: the batch has columns {batch.schema.names}, not {name!r}; feed it "
                 f"read_batches(spec) for kind {spec.kind!r}"
             )
-    prompts = batch.column("prompt").to_pylist()
-    if chat:
-        conversations = [[{"role": "user", "content": p}] for p in prompts]
-        texts = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
-        ids = {"prompt": tokenizer(texts, add_special_tokens=False)["input_ids"]}
-    else:
-        ids = {"prompt": tokenizer(prompts, add_special_tokens=True)["input_ids"]}
+    texts, templated = _model_texts(batch, tokenizer, spec, chat, file, first_row)
+    ids = {"prompt": tokenizer(texts["prompt"], add_special_tokens=not templated)["input_ids"]}
     for name in spec.names[1:]:
-        answer = tokenizer(batch.column(name).to_pylist(), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(texts[name], add_special_tokens=False)["input_ids"]
         ids[name] = answer if eos is None else [x if x[-1:] == [eos] else [*x, eos] for x in answer]
     arrays = {name: _token_array(ids[name]) for name in spec.names}
+    # text columns as read; a messages list as the text the model sees
+    text = [pa.array(texts[n]) if is_messages(batch.column(n).type) else batch.column(n) for n in spec.names]
+    batch = pa.RecordBatch.from_arrays(text, names=list(spec.names))
 
     if spec.max_tokens is not None:
         lengths = {name: pc.list_value_length(arrays[name]) for name in spec.names}
@@ -339,6 +436,36 @@ def _tokenize_batch(batch, tokenizer, spec, chat, eos, report: DropReport) -> pa
     ]
     report.rows_out += batch.num_rows
     return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields))
+
+
+def _model_texts(
+    batch, tokenizer, spec, chat: ChatFormat, file: str, first_row: int
+) -> tuple[dict[str, list[str]], bool]:
+    """{column: the texts the model sees}, and whether the prompts came from a template (then they hold the special
+    tokens it wrote, and the tokenizer adds none)."""
+    columns = {n: batch.column(n) for n in spec.names}
+
+    def where(name: str) -> Callable[[int], str]:
+        return lambda i: f"{file}: row {first_row + i}, column {describe(spec.source_columns[name], name)}"
+
+    prompts = columns["prompt"].to_pylist()
+    texts = {}
+    texts["prompt"], templated = chat.prompts(tokenizer, prompts, where("prompt"))
+    conversations: list[Conversation] | None = None
+    for name in spec.names[1:]:
+        if not is_messages(columns[name].type):
+            texts[name] = columns[name].to_pylist()
+            continue
+        if conversations is None:
+            if not templated:
+                raise DataError(
+                    f"{where(name)(0)}: a messages list, but the prompt column holds plain text that "
+                    f"{chat.key} leaves untemplated; give the prompt as messages too, or the answer as text"
+                )
+            conversations = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+        answers = columns[name].to_pylist()
+        texts[name] = chat.completions(tokenizer, conversations, texts["prompt"], answers, where(name))
+    return texts, templated
 
 
 def _token_array(ids: list[list[int]]) -> pa.Array:

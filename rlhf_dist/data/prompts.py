@@ -7,12 +7,15 @@ import pyarrow as pa
 
 from rlhf_dist.config import RunConfig
 from rlhf_dist.data import schema as S
+from rlhf_dist.data.chat import ChatFormat, Conversation
 from rlhf_dist.data.datasets import DataError, DatasetSpec, load_table
 from rlhf_dist.data.synthetic import make_prompts
 
 
-def read_prompt_texts(cfg: RunConfig) -> list[str]:
-    """The synthetic task's data.num_prompts prompts, or every row of data.prompts' prompt column.
+def read_prompt_texts(cfg: RunConfig) -> list[str] | list[Conversation]:
+    """The synthetic task's data.num_prompts prompts, or every row of data.prompts' prompt column: plain text, or
+    messages lists (``[{"role": "user", "content": "..."}]``, TRL's conversational format) for tokenize_prompts to
+    put through the chat template.
 
     A file goes through the validated readers (rlhf_dist.data.datasets), so any bad input is one DataError line
     naming data.prompts, the file, the row and the column, and the fix.
@@ -35,9 +38,15 @@ def read_prompt_texts(cfg: RunConfig) -> list[str]:
     return table.column("prompt").to_pylist()
 
 
-def tokenize_prompts(texts: list[str], tokenizer, max_tokens: int) -> pa.Table:
-    """Prompts that tokenise to nothing are dropped; longer ones keep their last ``max_tokens`` tokens."""
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+def tokenize_prompts(
+    prompts: list[str] | list[Conversation], tokenizer, max_tokens: int, chat_template: str = "auto"
+) -> pa.Table:
+    """The prompts as the policy sees them (``chat_template``: data.chat_template, rlhf_dist.data.chat) in
+    ``prompt_text``, which the reward function reads, and their tokens, which the reward model reads after the
+    prompt. Prompts that tokenise to nothing are dropped; longer ones keep their last ``max_tokens`` tokens."""
+    chat = ChatFormat.from_setting(chat_template)
+    texts, templated = chat.prompts(tokenizer, prompts, lambda i: f"data.prompts: row {i}")
+    ids = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
     keep = [i for i, x in enumerate(ids) if len(x) > 0]
     return pa.table(
         {

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
@@ -29,6 +30,8 @@ HF_DICT = "dataset_dict.json"
 _JSON_ERROR = re.compile(r"Column\((?P<col>[^)]*)\) (?P<what>.*?) in row (?P<row>\d+)")
 _JSON_ROW = re.compile(r"^(?P<what>.*) in row (?P<row>\d+)$")
 _UTF8_INDEX = re.compile(r"Invalid UTF8 sequence at string index (?P<index>\d+)")
+# A column of conversations (TRL's format): each row a list of {role, content} messages; other fields are dropped.
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 class DataError(ValueError):
@@ -93,6 +96,19 @@ def first_invalid_utf8(column: pa.Array) -> int | None:
     return None
 
 
+def _first_invalid_utf8_row(column: pa.Array) -> int | None:
+    """first_invalid_utf8 by row, also for a messages column (its roles and contents)."""
+    if not (pa.types.is_list(column.type) and pa.types.is_struct(column.type.value_type)):
+        return first_invalid_utf8(column)
+    messages = column.flatten()
+    parents = pc.list_parent_indices(column)
+    for i in range(messages.type.num_fields):
+        bad = first_invalid_utf8(messages.field(i))
+        if bad is not None:
+            return parents[bad].as_py()
+    return None
+
+
 def iter_source(
     path: Path, wanted: dict[str, str], *, split: str | None, batch_size: int, json_block_bytes: int
 ) -> Iterator[SourceBatch]:
@@ -136,7 +152,7 @@ def _rechunk(reader: Iterator[SourceBatch], batch_size: int) -> Iterator[SourceB
 def _utf8_checked(reader: Iterator[SourceBatch], wanted: dict[str, str]) -> Iterator[SourceBatch]:
     for item in reader:
         for canonical, source in wanted.items():
-            bad = first_invalid_utf8(item.batch.column(source))
+            bad = _first_invalid_utf8_row(item.batch.column(source))
             if bad is not None:
                 row, where = item.row_offset + bad, ""
                 fix = "write the column as UTF-8 text (decode the bytes with their real encoding first)"
@@ -270,9 +286,10 @@ def _read_jsonl(file: Path, wanted: dict[str, str], block_bytes: int) -> Iterato
     if first is None:
         return  # an empty file adds no rows
     _select(file, list(first), wanted)
-    # An explicit string schema for the wanted columns keeps a null-only first block from fixing the type to null;
-    # other fields are ignored, so a key that first appears late cannot break the block-wise type inference.
-    schema = pa.schema([pa.field(source, pa.string()) for source in wanted.values()])
+    # An explicit schema for the wanted columns keeps a null-only first block from fixing the type to null; other
+    # fields are ignored, so a key that first appears late cannot break the block-wise type inference. A column is
+    # text, or a messages list (role/content objects, TRL's conversational format) when the first row holds a list.
+    schema = pa.schema([pa.field(s, MESSAGES if isinstance(first[s], list) else pa.string()) for s in wanted.values()])
     options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     row = 0
     try:
@@ -280,7 +297,7 @@ def _read_jsonl(file: Path, wanted: dict[str, str], block_bytes: int) -> Iterato
             yield SourceBatch(file, row, batch.select(list(wanted.values())))
             row += batch.num_rows
     except pa.ArrowInvalid as e:
-        raise _json_error(file, row, str(e), wanted, block_bytes) from e
+        raise _json_error(file, row, str(e), wanted, block_bytes, schema) from e
 
 
 def _first_record(file: Path) -> dict | None:
@@ -323,7 +340,9 @@ def _line_of_row(file: Path, row: int) -> int:
     return number + 1  # past the last complete line: an unterminated last row
 
 
-def _json_error(file: Path, block_start: int, message: str, wanted: dict[str, str], block_bytes: int) -> DataError:
+def _json_error(
+    file: Path, block_start: int, message: str, wanted: dict[str, str], block_bytes: int, schema: pa.Schema
+) -> DataError:
     # pyarrow counts rows from the start of the failing block; the block starts right after the rows yielded so far.
     names = {source: canonical for canonical, source in wanted.items()}
     if "straddles" in message:
@@ -333,12 +352,15 @@ def _json_error(file: Path, block_start: int, message: str, wanted: dict[str, st
         )
     m = _JSON_ERROR.search(message)
     if m:
-        source = m["col"].lstrip("/")
+        source, _, inner = m["col"].lstrip("/").partition("/")  # /prompt/[]/content: a field of a message
         column = describe(source, names.get(source, source))
-        return DataError(
-            f"{file}: row {block_start + int(m['row'])}, column {column}: {m['what']}, expected text; "
-            f"store the column as JSON strings"
-        )
+        where = f"{file}: row {block_start + int(m['row'])}, column {column}"
+        if source in schema.names and schema.field(source).type == MESSAGES:
+            return DataError(
+                f"{where}: {inner + ' ' if inner else ''}{m['what']}, expected a list of {{role, content}} messages "
+                f"with text content (as in row 0); give every row of the column in that form"
+            )
+        return DataError(f"{where}: {m['what']}, expected text (as in row 0); store the column as JSON strings")
     m = _JSON_ROW.search(message.strip())
     if m:
         row = block_start + int(m["row"])

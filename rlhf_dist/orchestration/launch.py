@@ -19,6 +19,8 @@ from rlhf_dist.orchestration.placement import (
 )
 from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
 
+HYBRID_WORKER = "rlhf_dist.workers.hybrid:HybridPolicyWorker"  # generation.hybrid_engine: policy and rollout in one
+
 
 @contextmanager
 def running_roles(cfg: RunConfig):
@@ -34,7 +36,7 @@ def running_roles(cfg: RunConfig):
 
 def stop_roles(groups: dict[str, RoleGroup]) -> None:
     pgs = {id(g.bundles.pg): g.bundles.pg for g in groups.values()}
-    for g in groups.values():
+    for g in (g for g in groups.values() if g.view_of is None):
         for actor in g.actors:
             ray.kill(actor)
     for pg in pgs.values():
@@ -73,11 +75,14 @@ def launch_roles(cfg: RunConfig, started: dict[str, RoleGroup] | None = None) ->
         p = plans[spec.name]
         owner_n = plans[p.bundle_owner].num_actors
         bundles = Bundles(pgs[p.bundle_owner], [i % owner_n for i in range(p.num_actors)], p.num_cpus, p.num_gpus)
-        role_cls = resolve_function(f"ROLE_TABLE[{spec.name}]", spec.worker)
+        worker = HYBRID_WORKER if spec.name == "policy" and cfg.generation.hybrid_engine else spec.worker
+        role_cls = resolve_function(f"ROLE_TABLE[{spec.name}]", worker)
         restarts = 0 if spec.learner else cfg.ray.max_actor_restarts  # a learner's state dies with it
         groups[spec.name] = start_group(spec.name, role_cls, cfg, bundles, max_restarts=restarts)
         if spec.name == "rollout":
             wait_for_engines(cfg, groups[spec.name])
+        if worker == HYBRID_WORKER:  # the same actors play the rollout role too
+            groups["rollout"] = groups[spec.name].view("rollout", role_cls.ROLLOUT_METHODS)
     for spec in ROLE_TABLE:  # once every actor is on its way: their constructors run side by side
         if spec.learner and spec.name in groups:
             form_learner_group(groups[spec.name])

@@ -46,7 +46,8 @@ def plan(cfg) -> dict[str, RolePlan]:
     its own CPUs, and the actors on one bundle split its GPUs (the anchor's num_gpus) so that their requests add up to
     exactly the bundle's (the busiest bundle's, where counts differ). Ray needs a fraction; the memory split is the
     engines' business: vLLM's gpu_memory_utilization and sleep mode."""
-    roles = {r: cfg.roles.get(r) for r in ROLES if cfg.roles.get(r).num_actors > 0}
+    hybrid = cfg.generation.hybrid_engine  # the engines live in the policy's actors: no rollout actors of their own
+    roles = {r: cfg.roles.get(r) for r in ROLES if cfg.roles.get(r).num_actors > 0 and not (hybrid and r == "rollout")}
     owner_of = {name: cfg.roles.anchor(name) for name in roles}
     plans = {}
     for name, rc in roles.items():

@@ -12,7 +12,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,6 +274,16 @@ class RoleGroup:
                 ).remote(*args, **kwargs)
             )
         self.pids: list[int | None] = [None] * len(self.actors)  # filled by ``ping``
+        self.view_of: str | None = None  # the group whose actors these are, for a second name of the same actors
+
+    def view(self, name: str, methods: Sequence[str]) -> RoleGroup:
+        """The same actors under a second role name (a hybrid actor plays policy and rollout): calls, timeouts and
+        healing are the owner's; the compute of ``methods`` (what is called through the view) is reported under
+        ``name``."""
+        other = object.__new__(RoleGroup)
+        other.__dict__.update(self.__dict__, name=name, view_of=self.name, view_methods=tuple(methods))
+        other.on_restart = None
+        return other
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -345,16 +355,23 @@ class RoleGroup:
     def call_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Pending:
         return Pending.submit(self, method, [(rank, args, kwargs)])
 
-    def scatter(self, method: str, batch: pa.RecordBatch, *args: Any, **kwargs: Any) -> Pending:
-        """Split ``batch`` into one token-balanced shard per actor; ``Pending.batch()`` gathers them in order."""
-        if len(self.actors) == 1:  # nothing to balance, nothing to reorder
+    def scatter(self, method: str, batch: pa.RecordBatch, *args: Any, parts: int = 1, **kwargs: Any) -> Pending:
+        """Split ``batch`` into one token-balanced shard per actor; ``Pending.batch()`` gathers them in order. With
+        ``parts`` > 1 each actor gets that many smaller calls, told apart by a ``part`` keyword (0, 1, ...), so the
+        first results land while the rest still run (``Pending.as_completed``)."""
+        n = len(self.actors) * parts
+        if n == 1:  # nothing to balance, nothing to reorder
             return Pending.submit(self, method, [(0, (batch, *args), kwargs)])
         # Before generation only prompts count; after it, prompts and responses.
         columns = tuple(c for c in (S.PROMPT_IDS, S.RESPONSE_IDS) if c in batch.schema.names)
-        shards, index = split_balanced(batch, len(self.actors), token_columns=columns)
+        shards, index = split_balanced(batch, n, token_columns=columns)
         # Shards go as plain arguments: Ray inlines small ones into the call (no object-store round trip: about half
         # the latency of an explicit ray.put on a small batch) and puts large ones into the object store itself.
-        calls = [(rank, (shard, *args), kwargs) for rank, shard in enumerate(shards)]
+        # Shard k goes to actor k % actors as its part k // actors: every actor's first part is sent first.
+        calls = [
+            (k % len(self.actors), (shard, *args), {**kwargs, "part": k // len(self.actors)} if parts > 1 else kwargs)
+            for k, shard in enumerate(shards)
+        ]
         return Pending.submit(self, method, calls, index=index)
 
 
@@ -380,9 +397,15 @@ class Pending:
         return cls(group, method, refs, index=index, ranks=[c[0] for c in calls], calls=calls)
 
     def get(self, heal: bool = True) -> list:
+        values: list = [None] * len(self.refs)
+        for i, value in self.as_completed(heal):
+            values[i] = value
+        return values
+
+    def as_completed(self, heal: bool = True) -> Iterator[tuple[int, Any]]:
+        """``(i, result of call i)`` in the order the calls finish; a dead actor's call is sent again as in ``get``."""
         deadline = time.monotonic() + self.group.timeout_s
         position = {ref: i for i, ref in enumerate(self.refs)}
-        values: list = [None] * len(self.refs)
         pending = list(self.refs)
         while pending:
             if len(pending) == 1:  # one answer left: wait for it in the get itself (one Ray call, not two)
@@ -394,7 +417,7 @@ class Pending:
             for ref in done:  # each result is fetched once
                 i = position[ref]
                 try:
-                    values[i] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                    value = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 except ray.exceptions.GetTimeoutError:
                     self._timed_out([ref], position)
                 except ray.exceptions.RayActorError as err:  # before RayTaskError: some are both
@@ -416,7 +439,8 @@ class Pending:
                         f"role {self.group.name} actor {rank} raised {type(cause).__name__} in {self.method}(): "
                         f"{_first_line(cause)}"
                     ) from err
-        return values
+                else:
+                    yield i, value
 
     def _resend(self, i: int, pending: list, position: dict) -> float:
         """Call ``i`` again on its (restored) actor; returns the new deadline."""
@@ -440,6 +464,21 @@ class Pending:
 
 
 def collect_compute_stats(groups: dict[str, RoleGroup], reset: bool = True) -> dict[str, list[dict]]:
-    """``{role: [stats of actor 0, actor 1, ...]}`` for every group, all calls in flight at once."""
-    pending = {role: g.compute_stats(reset) for role, g in groups.items()}
-    return {role: p.get() for role, p in pending.items()}
+    """``{role: [stats of actor 0, actor 1, ...]}`` for every group, all calls in flight at once. A view's actors
+    report once, through their owner, the view's methods under the view's name."""
+    pending = {role: g.compute_stats(reset) for role, g in groups.items() if g.view_of is None}
+    out = {role: p.get() for role, p in pending.items()}
+    for role, g in groups.items():
+        if g.view_of is not None:
+            both = out[g.view_of]
+            out[role] = [_only(s, lambda m, g=g: m in g.view_methods) for s in both]
+            out[g.view_of] = [_only(s, lambda m, g=g: m not in g.view_methods) for s in both]
+    return out
+
+
+def _only(stats: dict, keep: Callable[[str], bool]) -> dict:
+    """An actor's compute stats restricted to the methods ``keep`` accepts (memory is the process's: kept)."""
+    out = dict(stats, seconds={m: t for m, t in stats.get("seconds", {}).items() if keep(m)})
+    if "spans" in stats:
+        out["spans"] = [span for span in stats["spans"] if keep(span[0])]
+    return out

@@ -1,25 +1,36 @@
 """When each iteration's experience is generated, relative to the training that uses it (``train.mode``).
 
-A schedule hands the driver the batch to learn from at iteration ``i``; the driver's ``start(i)`` samples the prompts
-and puts generation in flight (a ``Pending`` of the rollout group), and says which policy version the engines must
-hold by then. Weight pushes reach a rollout actor between two of its calls (an actor runs one call at a time), so a
-push never lands in the middle of a generation.
+A schedule hands the driver the generation to learn from at iteration ``i`` (a ``Pending`` of the rollout group: the
+driver waits for it whole, or scores each part as it lands, ``train.stream_chunks``); the driver's ``start(i)``
+samples the prompts, puts their generation in flight and says which policy version the engines must hold by then.
+Weight pushes reach a rollout actor between two of its calls (an actor runs one call at a time), so a push never
+lands in the middle of a generation.
 
 - ``Sync``: generate, then learn; every sample comes from the weights the learners hold (staleness 0).
 - ``OneStepOff``: iteration i+1's generation runs while iteration i is scored and trained (veRL's one-step-off,
   NeMo-RL's async with age 1): samples are at most one version behind the learners, and the push after training i
   queues behind that generation on each engine.
+- ``Async``: the rollout actors work through a stream of prompt batches up to ``max_staleness`` iterations ahead of
+  the learners (a bounded buffer: NeMo-RL's ``max_trajectory_age_steps``, AReaL's ``max_head_offpolicyness``); a
+  batch started while the learners held version v is learnt from at v + ``max_staleness`` at the latest, so no sample
+  older than the bound reaches a learner. A slow learner fills the buffer and generation waits (back-pressure);
+  nothing is generated only to be thrown away.
+
+The pipelined schedules drain once every ``sync.check_every`` iterations (``fresh``): that batch is generated after
+the push of the learners' current weights, so the stale-weight alarm can compare the engine's log-probs with the
+learner's at the same (behaviour) version. It costs one unoverlapped generation per check.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
-import pyarrow as pa
-
+from rlhf_dist.config import RunConfig
 from rlhf_dist.orchestration.role_group import Pending
 
 Start = Callable[[int], Pending]  # iteration -> its generation, in flight
+Fresh = Callable[[int], bool]  # iteration -> whether its batch must come from the learners' current weights
 
 
 class Sync:
@@ -28,32 +39,56 @@ class Sync:
     def __init__(self, start: Start):
         self.start = start
 
-    def batch(self, iteration: int, last: int) -> pa.RecordBatch:
-        return self.start(iteration).batch()
+    def generation(self, iteration: int, last: int) -> Pending:
+        return self.start(iteration)
 
     def in_flight(self) -> int | None:
-        """The iteration whose generation is in flight between two iterations (its prompts are already drawn)."""
+        """The first iteration whose generation is in flight between two iterations (its prompts are drawn)."""
         return None
 
 
-class OneStepOff:
-    max_staleness = 1
+class Pipelined:
+    """Keeps the generations of up to ``max_staleness`` later iterations in flight while one iteration trains."""
 
-    def __init__(self, start: Start):
-        self.start = start
-        self.next: tuple[int, Pending] | None = None
+    def __init__(self, start: Start, max_staleness: int, fresh: Fresh = lambda i: i == 0):
+        self.start, self.max_staleness, self.fresh = start, max_staleness, fresh
+        self.ahead: deque[tuple[int, Pending]] = deque()  # (iteration, its generation), in iteration order
 
-    def batch(self, iteration: int, last: int) -> pa.RecordBatch:
-        """Iteration ``iteration``'s batch (generated during the previous iteration, or now after a (re)start), with
-        the next iteration's generation put in flight first, so the engines never wait for the driver."""
-        if self.next is None or self.next[0] != iteration:
-            self.next = (iteration, self.start(iteration))
-        pending = self.next[1]
-        self.next = (iteration + 1, self.start(iteration + 1)) if iteration + 1 < last else None
-        return pending.batch()
+    def generation(self, iteration: int, last: int) -> Pending:
+        """Iteration ``iteration``'s generation (run during earlier iterations, or started now after a (re)start or
+        at a fresh iteration), with the next iterations' put in flight first so the engines never wait for the
+        driver; none past a fresh iteration, which starts only once the learners' weights are pushed."""
+        if not self.ahead or self.ahead[0][0] != iteration:
+            self.ahead.clear()  # a (re)start or resume: what was in flight belongs to other iterations
+            self.ahead.append((iteration, self.start(iteration)))
+        pending = self.ahead.popleft()[1]
+        nxt = self.ahead[-1][0] + 1 if self.ahead else iteration + 1
+        while nxt < min(last, iteration + 1 + self.max_staleness) and not self.fresh(nxt):
+            self.ahead.append((nxt, self.start(nxt)))
+            nxt += 1
+        return pending
 
     def in_flight(self) -> int | None:
-        return self.next[0] if self.next is not None else None
+        return self.ahead[0][0] if self.ahead else None
 
 
-SCHEDULES = {"sync": Sync, "one_step_off": OneStepOff}
+class OneStepOff(Pipelined):
+    def __init__(self, start: Start, fresh: Fresh = lambda i: i == 0):
+        super().__init__(start, 1, fresh)
+
+
+class Async(Pipelined):
+    pass
+
+
+def make_schedule(cfg: RunConfig, start: Start) -> Sync | Pipelined:
+    """``train.mode``'s schedule; the pipelined ones drain for the stale-weight alarm every ``sync.check_every``."""
+    mode = cfg.train.mode
+    if mode == "sync":
+        return Sync(start)
+    every = cfg.sync.check_every
+
+    def fresh(i: int) -> bool:
+        return i % every == 0
+
+    return OneStepOff(start, fresh) if mode == "one_step_off" else Async(start, cfg.train.max_staleness, fresh)

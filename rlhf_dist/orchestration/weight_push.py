@@ -23,7 +23,9 @@ class WeightPush:
     with the others and given the last weights pushed, before the call it died in is sent again."""
 
     def __init__(self, cfg: RunConfig, policy: RoleGroup, rollout: RoleGroup):
-        self.policy, self.rollout, self.name = policy, rollout, cfg.weight_transport()
+        self.policy, self.rollout = policy, rollout
+        # a hybrid actor (generation.hybrid_engine) loads the weights into its own engine in memory
+        self.name = "in_process" if rollout.view_of == policy.name else cfg.weight_transport()
         self.args = (
             rollout.actors,
             self.name,
@@ -66,8 +68,12 @@ class WeightPush:
 
     def _push(self, version: int, phases: Phases) -> int:
         pending = phases.call(self.policy, "push_weights", version)
-        phases.record(self.rollout.name, *ROLLOUT_UPDATE, chain=f"{self.rollout.name} (driven by policy.push_weights)")
-        versions, nbytes = pending.get()[0]
+        if self.name != "in_process":
+            chain = f"{self.rollout.name} (driven by policy.push_weights)"
+            phases.record(self.rollout.name, *ROLLOUT_UPDATE, chain=chain)
+        # rank 0 reports every engine (the others None); in process, every rank its own
+        reports = [r for r in pending.get() if r is not None]
+        versions, nbytes = [v for vs, _ in reports for v in vs], sum(n for _, n in reports)
         if set(versions) != {version}:
             raise RuntimeError(f"weight sync: rollout actors report versions {versions}, expected {version}")
         self.version = version

@@ -53,7 +53,7 @@ def prepare(cfg: RunConfig) -> pa.Table:
         raise ConfigError("collect.policy", f"{policy!r} is not a saved model; fix the path or run `rlhf-dist sft`")
     texts = read_prompt_texts(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_prompts=c.num_prompts)))
     tokenizer = load_tokenizer(cfg.model.tokenizer or policy)
-    return tokenize_prompts(texts[: c.num_prompts], tokenizer, cfg.data.max_prompt_tokens)
+    return tokenize_prompts(texts[: c.num_prompts], tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
 
 
 def policy_path(cfg: RunConfig) -> str:

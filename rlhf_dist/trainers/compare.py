@@ -6,7 +6,9 @@ fixed seeds. On its samples we measure
 - the reward model's score (what PPO optimised: a gap between it and gold is reward hacking);
 - KL to the SFT model: mean over sampled tokens of log pi(token) - log pi_sft(token), a Monte Carlo estimate of
   the per-token KL(pi || pi_sft) on the policy's own samples (the sampler's log-probs against the reference
-  actors' for the same tokens, both at generation.temperature).
+  actors' for the same tokens, both at generation.temperature);
+- distinct-1/2 of the sampled responses and each policy's win rate against the SFT model under the reward model
+  (ties half), the same measures as `rlhf-dist eval` (eval_metrics.py).
 """
 
 from __future__ import annotations
@@ -14,17 +16,18 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import pyarrow as pa
-import torch
 
 from rlhf_dist.config import RunConfig
 from rlhf_dist.data import schema as S
-from rlhf_dist.data.batch import concat_batches, repeat_interleave, to_padded
+from rlhf_dist.data.batch import concat_batches, repeat_interleave
+from rlhf_dist.data.datasets import DataError
 from rlhf_dist.data.prompts import read_prompt_texts, tokenize_prompts
 from rlhf_dist.data.synthetic import make_prompts
 from rlhf_dist.models.load import load_tokenizer
 from rlhf_dist.orchestration.learner_groups import worker_group
+from rlhf_dist.trainers import eval_metrics
+from rlhf_dist.trainers.eval_metrics import nanmean, sample_metrics, win_rate
 from rlhf_dist.trainers.offline import with_model
 from rlhf_dist.workers.common import derive_seed
 from rlhf_dist.workers.reference import ReferenceWorker
@@ -38,18 +41,32 @@ COLUMNS = (
     ("rm_score", "RM score"),
     ("kl_to_sft", "KL to SFT"),
     ("response_len", "length"),
+    ("distinct_1", "distinct-1"),
+    ("distinct_2", "distinct-2"),
+    ("win_rate_vs_sft", "win vs SFT (RM)"),
 )
 
 
 def held_out_prompts(cfg: RunConfig, tokenizer) -> pa.RecordBatch:
-    """data.eval_prompts prompts no training stage sees: a fresh synthetic stream, or the file's last rows."""
+    """data.eval_prompts prompts: eval.prompts' first rows; else ones no training stage sees, a fresh synthetic
+    stream, or data.prompts' last rows (which PPO reads too)."""
     n = cfg.data.eval_prompts
-    texts = (
-        make_prompts(n, seed=derive_seed(cfg.seed, EVAL_ITERATION))
-        if cfg.data.task == "synthetic"
-        else read_prompt_texts(cfg)[-n:]
-    )
-    return concat_batches([tokenize_prompts(texts, tokenizer, cfg.data.max_prompt_tokens)])
+    if cfg.eval.prompts:
+        texts = eval_prompt_texts(cfg)[:n]
+    elif cfg.data.task == "synthetic":
+        texts = make_prompts(n, seed=derive_seed(cfg.seed, EVAL_ITERATION))
+    else:
+        texts = read_prompt_texts(cfg)[-n:]
+    return concat_batches([tokenize_prompts(texts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)])
+
+
+def eval_prompt_texts(cfg: RunConfig) -> list:
+    """Every row of eval.prompts, read like data.prompts (errors name eval.prompts)."""
+    data = dataclasses.replace(cfg.data, task="prompts", prompts=cfg.eval.prompts)
+    try:
+        return read_prompt_texts(dataclasses.replace(cfg, data=data))
+    except DataError as err:  # the reader names data.prompts, which here is eval.prompts
+        raise DataError(str(err).replace("data.prompts", "eval.prompts", 1)) from None
 
 
 def compare(
@@ -58,9 +75,11 @@ def compare(
     """{policy name: metrics} for every policy dir in `policies` (Ray must be up)."""
     # The scorers: the SFT model as the KL reference, the reward model (and gold) as the reward actors.
     cfg = with_model(cfg, policy=sft, reference=sft, reward=reward_model)
-    cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, function=None, model_weight=1.0, clip=None))
+    cfg = dataclasses.replace(
+        cfg, reward=dataclasses.replace(cfg.reward, function=None, endpoint=None, model_weight=1.0, clip=None)
+    )
     prompts = held_out_prompts(cfg, load_tokenizer(cfg.model.tokenizer or sft))
-    results = {}
+    results, rm_scores = {}, {}
     with (
         worker_group("reference", ReferenceWorker, cfg, cfg.roles.reference) as reference,
         worker_group("reward", RewardWorker, cfg, cfg.roles.reward) as reward,
@@ -73,8 +92,12 @@ def compare(
                 )
                 greedy, sampled = greedy.batch(), sampled.batch()
             scores_greedy, scores = reward.scatter("score", greedy), reward.scatter("score", sampled)
-            ref = reference.scatter("logprobs", sampled).batch()
-            results[name] = policy_metrics(sampled, scores.batch(), scores_greedy.batch(), ref, reward_model)
+            ref, scores = reference.scatter("logprobs", sampled).batch(), scores.batch()
+            results[name] = policy_metrics(sampled, scores, scores_greedy.batch(), ref, reward_model)
+            rm_scores[name] = scores.column(S.REWARD).to_numpy(zero_copy_only=False)
+    for name, m in results.items():  # every policy sampled the same prompts with the same seeds: paired samples
+        paired = reward_model is not None and "sft" in rm_scores
+        m["win_rate_vs_sft"] = win_rate(rm_scores[name], rm_scores["sft"]) if paired else math.nan
     return results
 
 
@@ -85,26 +108,17 @@ def policy_metrics(
     ref: pa.RecordBatch,
     reward_model: str | None,
 ) -> dict[str, float]:
-    own, mask = to_padded(sampled, S.ROLLOUT_LOGPROBS, dtype=torch.float32)
-    sft, _ = to_padded(ref, S.REF_LOGPROBS, dtype=torch.float32)
-    tokens = float(mask.sum())
+    m = sample_metrics(sampled, scores, ref, "k1")  # the sampler's log-probs against the SFT model's
     return {
-        "gold_sampled": _mean(scores.column(S.GOLD_REWARD)),
-        "gold_greedy": _mean(scores_greedy.column(S.GOLD_REWARD)),
-        "rm_score": _mean(scores.column(S.REWARD)) if reward_model else math.nan,
-        "kl_to_sft": float(((own - sft) * mask).sum()) / max(1.0, tokens),
-        "response_len": tokens / max(1, len(sampled)),
+        "gold_sampled": m["gold"],
+        "gold_greedy": nanmean(scores_greedy.column(S.GOLD_REWARD)),
+        "rm_score": m["reward"] if reward_model else math.nan,
+        "kl_to_sft": m["kl_to_ref"],
+        "response_len": m["response_len"],
+        "distinct_1": m["distinct_1"],
+        "distinct_2": m["distinct_2"],
     }
 
 
-def _mean(column: pa.Array) -> float:
-    values = column.to_numpy(zero_copy_only=False).astype(np.float64)
-    return float(np.nanmean(values)) if len(values) and not np.all(np.isnan(values)) else math.nan
-
-
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    header = f"{'policy':<8}" + "".join(f"{title:>16}" for _, title in COLUMNS)
-    lines = [header, "-" * len(header)]
-    for name, m in results.items():
-        lines.append(f"{name:<8}" + "".join(f"{m[key]:>16.3f}" for key, _ in COLUMNS))
-    return "\n".join(lines)
+    return eval_metrics.format_table(results, COLUMNS)

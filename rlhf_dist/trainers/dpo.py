@@ -18,11 +18,11 @@ from rlhf_dist import run_dir
 from rlhf_dist.config import RunConfig
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import to_padded
-from rlhf_dist.metrics import MetricsLog
 from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.orchestration.learner_groups import worker_group
+from rlhf_dist.trackers import open_log
 from rlhf_dist.trainers import offline
-from rlhf_dist.trainers.rm import preferences_path
+from rlhf_dist.trainers.rm import preferences_path, with_preference_sources
 from rlhf_dist.workers.dataset_learner import stack_pairs
 from rlhf_dist.workers.dpo_learner import REF_CHOSEN, REF_REJECTED, DPOLearner
 from rlhf_dist.workers.reference import ReferenceWorker
@@ -47,16 +47,16 @@ def reference_config(cfg: RunConfig) -> RunConfig:
 
 @run_dir.claimed("dpo")
 def run(cfg: RunConfig) -> dict:
-    """DPO of model.policy on dpo.data against dpo.reference; saves the policy to dpo.output."""
+    """DPO of model.policy on dpo.data (and label.sources) against dpo.reference; saves the policy to dpo.output."""
+    cfg = with_preference_sources(cfg, "dpo")
     t0, stage = time.perf_counter(), cfg.dpo
     data = offline.load_stage_data(cfg, "dpo", "preferences", preferences_path(cfg, "dpo"))
     out = offline.stage_output(cfg, "dpo")
-    log = MetricsLog(Path(cfg.output_dir) / "dpo.metrics.jsonl")
     need = max(
         stage.learners.num_actors * stage.learners.num_cpus,
         cfg.roles.reference.num_actors * cfg.roles.reference.num_cpus,
     )
-    with ray_session(cfg, min_cpus=need):
+    with open_log(cfg, "dpo", Path(cfg.output_dir) / "dpo.metrics.jsonl") as log, ray_session(cfg, min_cpus=need):
         with worker_group("reference", ReferenceWorker, reference_config(cfg), cfg.roles.reference) as reference:
             # Scored once, before any learner starts: the reference and the pairs never change.
             def score(pairs):

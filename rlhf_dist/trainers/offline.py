@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.data.batch import concat_batches
+from rlhf_dist.data.chat import AUTO, ChatFormat
 from rlhf_dist.data.datasets import DataError, DatasetSpec, read_batches, tokenize
 from rlhf_dist.metrics import MetricsLog, mean_of_dicts
 from rlhf_dist.models.load import load_tokenizer
@@ -38,16 +39,17 @@ def dataset_spec(cfg: RunConfig, stage: str, kind: str, path: str | Path) -> Dat
     )
 
 
-def read_tokenized(spec: DatasetSpec, tokenizer, key: str) -> tuple[pa.RecordBatch, dict]:
+def read_tokenized(spec: DatasetSpec, tokenizer, key: str, chat: ChatFormat = AUTO) -> tuple[pa.RecordBatch, dict]:
     """The whole validated set as one batch of token columns (`prompt_ids` + `response_ids` or `chosen_ids`,
     `rejected_ids`) and a report of what was kept. A bad row is a ConfigError on `key` (the data path) that names
     the file, row and column, so the command line reports it as a user error before any actor starts.
 
-    Plain text, no chat template: the PPO prompts (rlhf_dist.data.prompts) are tokenised the same way, so a model
-    trained here meets its prompts in the form it was trained on.
+    Rows are plain text or messages lists, put through the chat template as ``chat`` (data.chat_template) says: the
+    PPO prompts (rlhf_dist.data.prompts) go through the same, so a model trained here meets its prompts in the form
+    it was trained on.
     """
     try:
-        tokens = tokenize(read_batches(spec), tokenizer, spec, apply_chat_template=False)
+        tokens = tokenize(read_batches(spec), tokenizer, spec, chat=chat)
         batches = [b.select([c for c in b.schema.names if c.endswith("_ids")]) for b in tokens]
     except (DataError, FileNotFoundError) as err:
         raise ConfigError(key, str(err)) from None
@@ -146,7 +148,9 @@ class StageData:
 def load_stage_data(cfg: RunConfig, stage: str, kind: str, path: str | Path) -> StageData:
     """Runs on the driver before any actor starts: a bad row fails here, naming file, row and column."""
     spec = dataset_spec(cfg, stage, kind, path)
-    data, report = read_tokenized(spec, load_tokenizer(cfg.model.tokenizer or cfg.model.policy), f"{stage}.data.path")
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
+    chat = ChatFormat.from_setting(cfg.data.chat_template)
+    data, report = read_tokenized(spec, tokenizer, f"{stage}.data.path", chat)
     train, held = split_held_out(data, getattr(cfg, stage), cfg.seed, stage)
     return StageData(spec, train, held, report)
 

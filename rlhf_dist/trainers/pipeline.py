@@ -21,6 +21,7 @@ from pathlib import Path
 from rlhf_dist import run_dir
 from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.config.schema import PIPELINE_STAGES
+from rlhf_dist.data.labels import label_folder
 from rlhf_dist.models.tiny import ensure_tiny_model
 from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.orchestration.learner_groups import live_placement_groups, release_placement_groups
@@ -77,11 +78,19 @@ def stage_configs(cfg: RunConfig, paths: dict[str, str]) -> dict[str, RunConfig]
 def stage_inputs(configs: dict[str, RunConfig]) -> dict[str, dict[str, str | None]]:
     """{stage: {config key: path}}: the models and data each stage reads."""
     c, r, p, d = configs["collect"], configs["rm"], configs["ppo"], configs["dpo"]
+    sources = r.label.sources  # the preference sets rm and dpo read (rm.with_preference_sources)
+    simulated = "simulated" in sources
+    human = {"label.output": str(label_folder(r))} if "human" in sources else {}
     return {
         "collect": {"collect.policy": c.collect.policy},
-        "rm": {"rm.init": r.rm.init, "rm.data.path": r.rm.data.path},
+        "rm": {"rm.init": r.rm.init, "rm.data.path": r.rm.data.path if simulated else None, **human},
         "ppo": {"model.policy": p.model.policy, "model.reward": p.model.reward},
-        "dpo": {"model.policy": d.model.policy, "dpo.reference": d.dpo.reference, "dpo.data.path": d.dpo.data.path},
+        "dpo": {
+            "model.policy": d.model.policy,
+            "dpo.reference": d.dpo.reference,
+            "dpo.data.path": d.dpo.data.path if simulated else None,
+            **human,
+        },
     }
 
 

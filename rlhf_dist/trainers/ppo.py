@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from rlhf_dist import run_dir
+from rlhf_dist import run_dir, trackers
 from rlhf_dist.algo import AdaptiveKLController, FixedKLController
 from rlhf_dist.checkpoint import (
     begin_checkpoint,
@@ -25,7 +25,7 @@ from rlhf_dist.checkpoint import (
 )
 from rlhf_dist.config import ROLE_TABLE, RunConfig, check_imports
 from rlhf_dist.data import schema as S
-from rlhf_dist.data.batch import to_padded
+from rlhf_dist.data.batch import concat_in_order, to_padded
 from rlhf_dist.data.prompts import PromptSampler, read_prompt_texts, tokenize_prompts
 from rlhf_dist.metrics import MetricsLog, console_line, mean_of_dicts, plot
 from rlhf_dist.models.load import load_tokenizer
@@ -34,8 +34,9 @@ from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.orchestration.launch import running_roles
 from rlhf_dist.orchestration.phases import Phases
 from rlhf_dist.orchestration.placement import plan, required_resources
+from rlhf_dist.orchestration.reward_serve import serve_cpus, served_reward
 from rlhf_dist.orchestration.role_group import ActorDiedError, Pending, RoleGroup, collect_compute_stats
-from rlhf_dist.orchestration.schedules import SCHEDULES, OneStepOff, Sync
+from rlhf_dist.orchestration.schedules import Pipelined, Sync, make_schedule
 from rlhf_dist.orchestration.weight_push import WeightPush
 from rlhf_dist.trainers import timing
 from rlhf_dist.trainers.experience import compute_advantages
@@ -66,7 +67,7 @@ class PPORun:
     iteration: int = 0  # the next one to run
     version: int = 0  # the policy version the rollout engines hold
     earlier_restarts: Counter = field(default_factory=Counter)  # counted before the roles last started
-    schedule: Sync | OneStepOff | None = None  # train.mode: when each batch is generated
+    schedule: Sync | Pipelined | None = None  # train.mode: when each batch is generated
     sampler_before: dict[int, dict] = field(default_factory=dict)  # iteration -> sampler state before its prompts
 
     @classmethod
@@ -79,7 +80,7 @@ class PPORun:
         )
         sync = WeightPush(cfg, groups["policy"], groups["rollout"])
         run = cls(cfg, groups, sampler, kl_ctl, sync, earlier_restarts=Counter(earlier_restarts or {}))
-        run.schedule = SCHEDULES[cfg.train.mode](run.start_generation)
+        run.schedule = make_schedule(cfg, run.start_generation)
         return run
 
     def start_generation(self, iteration: int) -> Pending:
@@ -88,7 +89,8 @@ class PPORun:
         self.sampler_before = {i: s for i, s in self.sampler_before.items() if i >= self.iteration}
         self.sampler_before[iteration] = self.sampler.state_dict()
         prompts = self.sampler.next_batch()
-        return self.groups["rollout"].scatter("generate", prompts, iteration, min_version=self.version)
+        parts = self.cfg.train.stream_chunks
+        return self.groups["rollout"].scatter("generate", prompts, iteration, min_version=self.version, parts=parts)
 
     def restarts(self) -> dict[str, int]:
         """``restarts/<role>``: actors Ray brought back; ``restarts/auto_resume``: whole-run resumes; so far."""
@@ -102,12 +104,17 @@ class PPORun:
         return [self.groups[r] for r in LEARNERS if r in self.groups]
 
     def push_during_train(self) -> bool:
-        """Queue the object-store push right behind the policy's training, on its actor, instead of after the train
-        phase: the driver's round trip between the train results and the push goes (about 2 ms of the ~25 ms of
-        overhead per iteration of the tiny CPU job), and the push hides behind the critic's training where that is
-        the longer one. Not when rollout engines sleep between rollouts: waking one while colocated learners still
-        train is the memory spike sleep mode exists to avoid."""
-        return self.sync.name == "object_store" and not self.cfg.generation.enable_sleep
+        """Queue the object-store (or in-process) push right behind the policy's training, on its actor, instead of
+        after the train phase: the driver's round trip between the train results and the push goes (about 2 ms of
+        the ~25 ms of overhead per iteration of the tiny CPU job), and the push hides behind the critic's training
+        where that is the longer one. Not when rollout engines sleep between rollouts: waking one while colocated
+        learners still train is the memory spike sleep mode exists to avoid."""
+        return self.sync.name in ("object_store", "in_process") and not self.cfg.generation.enable_sleep
+
+
+def score(phases: Phases, scorers: list[tuple[RoleGroup, str]], batch: pa.RecordBatch) -> list[Pending]:
+    """Every scoring role's call on ``batch``, all in flight at once, in the order their columns are merged."""
+    return [phases.scatter(group, method, batch) for group, method in scorers]
 
 
 def merge_columns(batch: pa.RecordBatch, *parts: pa.RecordBatch) -> pa.RecordBatch:
@@ -122,7 +129,7 @@ def prepare(cfg: RunConfig) -> PromptSampler:
     ensure_tiny_model(cfg)
     check_imports(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
-    table = tokenize_prompts(read_prompt_texts(cfg), tokenizer, cfg.data.max_prompt_tokens)
+    table = tokenize_prompts(read_prompt_texts(cfg), tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
     return PromptSampler(table, cfg.train.prompts_per_iteration, cfg.generation.samples_per_prompt, cfg.seed)
 
 
@@ -132,13 +139,18 @@ def run(cfg: RunConfig) -> dict:
     run's alone from the start (rlhf_dist/run_dir.py), before anything is written or Ray starts."""
     sampler = prepare(cfg)
     out = Path(cfg.output_dir)
-    log = MetricsLog(out / cfg.logging.metrics_file, resume=cfg.checkpoint.resume)
-    with ray_session(cfg, min_cpus=required_resources(plan(cfg))["CPU"]):
-        final, startup_s = train_resuming(cfg, sampler, log)
-    summary = summarize(log.rows, startup_s)
-    summary.update(policy_path=final, metrics_path=str(log.path))
-    if cfg.logging.plot and log.rows:
-        summary["plot_path"] = str(plot(log.rows, out / "reward_kl.png", PLOT_KEYS))
+    # the trackers (logging.trackers) close with the plot at the end, or marked failed if the run raises
+    with trackers.open_log(cfg, "train", out / cfg.logging.metrics_file, resume=cfg.checkpoint.resume) as log:
+        roles_need = required_resources(plan(cfg))
+        # reward.serve: the reward model's Serve application runs across auto-resumes, started (or shared) here
+        with ray_session(cfg, min_cpus=roles_need["CPU"] + serve_cpus(cfg)), served_reward(cfg, roles_need):
+            final, startup_s = train_resuming(cfg, sampler, log)
+        summary = summarize(log.rows, startup_s)
+        summary.update(policy_path=final, metrics_path=str(log.path))
+        if cfg.logging.plot and log.rows:
+            plotted = plot(log.rows, out / "reward_kl.png", PLOT_KEYS)
+            summary["plot_path"] = str(plotted)
+            log.artifact(plotted)
     print(report(summary), flush=True)
     return summary
 
@@ -211,30 +223,39 @@ def train(run: PPORun, log: MetricsLog, from_checkpoint: bool = False) -> str | 
 def iteration(run: PPORun, phases: Phases) -> dict:
     """One PPO iteration: generate, score in parallel, advantages, train, push the new weights; the metrics row."""
     cfg, groups = run.cfg, run.groups
+    own_old = cfg.train.skips_old_logprobs(cfg.algo)  # one on-policy step: the policy loss takes its own
+    scorers = [(groups["reward"], "score"), (groups["reference"], "logprobs")]
+    scorers += [] if own_old else [(groups["policy"], "logprobs")]
+    scorers += [(groups["critic"], "values")] if "critic" in groups else []
     with phases.phase("generate"):  # the schedule (train.mode) decides whether this batch was generated already
         phases.record(groups["rollout"].name, "generate")
-        batch = run.schedule.batch(run.iteration, cfg.train.iterations)
+        generation = run.schedule.generation(run.iteration, cfg.train.iterations)
+        if cfg.train.stream_chunks > 1:  # every finished part goes to the scorers while the others generate
+            parts = {i: (part, score(phases, scorers, part)) for i, part in generation.as_completed()}
+        else:
+            batch = generation.batch()
         if cfg.generation.enable_sleep:  # free the engines' memory for the learners; the next push wakes them
             phases.call(groups["rollout"], "sleep").get()
     with phases.phase("score"):  # reward, reference, critic and the learner's own log-probs, all in flight at once
-        pending = [
-            phases.scatter(groups["reward"], "score", batch),
-            phases.scatter(groups["reference"], "logprobs", batch),
-        ]
-        own_old = cfg.train.skips_old_logprobs(cfg.algo)  # one on-policy step: the policy loss takes its own
-        if not own_old:
-            pending.append(phases.scatter(groups["policy"], "logprobs", batch))
+        if cfg.train.stream_chunks > 1:
+            merged = [
+                merge_columns(part, *(p.batch() for p in scored)) for part, scored in map(parts.get, sorted(parts))
+            ]
+            batch = concat_in_order(merged, generation.index)
+        else:
+            pending = score(phases, scorers, batch)
         # then the stale-weight alarm's share of the batch, every sync.check_every iterations
         sample = alarm_sample(batch, cfg, run.iteration, len(groups["policy"].actors)) if own_old else None
         sampled = phases.scatter(groups["policy"], "logprobs", sample, subset=True) if sample is not None else None
-        if "critic" in groups:
-            pending.append(phases.scatter(groups["critic"], "values", batch))
-        batch = merge_columns(batch, *(p.batch() for p in pending))
+        if cfg.train.stream_chunks == 1:
+            batch = merge_columns(batch, *(p.batch() for p in pending))
         sample = merge_columns(sample, sampled.batch()) if sampled is not None else None
     with phases.phase("advantages", on_driver=True):
         batch, adv_stats = compute_advantages(
             batch, cfg.algo, run.kl_ctl.value, on_nonfinite=cfg.train.on_nonfinite, iteration=run.iteration
         )
+        stats = batch_stats(batch, run.version, sample)
+        check_fresh_weights(batch, run.version, run.schedule.max_staleness, stats, cfg.sync.max_logprob_mismatch)
     with phases.phase("train"):
         trains = [phases.scatter(group, "train", batch) for group in run.learners]
         pushed = run.sync.push(run.version + 1, phases) if run.push_during_train() else None
@@ -246,8 +267,6 @@ def iteration(run: PPORun, phases: Phases) -> dict:
     else:  # its own clock overlaps the train phase: kept out of the phases, which add up to the iteration
         row["overlapped/weight_sync"] = pushed["seconds"]
     run.kl_ctl.update(adv_stats["kl"], len(batch))
-    stats = batch_stats(batch, run.version, sample)
-    check_fresh_weights(batch, run.version, run.schedule.max_staleness, stats, cfg.sync.max_logprob_mismatch)
     run.iteration, run.version = run.iteration + 1, run.version + 1
     return {**row, **stats, **adv_stats, **train_stats, "weight_sync_bytes": pushed["bytes"], **run.restarts()}
 
@@ -343,8 +362,9 @@ def alarm_sample(batch: pa.RecordBatch, cfg: RunConfig, iteration: int, ranks: i
 
 def logprob_mismatch(batch: pa.RecordBatch, version: int) -> tuple[float, int]:
     """Stale-weight guard: right after a sync the engine and the learner must agree on every token's log-prob; only
-    samples of the learner's version can be compared (one_step_off: the first batch, and ones regenerated). Returns
-    the mean |rollout - learner| per token over them, and how many samples that is."""
+    samples of the learner's version can be compared (one_step_off, async: the batch of each drain every
+    ``sync.check_every`` iterations, and ones regenerated). Returns the mean |rollout - learner| per token over them,
+    and how many samples that is."""
     rollout, mask = to_padded(batch, S.ROLLOUT_LOGPROBS, dtype=torch.float32)
     learner, _ = to_padded(batch, S.OLD_LOGPROBS, dtype=torch.float32)
     current = torch.from_numpy(batch.column(S.POLICY_VERSION).to_numpy(zero_copy_only=False) == version)

@@ -11,9 +11,9 @@ from rlhf_dist import run_dir
 from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.data.datasets import write_parquet
 from rlhf_dist.data.synthetic import POSITIVE_WORDS, corpus
-from rlhf_dist.metrics import MetricsLog
 from rlhf_dist.models.tiny import ensure_tiny_model
 from rlhf_dist.orchestration.cluster import ray_session
+from rlhf_dist.trackers import open_log
 from rlhf_dist.trainers import offline
 from rlhf_dist.workers.sft_learner import SFTLearner
 
@@ -55,9 +55,9 @@ def run(cfg: RunConfig) -> dict:
     ensure_tiny_model(cfg)
     data = offline.load_stage_data(cfg, "sft", "demonstrations", demonstrations_path(cfg))
     out = offline.stage_output(cfg, "sft")
-    log = MetricsLog(Path(cfg.output_dir) / "sft.metrics.jsonl")
-    with ray_session(cfg, min_cpus=stage.learners.num_actors * stage.learners.num_cpus):
-        rows = offline.fit_and_save(cfg, "sft", SFTLearner, data, out, log)
+    with open_log(cfg, "sft", Path(cfg.output_dir) / "sft.metrics.jsonl") as log:
+        with ray_session(cfg, min_cpus=stage.learners.num_actors * stage.learners.num_cpus):
+            rows = offline.fit_and_save(cfg, "sft", SFTLearner, data, out, log)
     summary = offline.stage_summary("sft", rows, data, out, log, t0)
     print(f"sft: model saved to {out} ({summary['steps']} steps, {summary['seconds']:.1f} s)", flush=True)
     return summary

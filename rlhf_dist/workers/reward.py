@@ -1,4 +1,4 @@
-"""The reward role: a reward model, a user's reward function, or both summed with weights."""
+"""The reward role: a reward model, a user's reward function, a remote reward service, or a weighted sum of them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from rlhf_dist.config import resolve_function
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import make_batch, to_sequences
 from rlhf_dist.data.synthetic import gold_reward
+from rlhf_dist.engines.reward_client import RewardClient
+from rlhf_dist.engines.served_reward import ServedReward
 from rlhf_dist.models.load import load_reward_model, load_tokenizer
 from rlhf_dist.models.logprobs import sequence_scores
 from rlhf_dist.workers.common import derive_seed, device, setup_process
@@ -23,10 +25,14 @@ class RewardWorker:
         setup_process(derive_seed(cfg.seed, 2, rank), cfg.roles.reward.num_cpus)
         self.cfg = cfg
         self.function = resolve_function("reward.function", cfg.reward.function) if cfg.reward.function else None
-        self.model = self.pad_token_id = None
-        if cfg.model.reward:
+        self.model = self.pad_token_id = self.served = None
+        if cfg.model.reward and cfg.reward.serve.enabled:  # the model lives in a Ray Serve deployment
+            s = cfg.reward.serve
+            self.served = ServedReward(s.name, s.batch_size, s.timeout_s)
+        elif cfg.model.reward:
             self.model = load_reward_model(cfg.model.reward, dtype=cfg.model.dtype).to(device()).eval()
             self.pad_token_id = load_tokenizer(cfg.model.tokenizer or cfg.model.policy).pad_token_id
+        self.endpoint = RewardClient.from_config(cfg.reward) if cfg.reward.endpoint else None
         self.gold = None
         if cfg.data.task == "synthetic":
             self.gold = gold_reward
@@ -50,10 +56,14 @@ class RewardWorker:
                 )
             bad |= self.check_finite(values, f"reward.function {self.cfg.reward.function!r}", batch)
             reward += self.cfg.reward.function_weight * values
-        if self.model is not None:
+        if self.model is not None or self.served is not None:
             scores = self.model_scores(batch)
             bad |= self.check_finite(scores, f"the reward model {self.cfg.model.reward!r}", batch)
             reward += self.cfg.reward.model_weight * scores
+        if self.endpoint is not None:
+            values = self.endpoint.score(prompts, responses)
+            bad |= self.check_finite(values, f"reward.endpoint {self.cfg.reward.endpoint}", batch)
+            reward += self.cfg.reward.endpoint_weight * values
         if self.cfg.reward.clip is not None:
             reward = np.clip(reward, -self.cfg.reward.clip, self.cfg.reward.clip)
         if bad.any():  # clipping would turn an inf into a plausible reward
@@ -73,6 +83,8 @@ class RewardWorker:
 
     @torch.no_grad()
     def model_scores(self, batch: pa.RecordBatch) -> np.ndarray:
+        if self.served is not None:
+            return self.served.score(batch)
         seqs = to_sequences(batch, self.pad_token_id).to(device())
         scores = sequence_scores(self.model, seqs.input_ids, seqs.attention_mask, seqs.last_token_index())
         return scores.float().cpu().numpy()

@@ -48,10 +48,16 @@ class RolloutWorker:
         self.version = 0
 
     def generate(
-        self, prompts: pa.RecordBatch, iteration: int, greedy: bool = False, min_version: int | None = None
+        self,
+        prompts: pa.RecordBatch,
+        iteration: int,
+        greedy: bool = False,
+        min_version: int | None = None,
+        part: int = 0,
     ) -> pa.RecordBatch:
         """Adds response_ids, rollout_logprobs, response_text and policy_version to a batch of prompts; with
-        ``min_version``, refuses (``StaleStateError``) unless the engine holds that policy version or a newer one."""
+        ``min_version``, refuses (``StaleStateError``) unless the engine holds that policy version or a newer one.
+        ``part``: which of this actor's calls of the iteration this is (streamed generation), each seeded apart."""
         if min_version is not None and self.version < min_version:
             raise StaleStateError(
                 f"rollout actor {self.rank} holds policy version {self.version}, the run is at {min_version}: it "
@@ -63,7 +69,7 @@ class RolloutWorker:
             temperature=gen.temperature,
             top_p=gen.top_p,
             top_k=gen.top_k,
-            seed=derive_seed(self.cfg.seed, iteration, self.rank),
+            seed=derive_seed(self.cfg.seed, iteration, self.rank, *((part,) if part else ())),
             greedy=greedy,
         )
         out = self.engine.generate(prompts.column(S.PROMPT_IDS).to_pylist(), sampling)
