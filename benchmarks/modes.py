@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the config's)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default="modes", help="results file name (benchmarks/results/OUT.json)")
     args = p.parse_args()
     info = machine()
     runs = [
@@ -98,7 +99,7 @@ def main() -> None:
         "staleness",
     ]
     print(table(headers, lines))
-    path = write_json("modes", {"machine": info, "args": vars(args), "runs": runs})
+    path = write_json(args.out, {"machine": info, "args": vars(args), "runs": runs})
     print(f"written to {path}")
 
 

@@ -101,3 +101,12 @@ def plot(rows: list[dict], path: Path, keys: tuple[str, ...]) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def json_safe(x):
+    """JSON without NaN (not JSON): unknown numbers become null, in nested dicts and lists too."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x

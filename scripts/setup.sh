@@ -18,7 +18,7 @@ mkdir -p "$VENV/etc"
 echo "torch==$TORCH" > "$VENV/etc/constraints.txt"
 stamp="$VENV/.installed-$(cat pyproject.toml "$PINS" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  pip install -c "$VENV/etc/constraints.txt" -c "$PINS" -e ".[test]"
+  pip install -c "$VENV/etc/constraints.txt" -c "$PINS" -e ".[dev]"
   rm -f "$VENV"/.installed-*; touch "$stamp"
 fi
 echo "setup: $VENV ready (torch $TORCH, tested set $PINS)"

@@ -203,6 +203,21 @@ def _spans(stats: dict) -> dict:
     return out
 
 
+def _pipelined(tiny_cfg, *extra):
+    """A pipelined run's config: 2 rollout actors, 2 ZeRO-2 learners, a checkpoint every 2 iterations."""
+    return tiny_cfg(
+        "train.prompts_per_iteration=8",
+        "generation.max_new_tokens=6",
+        "roles.policy.num_actors=2",
+        "roles.rollout.num_actors=2",
+        "ray.num_cpus=null",
+        "logging.plot=false",
+        "checkpoint.save_every=2",
+        "checkpoint.save_final=false",
+        *extra,
+    )
+
+
 def test_one_step_off_trains_on_samples_one_version_behind_and_resumes(tiny_cfg, local_ray):
     """train.mode=one_step_off with 2 rollout actors and 2 ZeRO-2 learners: after the first iteration every batch
     was generated while the previous one trained (one version behind), the log-prob alarm runs where versions match,
@@ -211,20 +226,7 @@ def test_one_step_off_trains_on_samples_one_version_behind_and_resumes(tiny_cfg,
     from rlhf_dist.trainers.ppo import run
 
     def cfg(*extra):
-        return tiny_cfg(
-            "train.mode=one_step_off",
-            "algo.off_policy=tis",
-            "algo.tis_cap=2.0",
-            "train.prompts_per_iteration=8",
-            "generation.max_new_tokens=6",
-            "roles.policy.num_actors=2",
-            "roles.rollout.num_actors=2",
-            "ray.num_cpus=null",
-            "logging.plot=false",
-            "checkpoint.save_every=2",
-            "checkpoint.save_final=false",
-            *extra,
-        )
+        return _pipelined(tiny_cfg, "train.mode=one_step_off", "algo.off_policy=tis", "algo.tis_cap=2.0", *extra)
 
     rows = [json.loads(line) for line in open(run(cfg("train.iterations=2"))["metrics_path"])]
     assert [r["policy_version"] for r in rows] == [0, 1]
@@ -248,21 +250,14 @@ def test_async_bounds_staleness_with_a_slow_learner_drains_for_the_alarm_and_res
     from rlhf_dist.trainers.ppo import run
 
     def cfg(*extra):
-        return tiny_cfg(
+        slow_learner = ("train.ppo_epochs=2", "train.mini_batches=2")
+        return _pipelined(
+            tiny_cfg,
             "train.mode=async",
             "train.max_staleness=2",
             "algo.off_policy=icepop",
             "sync.check_every=3",
-            "train.ppo_epochs=2",
-            "train.mini_batches=2",
-            "train.prompts_per_iteration=8",
-            "generation.max_new_tokens=6",
-            "roles.policy.num_actors=2",
-            "roles.rollout.num_actors=2",
-            "ray.num_cpus=null",
-            "logging.plot=false",
-            "checkpoint.save_every=2",
-            "checkpoint.save_final=false",
+            *slow_learner,
             *extra,
         )
 

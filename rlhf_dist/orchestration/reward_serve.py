@@ -134,12 +134,17 @@ def check_same_model(cfg: RunConfig, served: dict) -> None:
         )
 
 
-def check_room(cfg: RunConfig, reserved: dict[str, float]) -> None:
-    """The replicas fit beside the roles; Serve would otherwise wait for resources that never come."""
-    s, free = cfg.reward.serve, ray.available_resources()
+def check_room(cfg: RunConfig, reserved: dict[str, float], wait_s: float = 10.0) -> None:
+    """The replicas fit beside the roles; Serve would otherwise wait for resources that never come. Ray gives back
+    what an earlier job in the same session released a moment later, so a shortfall is looked at again for up to
+    ``wait_s`` seconds before it is an error."""
+    s, deadline = cfg.reward.serve, time.monotonic() + wait_s
     for resource, key, per_replica in (("CPU", "num_cpus", s.num_cpus), ("GPU", "num_gpus", s.num_gpus)):
-        need, room = s.replicas * per_replica, free.get(resource, 0.0) - reserved.get(resource, 0.0)
-        if need > room + 1e-9:
+        need = s.replicas * per_replica
+        while need > (room := ray.available_resources().get(resource, 0.0) - reserved.get(resource, 0.0)) + 1e-9:
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
             raise ConfigError(
                 f"reward.serve.{key}",
                 f"{s.replicas} replicas x {per_replica:g} = {need:g} {resource}s, but Ray has {max(room, 0):g} free "

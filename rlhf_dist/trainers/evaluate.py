@@ -34,6 +34,7 @@ from rlhf_dist import run_dir
 from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import repeat_interleave
+from rlhf_dist.metrics import json_safe
 from rlhf_dist.models.load import load_tokenizer
 from rlhf_dist.models.tiny import ensure_tiny_model
 from rlhf_dist.trainers.compare import EVAL_ITERATION, held_out_prompts
@@ -160,11 +161,11 @@ def run(cfg: RunConfig, policy: str, baseline: str | None = None) -> dict:
             "seed": cfg.seed,
             "wall_s": time.perf_counter() - t0,
         }
-        (out / "eval.json").write_text(json.dumps(_plain(result), indent=1) + "\n")
+        (out / "eval.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
         with open(out / "samples.jsonl", "w") as f:
             for name, batch in samples.items():
                 for row in batch.select([S.PROMPT_TEXT, S.RESPONSE_TEXT, S.REWARD, S.GOLD_REWARD]).to_pylist():
-                    f.write(json.dumps(_plain({"policy": name, **row})) + "\n")
+                    f.write(json.dumps(json_safe({"policy": name, **row})) + "\n")
         plot_path = plot(metrics, out / "eval.png")
     result.update(dir=str(out), json_path=str(out / "eval.json"), plot_path=str(plot_path) if plot_path else None)
     print(report(result), flush=True)
@@ -202,12 +203,3 @@ def plot(metrics: dict[str, dict[str, float]], path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
-
-
-def _plain(x):
-    """JSON without NaN (not JSON): unknown numbers become null."""
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,6 +21,7 @@ from rlhf_dist import run_dir
 from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.config.schema import PIPELINE_STAGES
 from rlhf_dist.data.labels import label_folder
+from rlhf_dist.metrics import json_safe
 from rlhf_dist.models.tiny import ensure_tiny_model
 from rlhf_dist.orchestration.cluster import ray_session
 from rlhf_dist.orchestration.learner_groups import live_placement_groups, release_placement_groups
@@ -170,7 +170,7 @@ def run_stages(cfg: RunConfig, paths: dict[str, str], configs: dict[str, RunConf
     }
     out = Path(cfg.output_dir) / cfg.pipeline.table_file
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_plain(table), indent=1) + "\n")
+    out.write_text(json.dumps(json_safe(table), indent=1) + "\n")
     table["table_path"] = str(out)
     print(report(table), flush=True)
     return table
@@ -187,12 +187,3 @@ def report(table: dict) -> str:
     times = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in table["stages"].items())
     lines.append(f"wall time {table['wall_s']:.0f} s ({times}); table: {table.get('table_path', '')}")
     return "\n".join(lines)
-
-
-def _plain(x):
-    """JSON without NaN (not JSON): unknown numbers become null."""
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
