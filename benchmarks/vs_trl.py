@@ -171,6 +171,7 @@ def ours_side(a: argparse.Namespace, python: str) -> dict:
         f"seed={a.seed}",
         f"generation.batch_size={a.prompts * a.generations}",  # one generate call per iteration, as TRL
     ]
+    overrides += a.ours_overrides  # a schedule or layout for our side (benchmarks/modes.py names them)
     if a.ours_threads > 1:  # torch threads = the actor's num_cpus; generation and training run one after the other
         overrides += [
             f"roles.rollout.num_cpus={a.ours_threads}",
@@ -206,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="torch threads of our rollout and policy actors (their num_cpus; default 1, as the shipped config)",
+    )
+    p.add_argument(
+        "--ours-overrides",
+        nargs="*",
+        default=[],
+        help="config overrides for our side, e.g. train.mode=one_step_off algo.off_policy=tis algo.tis_cap=2.0",
     )
     p.add_argument("--name", default="vs_trl", help="benchmarks/results/NAME.json (ours alone: NAME_ours.json)")
     p.add_argument(
@@ -268,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "iterations": a.iters,
             "model": a.model,
             "ours_threads": a.ours_threads,
+            "ours_overrides": a.ours_overrides,
         },
         "trl": trl_res,
         "trl_runs": trl_runs,
