@@ -76,7 +76,11 @@ def _config(args: argparse.Namespace) -> int:
 
 def _add_config_cmd_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
-    p.add_argument("--check", action="store_true", help="also check that paths exist and reward.function imports")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also check that paths exist, reward.function imports, reward.endpoint accepts a connection",
+    )
 
 
 def _init_tiny(args: argparse.Namespace) -> int:

@@ -94,6 +94,14 @@ def test_bad_eval_prompts_file_is_one_line_naming_the_key(tiny_model, tmp_path, 
         errors.append(capsys.readouterr().err.strip())
         assert "\n" not in errors[-1] and errors[-1].startswith(f"rlhf-dist: error: eval.prompts: {path}"), errors
     assert "row 1, column 'prompt'" in errors[0], errors[0]
+    # Training prompts are not held out: a prompts task needs eval.prompts.
+    train_prompts = tmp_path / "train.jsonl"
+    train_prompts.write_text('{"prompt": "the cat sat on"}\n')
+    assert main([*argv, "data.task=prompts", f"data.prompts={train_prompts}", "--policy", tiny_model]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(
+        "rlhf-dist: error: eval.prompts: not set, and every row of data.prompts"
+    ), err
     assert not (tmp_path / "run" / "eval").exists()  # failed before making a folder
 
 

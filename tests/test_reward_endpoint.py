@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from rlhf_dist.config import ConfigError, load_config
+from rlhf_dist.config import ConfigError, check_paths, load_config
 from rlhf_dist.engines.reward_client import RewardClient, RewardServiceError
 
 
@@ -168,6 +168,26 @@ def test_no_service_listening(server):
     server.httpd.server_close()  # the port is closed now: connection refused
     message = _one_line_error(RewardClient(url, retries=1, backoff_s=0.01))
     assert "cannot connect" in message and "after 2 attempts" in message, message
+
+
+def test_an_endpoint_nobody_listens_on_fails_before_any_actor_starts(server, tiny_model, tmp_path, capsys):
+    from rlhf_dist.cli import main
+
+    check_paths(load_config("configs/tiny_cpu.yaml", [f"reward.endpoint={server.url('/good')}"]))  # listening: fine
+    closed = server.url("/good")
+    server.httpd.shutdown()
+    server.httpd.server_close()
+    argv = ["train", "configs/tiny_cpu.yaml", f"model.policy={tiny_model}", f"output_dir={tmp_path / 'run'}"]
+    for url, problem in (
+        (closed, "nothing accepts a connection at 127.0.0.1:"),
+        ("http://no-such-host.invalid/x", "cannot resolve the host 'no-such-host.invalid'"),
+    ):
+        assert main([*argv, f"reward.endpoint={url}"]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"rlhf-dist: error: reward.endpoint: {url}: {problem}"), line
+        assert line.endswith("start the reward service first or fix the URL"), line
+    assert not (tmp_path / "run").exists()  # failed before the run claimed its folder or Ray started
+    assert not server.requests  # a connection only: nothing was POSTed
 
 
 def test_config_checks_the_endpoint(tiny_model):

@@ -578,8 +578,8 @@ class EvalConfig:
     prompts: str | None = option(
         None,
         "jsonl/parquet file (or local HF dataset dir) of held-out prompts, column data.prompt_column, the first "
-        "data.eval_prompts rows; null = the task's: the synthetic task's separate held-out stream, or the last "
-        "data.eval_prompts rows of data.prompts (which PPO also reads: give a file of its own to hold them out)",
+        "data.eval_prompts rows; null = the synthetic task's separate held-out stream (with data.task=prompts it "
+        "must be set: PPO reads every row of data.prompts)",
         path=True,
     )
     samples: int = option(4, "sampled responses per prompt (same seeds for the policy and the baseline)", ge=1)

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import os
 import re
+import socket
 import urllib.parse
 from typing import Any
 
@@ -554,7 +555,8 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def check_paths(cfg: RunConfig) -> None:
-    """Model dirs and the prompts file exist on this machine (skipped for `ray://`: they live on the cluster)."""
+    """Model dirs and the prompts file exist on this machine, and reward.endpoint accepts a connection from it
+    (skipped for `ray://`: they live on the cluster)."""
     if (cfg.ray.address or "").startswith("ray://"):
         return
     m = cfg.model
@@ -580,6 +582,26 @@ def check_paths(cfg: RunConfig) -> None:
             "data.chat_template",
             f"{template!r} is not auto, none or a file (cwd {os.getcwd()}); fix the path to a Jinja chat template",
         )
+    check_endpoint_reachable(cfg.reward.endpoint)
+
+
+def check_endpoint_reachable(url: str | None, timeout_s: float = 5.0) -> None:
+    """reward.endpoint's host resolves and accepts a TCP connection from here: a typo in the host or port, or a
+    service not started, is one line now rather than a failed first reward call after every actor started. Only a
+    connection: nothing is POSTed (the service may count or bill calls)."""
+    if url is None:
+        return
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except socket.gaierror as err:
+        problem = f"cannot resolve the host {parts.hostname!r} ({err.strerror})"
+    except OSError as err:  # refused, unreachable, timed out
+        problem = f"nothing accepts a connection at {parts.hostname}:{port} ({err.strerror or 'timed out'})"
+    else:
+        return
+    raise ConfigError("reward.endpoint", f"{url}: {problem}; start the reward service first or fix the URL")
 
 
 def resolve_function(key: str, ref: str):

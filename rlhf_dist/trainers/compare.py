@@ -18,7 +18,7 @@ import math
 
 import pyarrow as pa
 
-from rlhf_dist.config import RunConfig
+from rlhf_dist.config import ConfigError, RunConfig
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import concat_batches, repeat_interleave
 from rlhf_dist.data.datasets import DataError
@@ -48,15 +48,20 @@ COLUMNS = (
 
 
 def held_out_prompts(cfg: RunConfig, tokenizer) -> pa.RecordBatch:
-    """data.eval_prompts prompts: eval.prompts' first rows; else ones no training stage sees, a fresh synthetic
-    stream, or data.prompts' last rows (which PPO reads too)."""
+    """data.eval_prompts prompts no training stage sees: eval.prompts' first rows, or the synthetic task's own held-out
+    stream. Every row of data.prompts is a training prompt, so a prompts task without eval.prompts is a ConfigError
+    rather than an evaluation on prompts the policy trained on."""
     n = cfg.data.eval_prompts
     if cfg.eval.prompts:
         texts = eval_prompt_texts(cfg)[:n]
     elif cfg.data.task == "synthetic":
         texts = make_prompts(n, seed=derive_seed(cfg.seed, EVAL_ITERATION))
     else:
-        texts = read_prompt_texts(cfg)[-n:]
+        raise ConfigError(
+            "eval.prompts",
+            f"not set, and every row of data.prompts ({cfg.data.prompts}) is a training prompt, so none is held out; "
+            "set eval.prompts=FILE of prompts training does not read (the README's walkthrough splits one file in two)",
+        )
     return concat_batches([tokenize_prompts(texts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)])
 
 
