@@ -136,6 +136,75 @@ def bench(args: argparse.Namespace) -> dict:
     return payload
 
 
+def autoscale(args: argparse.Namespace) -> dict:
+    """reward.serve with max_replicas: one replica at first, rounds of scoring back to back for ``--autoscale``
+    seconds; per round its pairs/s and the replicas Serve has running. Serve's own autoscaler decides (its default
+    delays: it scales up after the load has lasted ``upscale_delay_s``, 30 s)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from transformers import AutoConfig
+
+    from rlhf_dist.config import load_config
+    from rlhf_dist.engines.served_reward import ServedReward, import_serve
+    from rlhf_dist.models.tiny import build_tiny
+    from rlhf_dist.orchestration.reward_serve import DEPLOYMENT, served_reward
+
+    model = build_tiny(ROOT / "runs" / "bench_models" / args.size, seed=0, **SIZES[args.size])
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    cfg = load_config(
+        str(ROOT / "configs" / "tiny_cpu.yaml"),
+        [
+            f"model.policy={model}",
+            f"model.reward={model}",
+            "reward.serve.enabled=true",
+            "reward.serve.name=bench_autoscale",
+            "reward.serve.replicas=1",
+            "reward.serve.max_replicas=2",
+            "reward.serve.target_ongoing_requests=1",
+            "reward.serve.num_cpus=1",
+            f"reward.serve.batch_size={args.batch_size}",
+        ],
+    )
+    info = machine()
+    print(f"{load_line(info)}; autoscaling 1..2 replicas, target 1 request in flight each", flush=True)
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    serve = import_serve()
+    rounds = []
+    try:
+        with served_reward(cfg, reserved={}):
+            client = ServedReward(cfg.reward.serve.name, args.batch_size, 600)
+            batch = make_batch(args.pairs, args.prompt_len, args.response_len, vocab)
+            t_start = time.perf_counter()
+            while time.perf_counter() - t_start < args.autoscale:
+                t0 = time.perf_counter()
+                client.score(batch)
+                took = time.perf_counter() - t0
+                app = serve.status().applications[cfg.reward.serve.name]
+                running = app.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
+                rounds.append(
+                    {"t_s": time.perf_counter() - t_start, "pairs_per_s": args.pairs / took, "running": running}
+                )
+                print(
+                    f"  t={rounds[-1]['t_s']:5.1f} s  {rounds[-1]['pairs_per_s']:6.1f} pairs/s  {running} running",
+                    flush=True,
+                )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    first_two = next((r["t_s"] for r in rounds if r["running"] >= 2), None)
+    one = [r["pairs_per_s"] for r in rounds if r["running"] == 1][1:]  # the first round warms up
+    two = [r["pairs_per_s"] for r in rounds if r["running"] >= 2]
+    summary = {
+        "second_replica_running_at_s": first_two,
+        "pairs_per_s_one_replica": statistics.median(one) if one else None,
+        "pairs_per_s_two_replicas": statistics.median(two) if two else None,
+    }
+    print(table(["measure", "value"], [[k, v] for k, v in summary.items()]))
+    path = write_json(args.name, {"machine": info, "model": args.size, "rounds": rounds, **summary})
+    print(f"\nwritten: {path}")
+    return summary
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=SIZES, default="6M", help="reward model size (default 6M)")
@@ -145,7 +214,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16, help="rows per request (reward.serve.batch_size)")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds per setup, after one warm-up")
     p.add_argument("--name", default="serve_reward", help="benchmarks/results/NAME.json")
-    bench(p.parse_args())
+    p.add_argument("--autoscale", type=float, metavar="S", help="instead: S seconds of load on an autoscaling app")
+    args = p.parse_args()
+    autoscale(args) if args.autoscale else bench(args)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ config, the run manifest (``run.json``) and, at the end, the plot. A resumed run
 wandb id and an mlflow tag carry the run id of ``run.json``).
 
 The drivers keep logging through ``MetricsLog``; ``open_log`` hands them one whose rows also go to the trackers. The
-trackers start and write on a thread of their own, so their imports (wandb's alone take seconds) and writes overlap
-the run instead of adding to it; a tracker that fails stops the run at its next row, naming the tracker.
+trackers start and write on a thread of their own, at a lower CPU priority, so their imports (wandb's alone take
+seconds) and writes use the CPU the actors leave idle instead of adding to the run; a tracker that fails stops the run
+at its next row, naming the tracker.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class Trackers:
             raise self._error
 
     def _work(self, backends: dict[str, Callable], info: RunInfo) -> None:
+        _yield_cpu()
         started: dict[str, object] = {}
         failed = True
         try:
@@ -132,6 +134,16 @@ class Trackers:
                 _named(name, "close", backend.close, failed)
             except TrackerError as err:
                 self._error = self._error or err
+
+
+def _yield_cpu() -> None:
+    """Run this thread, and the processes it starts (wandb's service), at the lowest CPU priority (nice 19): below
+    the driver and below Ray's workers (nice 15), so a tracker's imports and writes take the CPU the actors leave
+    idle. Linux keeps a nice value per thread (setpriority on a thread id); elsewhere this does nothing."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # no per-thread priority here, or not allowed: run as is
+        pass
 
 
 def _named(name: str, what: str, fn: Callable, *args):

@@ -152,6 +152,27 @@ def test_a_failing_tracker_stops_the_run_naming_it(tmp_path):
     assert len(log.rows) == 1 and (tmp_path / "metrics.jsonl").read_text().count("\n") == 1  # jsonl has every row
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+def test_trackers_run_at_the_lowest_cpu_priority(tmp_path):
+    """The trackers' thread, and what it starts, take the CPU the actors (nice 15) leave idle: nice 19."""
+    import os
+    import threading
+
+    seen = {}
+
+    class Probe:
+        def __init__(self, info):
+            seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        def log(self, scalars, step): ...
+
+        def close(self, failed): ...
+
+    with MetricsLog(tmp_path / "metrics.jsonl", trackers=Trackers({"probe": Probe}, run_info(tmp_path))) as log:
+        log.log(ROWS[1])
+    assert seen["thread"] == 19 and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19, seen
+
+
 def test_the_default_is_jsonl_alone_and_a_missing_package_names_the_extra(tmp_path, monkeypatch):
     from rlhf_dist import run_dir
 
