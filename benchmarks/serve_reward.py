@@ -45,12 +45,35 @@ def make_batch(pairs: int, prompt_len: int, response_len: int, vocab: int, seed:
     )
 
 
+def serve_config(model, args: argparse.Namespace, name: str, *scaling: str):
+    """tiny_cpu.yaml with ``model`` as the reward model served under ``name``, 1 CPU a replica, ``scaling`` on top."""
+    from rlhf_dist.config import load_config
+
+    return load_config(
+        str(ROOT / "configs" / "tiny_cpu.yaml"),
+        [
+            f"model.policy={model}",
+            f"model.reward={model}",
+            "reward.serve.enabled=true",
+            f"reward.serve.name={name}",
+            "reward.serve.num_cpus=1",
+            f"reward.serve.batch_size={args.batch_size}",
+            *scaling,
+        ],
+    )
+
+
+def start_ray() -> None:
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
 def bench(args: argparse.Namespace) -> dict:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     import torch
 
-    from rlhf_dist.config import load_config
     from rlhf_dist.engines.served_reward import RewardModelServer, ServedReward, import_serve
     from rlhf_dist.models.tiny import build_tiny
     from rlhf_dist.orchestration.reward_serve import served_reward
@@ -62,25 +85,11 @@ def bench(args: argparse.Namespace) -> dict:
     info = machine()
     print(f"{load_line(info)}; reward model {args.size} ({params / 1e6:.1f}M parameters)", flush=True)
 
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    start_ray()
     serve = import_serve()
     seconds: dict[str, list[float]] = {}
     try:
-        cfgs = {
-            n: load_config(
-                str(ROOT / "configs" / "tiny_cpu.yaml"),
-                [
-                    f"model.policy={model}",
-                    f"model.reward={model}",
-                    "reward.serve.enabled=true",
-                    f"reward.serve.name=bench_{n}_replicas",
-                    f"reward.serve.replicas={n}",
-                    "reward.serve.num_cpus=1",
-                    f"reward.serve.batch_size={args.batch_size}",
-                ],
-            )
-            for n in (1, 2)
-        }
+        cfgs = {n: serve_config(model, args, f"bench_{n}_replicas", f"reward.serve.replicas={n}") for n in (1, 2)}
         with served_reward(cfgs[1], reserved={}), served_reward(cfgs[2], reserved={}):
             clients = {
                 f"{n} replica{'s' * (n > 1)}": ServedReward(c.reward.serve.name, args.batch_size, 600)
@@ -144,30 +153,23 @@ def autoscale(args: argparse.Namespace) -> dict:
     import ray
     from transformers import AutoConfig
 
-    from rlhf_dist.config import load_config
     from rlhf_dist.engines.served_reward import ServedReward, import_serve
     from rlhf_dist.models.tiny import build_tiny
     from rlhf_dist.orchestration.reward_serve import DEPLOYMENT, served_reward
 
     model = build_tiny(ROOT / "runs" / "bench_models" / args.size, seed=0, **SIZES[args.size])
     vocab = AutoConfig.from_pretrained(model).vocab_size
-    cfg = load_config(
-        str(ROOT / "configs" / "tiny_cpu.yaml"),
-        [
-            f"model.policy={model}",
-            f"model.reward={model}",
-            "reward.serve.enabled=true",
-            "reward.serve.name=bench_autoscale",
-            "reward.serve.replicas=1",
-            "reward.serve.max_replicas=2",
-            "reward.serve.target_ongoing_requests=1",
-            "reward.serve.num_cpus=1",
-            f"reward.serve.batch_size={args.batch_size}",
-        ],
+    cfg = serve_config(
+        model,
+        args,
+        "bench_autoscale",
+        "reward.serve.replicas=1",
+        "reward.serve.max_replicas=2",
+        "reward.serve.target_ongoing_requests=1",
     )
     info = machine()
     print(f"{load_line(info)}; autoscaling 1..2 replicas, target 1 request in flight each", flush=True)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    start_ray()
     serve = import_serve()
     rounds = []
     try:

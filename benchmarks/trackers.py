@@ -5,12 +5,13 @@ all three; every round runs the arms in one order and then the reverse, so a dri
 Per run: the command's wall time (start-up to exit: tracker imports and their final flush included), the iterations'
 summed `time/wall`, and the CPU-seconds the whole machine was busy while it ran (/proc/stat: every process of the run,
 wandb's service included; time the hypervisor stole for other machines is reported apart, not counted). On a 2-core
-box shared with other work the wall time of the same run varies by 10 % or more; busy CPU-seconds vary far less, and
-on a machine the run keeps busy they are what a tracker adds to wall time (its share: extra CPU-seconds over the
-run's). A table on stdout; JSON in benchmarks/results/trackers.json.
+box shared with other work the wall time of the same run varies by 10 % or more, and on the box these numbers came
+from the busy CPU-seconds moved with it (slower runs were busier), so neither resolves a few per cent in a few runs:
+take many rounds, or bound a tracker's cost by its own CPU time. A table on stdout; JSON in
+benchmarks/results/trackers.json.
 
     python benchmarks/trackers.py                    # 2 rounds, configs/tiny_cpu.yaml (80 iterations)
-    python benchmarks/trackers.py --rounds 1 --arms jsonl all train.iterations=20
+    python benchmarks/trackers.py train.iterations=20 --rounds 1 --arms jsonl all
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def main() -> None:
             print(
                 f"  {arm}: {r['command_s']:.1f} s, {r['cpu_s']:.1f} CPU-s busy, {r['stolen_s']:.1f} stolen", flush=True
             )
-    keys = ("command_s", "iterations_s", "cpu_s", "stolen_s")
+    keys = ("command_s", "cpu_s", "stolen_s")  # iterations_s is in the JSON only
 
     def median(arm: str) -> dict:
         return {k: statistics.median(r[k] for r in runs if r["arm"] == arm) for k in keys}
