@@ -30,8 +30,9 @@ test-slow: setup
 test-vllm: setup-vllm
 	.venv-vllm/bin/python -m pytest -q -m vllm
 
+# --durations: CI's log names the slowest tests, where the suite's time goes
 test: setup setup-vllm lint
-	$(PY) -m pytest -q -m "not vllm"
+	$(PY) -m pytest -q -m "not vllm" --durations=25
 	.venv-vllm/bin/python -m pytest -q -m vllm
 
 bench: setup

@@ -5,6 +5,7 @@ must not suffer). A table on stdout; JSON in benchmarks/results/modes.json.
 
     python benchmarks/modes.py                       # both tiny CPU configs, 2 seeds, the configs' iteration counts
     python benchmarks/modes.py --seeds 3 --iters 40 --configs configs/grpo_tiny_cpu.yaml
+    python benchmarks/modes.py --configs configs/grpo_tiny_cpu.yaml --seeds 3 --iters 80 --set train.policy_lr=1e-3
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ CONFIGS = ("configs/tiny_cpu.yaml", "configs/grpo_tiny_cpu.yaml")
 TAIL = 5  # iterations the end-of-run gold reward is averaged over
 
 
-def one(config: str, mode: str, seed: int, iters: int | None, warmup: int) -> dict:
+def one(config: str, mode: str, seed: int, iters: int | None, warmup: int, extra: list[str]) -> dict:
     from rlhf_dist.config import load_config
 
-    n = iters or load_config(str(ROOT / config), []).train.iterations
+    n = iters or load_config(str(ROOT / config), extra).train.iterations
     name = f"modes_{Path(config).stem}_{mode}_s{seed}"
     res = throughput.bench(
-        config, [*MODES[mode], f"seed={seed}"], warmup=warmup, iters=n - warmup, name=name, quiet=True
+        config, [*extra, *MODES[mode], f"seed={seed}"], warmup=warmup, iters=n - warmup, name=name, quiet=True
     )
     rows = [json.loads(line) for line in (ROOT / "runs" / "bench" / name / "metrics.jsonl").open()]
     per_device = [v for r in rows[warmup:] for k, v in r.items() if k.startswith("throughput/tokens_per_s_per_")]
@@ -61,11 +62,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the config's)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run (e.g. the lr)")
     p.add_argument("--out", default="modes", help="results file name (benchmarks/results/OUT.json)")
     args = p.parse_args()
     info = machine()
     runs = [
-        one(config, mode, seed, args.iters, args.warmup)
+        one(config, mode, seed, args.iters, args.warmup, args.set)
         for config in args.configs
         for seed in range(1, args.seeds + 1)
         for mode in args.modes  # interleaved: every seed runs each mode back to back

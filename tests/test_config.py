@@ -94,14 +94,17 @@ def test_recipes_have_their_shape():
         (["train.recompute_old_logprobs=always"], False),
         (["train.ppo_epochs=2"], False),
         (["train.mini_batches=2"], False),
-        (["train.mode=one_step_off"], False),
-        (["algo.off_policy=tis", "algo.tis_cap=2"], False),
-        (["algo.tis_cap=2"], False),  # tis_cap alone means tis
-        (["algo.off_policy=icepop"], False),
-        (["algo.kl_mode=reward"], True),  # the KL penalty then reads the rollout engine's log-probs
+        # one step: the proximal policy of the correction is the learner's own, in every mode
+        (["train.mode=one_step_off", "algo.off_policy=tis", "algo.tis_cap=2"], True),
+        (["train.mode=async", "train.max_staleness=2", "algo.off_policy=icepop"], True),
+        (["algo.tis_cap=2"], True),  # tis_cap alone means tis
+        (["algo.kl_mode=reward"], True),  # sync: the KL penalty then reads the rollout engine's log-probs, same weights
+        # pipelined with the KL in the reward: the engine's log-probs are of an older version, so they are recomputed
+        (["train.mode=one_step_off", "algo.kl_mode=reward"], False),
+        (["train.mode=async", "algo.kl_mode=reward"], False),
     ],
 )
-def test_old_logprobs_are_skipped_only_for_one_on_policy_step(overrides, skips):
+def test_old_logprobs_are_skipped_only_for_one_step_per_batch(overrides, skips):
     cfg = load(*overrides, path=GRPO)
     assert cfg.train.recompute_old_logprobs == (
         "always" if "train.recompute_old_logprobs=always" in overrides else "auto"

@@ -275,15 +275,22 @@ def test_async_bounds_staleness_with_a_slow_learner_drains_for_the_alarm_and_res
     assert all(np.isfinite(r["policy/loss"]) and np.isfinite(r["critic/value_loss"]) for r in rows)
 
 
-def test_grpo_without_critic_skips_the_old_logprob_pass(tiny_cfg, local_ray):
-    """GRPO (no critic actors) with one optimizer step per batch in sync mode (train.recompute_old_logprobs=auto):
-    the policy actors compute log-probs only for the stale-weight alarm, every sync.check_every=2 iterations, on an
-    eighth of the batch; the loss takes the learner's own (ratio 1), and the run still learns."""
+@pytest.mark.parametrize(
+    "mode",
+    [["train.mode=sync"], ["train.mode=one_step_off", "algo.off_policy=tis", "algo.tis_cap=2.0"]],
+    ids=["sync", "one_step_off"],
+)
+def test_grpo_without_critic_skips_the_old_logprob_pass(tiny_cfg, local_ray, mode):
+    """GRPO (no critic actors) with one optimizer step per batch (train.recompute_old_logprobs=auto): the policy
+    actors compute log-probs only for the stale-weight alarm, every sync.check_every=2 iterations, on an eighth of
+    the batch; the loss takes the learner's own (ratio 1), also as the proximal policy of one_step_off's correction
+    (whose drained batches are the ones checked), and the run still learns."""
     import math
 
     from rlhf_dist.trainers.ppo import run
 
     cfg = tiny_cfg(
+        *mode,
         "train.iterations=4",
         "train.prompts_per_iteration=8",
         "generation.max_new_tokens=6",
@@ -304,3 +311,7 @@ def test_grpo_without_critic_skips_the_old_logprob_pass(tiny_cfg, local_ray):
     )
     assert all(np.isfinite(r["policy/loss"]) and r["policy/grad_norm"] > 0 for r in rows)
     assert all(r["policy/ratio_mean"] == 1.0 and r["policy/approx_kl"] == 0.0 for r in rows)
+    pipelined = cfg.train.mode == "one_step_off"
+    assert [r["staleness"] for r in rows] == ([0, 1, 0, 1] if pipelined else [0, 0, 0, 0])
+    if pipelined:  # the stale batches are weighted from the engine's (behaviour) policy to the learner's
+        assert all(r["policy/behav_kl"] > 0 for r in rows[1::2])

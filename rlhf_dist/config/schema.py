@@ -225,8 +225,9 @@ class TrainConfig:
     recompute_old_logprobs: Literal["auto", "always"] = option(
         "auto",
         "the policy's log-probs of the samples before its update (a forward pass over the batch): auto = skipped "
-        "where they equal the learner's own at its one step (ppo_epochs=1, mini_batches=1, mode=sync, "
-        "algo.off_policy none), the KL penalty then reads the rollout engine's; always = every iteration",
+        "where they equal the learner's own at its one step (ppo_epochs=1, mini_batches=1; also the proximal policy "
+        "of algo.off_policy), unless a pipelined mode's KL penalty is in the reward (it would read stale engine "
+        "log-probs); always = every iteration",
     )
     on_nonfinite: Literal["stop", "skip"] = option(
         "stop",
@@ -239,15 +240,12 @@ class TrainConfig:
 
     def skips_old_logprobs(self, algo: AlgoConfig) -> bool:
         """Whether the policy's old log-probs are not recomputed (``recompute_old_logprobs=auto``): with one optimizer
-        step on on-policy samples and no off-policy correction (which needs them as the proximal policy), they equal
-        the detached log-probs of the learner's own forward pass at that step."""
+        step per batch they equal the detached log-probs of the learner's own forward pass at that step, and so does
+        the off-policy correction's proximal policy (the learner before this update), in every mode. Kept where the KL
+        penalty is in the reward of a pipelined mode: it would read the engine's log-probs of an older version."""
         one_step = self.ppo_epochs == 1 and self.mini_batches == 1
-        return (
-            self.recompute_old_logprobs == "auto"
-            and one_step
-            and self.mode == "sync"
-            and algo.off_policy_correction() == "none"
-        )
+        kl_reads_current = self.mode == "sync" or algo.kl_mode == "loss"
+        return self.recompute_old_logprobs == "auto" and one_step and kl_reads_current
 
 
 @dataclass

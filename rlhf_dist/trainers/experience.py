@@ -34,8 +34,9 @@ def compute_advantages(
     The KL leash: with ``algo.kl_mode == "reward"`` every token's reward is ``-kl_coef * kl``, and the sequence score
     lands on the last token; with ``"loss"`` the policy loss carries the KL instead and rewards are the score alone.
     ``kl`` is KL(old || ref) per token, old being the learner's ``old_logprobs``; a batch without them (not recomputed:
-    ``train.recompute_old_logprobs``, sync mode) uses the rollout engine's, of the same weights: they differ only by
-    the engines' numerics, which the driver's stale-weight alarm bounds (``sync.max_logprob_mismatch``).
+    ``train.recompute_old_logprobs``: sync mode, or the KL in the loss) uses the rollout engine's, of the same weights
+    in sync mode: they differ only by the engines' numerics, which the driver's stale-weight alarm bounds
+    (``sync.max_logprob_mismatch``).
 
     A NaN or inf in an input or in the advantages raises NonFiniteError naming it (``on_nonfinite="stop"``), or
     (``"skip"``) the sample is left out of every batch statistic (baselines, whitening, KL) and gets NaN advantages
