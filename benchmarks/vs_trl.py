@@ -33,8 +33,10 @@ DIFFERENCES = [
     "and with 2 torch threads; the faster is compared); ours is 4 Ray actors with 1 torch thread each (rollout, "
     "reward, reference, policy) plus the driver, so reference and learner log-probs run side by side",
     "gradient checkpointing is off on both sides (TRL's default is on; it is set off here)",
-    "ours also computes the learner's own log-probs of every sample each iteration (the stale-weight check: rollout "
-    "vs learner log-probs); TRL skips old log-probs when num_iterations=1 (it uses the detached current ones)",
+    "old log-probs: with one step per iteration both sides take the detached current ones (ours also as the "
+    "off-policy correction's proximal policy in the pipelined modes); ours computes the learner's log-probs of an "
+    "eighth of the samples every sync.check_every=10 iterations (the stale-weight check), and its pipelined modes "
+    "drain for that check (one generation not overlapped per 10 iterations)",
     "ours pushes the new weights to the rollout actor every iteration (object store); TRL generates with the model "
     "it trains (no sync)",
     "ours tokenises prompts with the tokenizer's special tokens (a BOS first); TRL's GRPOTrainer does not add them: "
