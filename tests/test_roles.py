@@ -44,6 +44,23 @@ def test_rollout_generates_arrow_with_aligned_logprobs(rollout, prompts):
     assert again.column(S.RESPONSE_IDS).equals(batch.column(S.RESPONSE_IDS))
 
 
+def test_a_failed_weight_update_is_not_announced_as_the_new_version(rollout):
+    """The learner sends start, update and finish together (engines/weight_sync/client.py), so a finish can follow an
+    update that raised: it refuses, and the engine keeps its version; the next complete update goes through."""
+    from rlhf_dist.engines.weight_sync.buckets import bucket_to_numpy, pack_buckets
+
+    weights = list(rollout.engine.named_parameters())
+    rollout.start_weight_update()
+    with pytest.raises(Exception):  # noqa: B017 (whatever a malformed payload raises)
+        rollout.update_weights({"buckets": ["not a bucket"]})
+    with pytest.raises(RuntimeError, match="the weight update to version 1 failed.*keeps version 0"):
+        rollout.finish_weight_update(1)
+    assert rollout.version == 0
+    rollout.start_weight_update()
+    rollout.update_weights({"buckets": [bucket_to_numpy(b) for b in pack_buckets(weights, 1 << 20)]})
+    assert rollout.finish_weight_update(1) == 1 and rollout.version == 1
+
+
 def test_reference_logprobs_match_rollout_engine(cfg, rollout, prompts):
     """The engine and a full forward pass agree on every sampled token: the basis of the stale-weight check."""
     from rlhf_dist.workers.reference import ReferenceWorker

@@ -46,6 +46,7 @@ class RolloutWorker:
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
         self.engine = make_generation_engine(cfg, self.tokenizer)
         self.version = 0
+        self._update_failed = False  # an update_weights that raised: its finish must not announce the version
 
     def generate(
         self,
@@ -84,16 +85,28 @@ class RolloutWorker:
         self.engine.init_weight_transfer(init_info)
 
     def start_weight_update(self) -> None:
+        self._update_failed = False
         self.engine.start_weight_update()
 
     def update_weights(self, update_info: dict) -> None:
         """Object store: ``{"buckets": [NumpyBucket, ...]}`` (fetched once per node); else a vLLM engine's payload."""
-        if "buckets" in update_info:
-            self.engine.receive_buckets(bucket_from_numpy(b) for b in update_info["buckets"])
-        else:
-            self.engine.receive(update_info)
+        try:
+            if "buckets" in update_info:
+                self.engine.receive_buckets(bucket_from_numpy(b) for b in update_info["buckets"])
+            else:
+                self.engine.receive(update_info)
+        except BaseException:
+            self._update_failed = True
+            raise
 
     def finish_weight_update(self, version: int) -> int:
+        """Announces ``version``; refuses after a failed update_weights (the learner may send start, update and
+        finish together, so a finish can follow an update that raised)."""
+        if self._update_failed:
+            raise RuntimeError(
+                f"rollout actor {self.rank}: the weight update to version {version} failed (see the error of "
+                f"update_weights); the engine keeps version {self.version}"
+            )
         self.engine.finish_weight_update()
         self.version = version
         return version

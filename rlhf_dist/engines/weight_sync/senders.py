@@ -36,9 +36,7 @@ class ObjectStoreSender:
                 pass
             return 0
         buckets = [bucket_to_numpy(b) for b in pack_buckets(named, self.bucket_bytes)]
-        self.client.start_weight_update()
-        self.client.update_weights({"buckets": buckets})
-        self.client.finish_weight_update()
+        self.client.update({"buckets": buckets})
         return sum(b.flat.nbytes for b in buckets)
 
 
