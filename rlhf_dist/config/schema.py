@@ -341,6 +341,12 @@ class SyncConfig:
         ge=1,
     )
 
+    def checks(self, iteration: int) -> bool:
+        """Whether the log-prob alarm compares engine and learner at ``iteration`` (every ``check_every``, from the
+        first): the sampled check reads those iterations, and the pipelined schedules drain at them so both hold the
+        same version there."""
+        return iteration % self.check_every == 0
+
 
 @dataclass
 class LoggingConfig:

@@ -86,9 +86,5 @@ def make_schedule(cfg: RunConfig, start: Start) -> Sync | Pipelined:
     mode = cfg.train.mode
     if mode == "sync":
         return Sync(start)
-    every = cfg.sync.check_every
-
-    def fresh(i: int) -> bool:
-        return i % every == 0
-
+    fresh = cfg.sync.checks
     return OneStepOff(start, fresh) if mode == "one_step_off" else Async(start, cfg.train.max_staleness, fresh)

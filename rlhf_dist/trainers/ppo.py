@@ -353,7 +353,7 @@ def alarm_sample(batch: pa.RecordBatch, cfg: RunConfig, iteration: int, ranks: i
     """Every ``sync.check_every`` iterations (from the first), the samples whose learner log-probs the stale-weight
     alarm compares with the engine's where the whole batch's are not computed: a 1/CHECK_SHARE share, a multiple of
     the policy's ``ranks`` (equal shards), drawn from (seed, iteration) so a run is repeatable. None on the others."""
-    if iteration % cfg.sync.check_every:
+    if not cfg.sync.checks(iteration):
         return None
     k = min(len(batch), ranks * math.ceil(math.ceil(len(batch) / CHECK_SHARE) / ranks))
     rows = np.random.default_rng((cfg.seed, iteration)).choice(len(batch), size=k, replace=False)
