@@ -45,7 +45,14 @@ def local_ray():
     """Embedded Ray on loopback, always shut down, also when the test fails."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    from rlhf_dist.orchestration.cluster import LOCAL_SYSTEM_CONFIG, worker_env
+
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        runtime_env={"env_vars": worker_env()},
+        _system_config=LOCAL_SYSTEM_CONFIG,
+    )
     try:
         yield ray
     finally:

@@ -196,6 +196,7 @@ DEFERRED = {
     "trackers": "tensorboard, wandb, mlflow: optional (rlhf_dist[trackers]) and slow to import; loaded only when "
     "logging.trackers names them",
     "label": "`rlhf-dist label` serving collected pairs loads no torch; only on-demand sampling does",
+    "transformers": "a reward actor scoring with a function or a service starts without it (~2 CPU-s per start)",
     "serve": "ray[serve] is optional (rlhf_dist[serve]) and slow to import; loaded only when reward.serve.enabled",
 }
 
@@ -245,6 +246,11 @@ def test_roles_import_neither_ray_nor_deepspeed():
     roles = sorted(m for m in EDGES if m.startswith("rlhf_dist.workers."))
     loaded = _fresh_modules("\n".join(f"import {m}" for m in roles))
     assert not {"ray", "deepspeed"} & loaded
+
+
+def test_a_function_reward_actor_starts_without_transformers():
+    """Every PPO run starts a reward actor; with a reward function (the default job) it needs no model code."""
+    assert "transformers" not in _fresh_modules("import rlhf_dist.workers.reward")
 
 
 # ---- the checker itself, on a made-up package -----------------------------------------------------------------------

@@ -11,19 +11,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaF
 
 from rlhf_dist.data import synthetic
 from rlhf_dist.data.batch import Sequences
-from rlhf_dist.models import (
-    CriticModel,
-    build_tiny,
-    load_causal_lm,
-    load_critic,
-    load_reward_model,
-    load_tokenizer,
-    response_logprobs,
-    response_values,
-    sequence_scores,
-    tiny,
-)
-from rlhf_dist.models.value_head import VALUE_HEAD_FILE
+from rlhf_dist.models import tiny
+from rlhf_dist.models.load import load_causal_lm, load_critic, load_reward_model, load_tokenizer
+from rlhf_dist.models.logprobs import response_logprobs, response_values, sequence_scores
+from rlhf_dist.models.tiny import build_tiny
+from rlhf_dist.models.value_head import VALUE_HEAD_FILE, CriticModel
 
 
 @pytest.fixture(scope="module")

@@ -248,6 +248,17 @@ def test_process_group_is_idempotent_and_checks_its_arguments():
     assert isinstance(node_ip(), str) and 1 <= find_free_port() < 65536
 
 
+def test_deepspeed_comm_builds_no_shm_inference_kernel():
+    """The kernel serves only DeepSpeed's inference all-reduce; building it costs a C++ compile per checkout."""
+    import deepspeed.comm as ds_comm
+    from deepspeed.comm import comm as ds_comm_impl
+
+    assert ds_comm.is_initialized() and ds_comm_impl.cdb.shm_comm_op is None
+    total = torch.ones(3)
+    ds_comm.all_reduce(total)  # through the process group
+    assert total.tolist() == [1.0, 1.0, 1.0]
+
+
 def test_atomic_write_dir_leaves_nothing_on_failure(tmp_path):
     def fail(tmp: Path) -> None:
         (tmp / "half").write_text("x")

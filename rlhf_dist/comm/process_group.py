@@ -138,7 +138,7 @@ def init_process_group(
     except ImportError:  # the torch engine works without DeepSpeed
         deepspeed = None
     if deepspeed is not None:
-        # The first call on a CPU machine compiles DeepSpeed's shm comm op (~60 s, cached afterwards).
+        skip_inference_shm_op(deepspeed)
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,
@@ -153,6 +153,14 @@ def init_process_group(
         )
     logger.info("process group up: rank %d/%d backend %s at %s:%s", rank, world_size, backend, master_addr, master_port)
     return backend
+
+
+def skip_inference_shm_op(deepspeed) -> None:
+    """DeepSpeed's comm layer compiles and loads a shared-memory all-reduce kernel on CPU at every group start (~60 s
+    of C++ compile per fresh machine or checkout, one shm segment per rank). It serves only ``inference_all_reduce``
+    (tensor-parallel inference); training reduces through the process group, so the kernel is marked unbuildable,
+    which DeepSpeed treats as "fall back to the process group". ``__compatible_ops__`` is one cached dict."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def check_process_group(engine_name: str, rank: int, world_size: int) -> None:
@@ -175,6 +183,7 @@ def _bind_deepspeed_comm(backend: str, timeout_s: float) -> None:
     except ImportError:
         return
     if not ds_comm.is_initialized():
+        skip_inference_shm_op(deepspeed)
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False
         )

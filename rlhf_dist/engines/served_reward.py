@@ -18,7 +18,6 @@ import torch
 from rlhf_dist.config import ConfigError
 from rlhf_dist.data import schema as S
 from rlhf_dist.data.batch import split_balanced, to_sequences
-from rlhf_dist.models.load import load_reward_model
 from rlhf_dist.models.logprobs import sequence_scores
 
 
@@ -42,6 +41,8 @@ class RewardModelServer:
         torch.set_num_threads(max(1, num_threads))
         self.model_dir, self.dtype, self.pad_token_id = str(Path(model_dir).resolve()), dtype, pad_token_id
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from rlhf_dist.models.load import load_reward_model  # deferred: transformers
+
         self.model = load_reward_model(model_dir, dtype=dtype).to(self.device).eval()
         # Serve runs sync methods on a thread pool: one forward pass at a time keeps a replica to its num_cpus
         self.lock = threading.Lock()

@@ -15,7 +15,6 @@ from rlhf_dist.data.batch import make_batch, to_sequences
 from rlhf_dist.data.synthetic import gold_reward
 from rlhf_dist.engines.reward_client import RewardClient
 from rlhf_dist.engines.served_reward import ServedReward
-from rlhf_dist.models.load import load_reward_model, load_tokenizer
 from rlhf_dist.models.logprobs import sequence_scores
 from rlhf_dist.workers.common import derive_seed, device, setup_process
 
@@ -30,6 +29,8 @@ class RewardWorker:
             s = cfg.reward.serve
             self.served = ServedReward(s.name, s.batch_size, s.timeout_s)
         elif cfg.model.reward:
+            from rlhf_dist.models.load import load_reward_model, load_tokenizer  # deferred: transformers
+
             self.model = load_reward_model(cfg.model.reward, dtype=cfg.model.dtype).to(device()).eval()
             self.pad_token_id = load_tokenizer(cfg.model.tokenizer or cfg.model.policy).pad_token_id
         self.endpoint = RewardClient.from_config(cfg.reward) if cfg.reward.endpoint else None
