@@ -94,6 +94,14 @@ def test_default_job_learns(tiny_model, tmp_path, capfd):
     assert "gold reward:" in printed and str(out / "policy") in printed
 
 
+def test_only_vllm_or_sleeping_engines_start_before_the_other_roles(tiny_cfg):
+    from rlhf_dist.orchestration.launch import engines_start_first
+
+    assert not engines_start_first(tiny_cfg())  # Hugging Face engines: every role starts at once
+    assert engines_start_first(tiny_cfg("generation.enable_sleep=true"))
+    assert engines_start_first(tiny_cfg("generation.engine=vllm", "generation.vllm_cpu=true"))
+
+
 def test_engines_start_first_and_sleep_while_learners_train(tiny_cfg, local_ray):
     """Sleep mode's contract, read off the actors' own timelines: the rollout engines are up and asleep before any
     other role starts; after generating they sleep, and wake only for the push that follows the learners' training."""

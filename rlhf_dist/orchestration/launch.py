@@ -8,7 +8,7 @@ import ray
 from ray.util.placement_group import remove_placement_group
 
 from rlhf_dist.config import ROLE_TABLE, RunConfig, resolve_function
-from rlhf_dist.orchestration.learner_groups import form_learner_group, start_group
+from rlhf_dist.orchestration.learner_groups import form_learner_groups, start_group
 from rlhf_dist.orchestration.placement import (
     assign,
     bundles_by_owner,
@@ -43,6 +43,13 @@ def stop_roles(groups: dict[str, RoleGroup]) -> None:
         remove_placement_group(pg)
 
 
+def engines_start_first(cfg: RunConfig) -> bool:
+    """vLLM sizes its KV cache from the memory it finds free while it starts, and sleep mode's engines must be asleep
+    before the learners take that memory; Hugging Face engines need neither, so with them every role starts at once
+    (the rollout's start-up, mostly imports, then runs beside the others' instead of before them)."""
+    return cfg.generation.engine == "vllm" or cfg.generation.enable_sleep
+
+
 def wait_for_engines(cfg: RunConfig, rollout: RoleGroup) -> None:
     """Returns when every rollout engine is up (a method call runs only after the constructor), and asleep when
     sleep mode is on. vLLM sizes its KV cache from the GPU memory it finds free while it starts, so roles that share
@@ -53,8 +60,9 @@ def wait_for_engines(cfg: RunConfig, rollout: RoleGroup) -> None:
 
 
 def launch_roles(cfg: RunConfig, started: dict[str, RoleGroup] | None = None) -> dict[str, RoleGroup]:
-    """Reserve placement groups, then start each role in ROLE_TABLE's order (each learner role forms its
-    data-parallel group); ``started`` is filled as groups come up, so a caller can stop them after an error."""
+    """Reserve placement groups, then start each role in ROLE_TABLE's order (the rollout engines up before the rest
+    where ``engines_start_first``; each learner role forms its data-parallel group); ``started`` is filled as groups
+    come up, so a caller can stop them after an error."""
     plans = plan(cfg)
     check_fits(plans, ray.cluster_resources())
     print(
@@ -79,13 +87,12 @@ def launch_roles(cfg: RunConfig, started: dict[str, RoleGroup] | None = None) ->
         role_cls = resolve_function(f"ROLE_TABLE[{spec.name}]", worker)
         restarts = 0 if spec.learner else cfg.ray.max_actor_restarts  # a learner's state dies with it
         groups[spec.name] = start_group(spec.name, role_cls, cfg, bundles, max_restarts=restarts)
-        if spec.name == "rollout":
+        if spec.name == "rollout" and engines_start_first(cfg):
             wait_for_engines(cfg, groups[spec.name])
         if worker == HYBRID_WORKER:  # the same actors play the rollout role too
             groups["rollout"] = groups[spec.name].view("rollout", role_cls.ROLLOUT_METHODS)
-    for spec in ROLE_TABLE:  # once every actor is on its way: their constructors run side by side
-        if spec.learner and spec.name in groups:
-            form_learner_group(groups[spec.name])
+    # once every actor is on its way: their constructors run side by side, then the learner groups form together
+    form_learner_groups([groups[spec.name] for spec in ROLE_TABLE if spec.learner and spec.name in groups])
     for group in groups.values():  # the process ids a restart is told apart by
         if group.max_restarts:
             group.ping()

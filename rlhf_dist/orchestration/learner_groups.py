@@ -35,11 +35,14 @@ def start_group(name: str, role_cls: type, cfg: RunConfig, bundles: Bundles, max
     )
 
 
-def form_learner_group(group: RoleGroup) -> None:
-    """Rank 0's address to every rank: one data-parallel process group (gloo on CPU, NCCL on GPU); each rank then
-    builds its training engine."""
-    addr, port = group.call_rank(0, "rendezvous_address").get()[0]
-    group.call("init_group", addr, port).get()
+def form_learner_groups(groups: list[RoleGroup]) -> None:
+    """Rank 0's address to every rank of each group: one data-parallel process group per group (gloo on CPU, NCCL on
+    GPU); each rank then builds its training engine. The groups form side by side (policy and critic are separate
+    processes with separate rendezvous)."""
+    addresses = [group.call_rank(0, "rendezvous_address") for group in groups]
+    formed = [group.call("init_group", *address.get()[0]) for group, address in zip(groups, addresses)]
+    for pending in formed:
+        pending.get()
 
 
 @contextmanager
@@ -52,7 +55,7 @@ def role_group(name: str, role_cls: type, cfg: RunConfig, role: RoleConfig, lear
             name, role_cls, cfg, Bundles(pg, list(range(role.num_actors)), role.num_cpus, role.num_gpus)
         )
         if learner:
-            form_learner_group(group)
+            form_learner_groups([group])
         yield group
     finally:
         for actor in group.actors if group is not None else ():
