@@ -138,7 +138,7 @@ def init_process_group(
     except ImportError:  # the torch engine works without DeepSpeed
         deepspeed = None
     if deepspeed is not None:
-        skip_inference_shm_op(deepspeed)
+        _skip_inference_shm_op(deepspeed)
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,
@@ -155,12 +155,14 @@ def init_process_group(
     return backend
 
 
-def skip_inference_shm_op(deepspeed) -> None:
+def _skip_inference_shm_op(deepspeed) -> None:
     """DeepSpeed's comm layer compiles and loads a shared-memory all-reduce kernel on CPU at every group start (~60 s
     of C++ compile per fresh machine or checkout, one shm segment per rank). It serves only ``inference_all_reduce``
     (tensor-parallel inference); training reduces through the process group, so the kernel is marked unbuildable,
-    which DeepSpeed treats as "fall back to the process group". ``__compatible_ops__`` is one cached dict."""
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    which DeepSpeed treats as "fall back to the process group". ``__compatible_ops__`` is one cached dict, probed on
+    first access (compilers, GPUs): GPU accelerators have no such kernel, so there it is left alone."""
+    if deepspeed.get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def check_process_group(engine_name: str, rank: int, world_size: int) -> None:
@@ -183,7 +185,7 @@ def _bind_deepspeed_comm(backend: str, timeout_s: float) -> None:
     except ImportError:
         return
     if not ds_comm.is_initialized():
-        skip_inference_shm_op(deepspeed)
+        _skip_inference_shm_op(deepspeed)
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False
         )
