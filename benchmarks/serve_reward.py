@@ -64,9 +64,9 @@ def serve_config(model, args: argparse.Namespace, name: str, *scaling: str):
 
 
 def start_ray() -> None:
-    import ray
+    from rlhf_dist.orchestration.cluster import init_local
 
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    init_local(num_cpus=4)
 
 
 def bench(args: argparse.Namespace) -> dict:

@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    from rlhf_dist.orchestration.cluster import init_local
+
     if a.gpu and not torch.cuda.is_available():
         p.error("--gpu: this machine has no CUDA device")
     transports = (a.transports or ("object_store,nccl,cuda_ipc" if a.gpu else "object_store")).split(",")
@@ -289,11 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             f"nccl: needs {1 + max(counts)} GPUs (the learner's and one per rollout actor), "
             f"this machine has {torch.cuda.device_count()}"
         )
-    ray.init(
-        num_cpus=max(4, 1 + max(counts)),
-        include_dashboard=False,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-    )
+    init_local(num_cpus=max(4, 1 + max(counts)))
     try:
         for label in a.sizes.split(","):
             # learner: model + packed buckets; object store: one payload; each rollout: model; ~1.5 GiB of processes

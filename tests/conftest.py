@@ -45,14 +45,9 @@ def local_ray():
     """Embedded Ray on loopback, always shut down, also when the test fails."""
     import ray
 
-    from rlhf_dist.orchestration.cluster import LOCAL_SYSTEM_CONFIG, worker_env
+    from rlhf_dist.orchestration.cluster import init_local
 
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        runtime_env={"env_vars": worker_env()},
-        _system_config=LOCAL_SYSTEM_CONFIG,
-    )
+    init_local(num_cpus=8)
     try:
         yield ray
     finally:

@@ -20,6 +20,19 @@ def worker_env() -> dict[str, str]:
 LOCAL_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
 
 
+def init_local(num_cpus: int) -> None:
+    """Starts the embedded local Ray instance (jobs, tests and benchmarks alike): no dashboard, the workers' env."""
+    # Binds local Ray to 127.0.0.1 only if set before Ray was first imported (the CLI does that).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": worker_env()},
+        _system_config=LOCAL_SYSTEM_CONFIG,
+    )
+
+
 @contextmanager
 def ray_session(cfg: RunConfig, min_cpus: float = 0):
     """Yields with Ray connected; shuts down only what it started."""
@@ -27,16 +40,7 @@ def ray_session(cfg: RunConfig, min_cpus: float = 0):
         yield
         return
     if cfg.ray.address is None:
-        # Binds local Ray to 127.0.0.1 only if set before Ray was first imported (the CLI does that).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(min_cpus + 0.999))
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=True,
-            runtime_env={"env_vars": worker_env()},
-            _system_config=LOCAL_SYSTEM_CONFIG,
-        )
+        init_local(cfg.ray.num_cpus or max(os.cpu_count() or 1, int(min_cpus + 0.999)))
     else:
         ray.init(address=cfg.ray.address, runtime_env={"env_vars": worker_env()})
     try:

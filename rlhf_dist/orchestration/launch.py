@@ -52,8 +52,7 @@ def engines_start_first(cfg: RunConfig) -> bool:
 
 def wait_for_engines(cfg: RunConfig, rollout: RoleGroup) -> None:
     """Returns when every rollout engine is up (a method call runs only after the constructor), and asleep when
-    sleep mode is on. vLLM sizes its KV cache from the GPU memory it finds free while it starts, so roles that share
-    its GPUs start only now, into the memory it left (and freed)."""
+    sleep mode is on: the roles that share its GPUs start only now, into the memory it left (and freed)."""
     rollout.call("get_version").get()
     if cfg.generation.enable_sleep:
         rollout.call("sleep").get()
