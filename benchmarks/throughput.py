@@ -142,15 +142,16 @@ def summarize(rows: list[dict], cfg) -> dict:
     critical = sum(r["compute/critical_path"] for r in rows)
     stages["idle (outside compute)"] = (wall - critical) / len(rows)
     phases = {}
-    for p in ("generate", "score", "advantages", "train", "weight_sync"):
-        if f"time/{p}" in rows[0]:
+    # weight_check: the stale-weight check after the push, only every sync.check_every iterations (a mean over all)
+    for p in ("generate", "score", "advantages", "train", "weight_sync", "weight_check"):
+        if any(f"time/{p}" in r for r in rows):
             phases[p] = {
-                "wall_s": mean(r[f"time/{p}"] for r in rows),
+                "wall_s": mean(r.get(f"time/{p}", 0.0) for r in rows),
                 "critical_compute_s": mean(r.get(f"critical/{p}", 0.0) for r in rows),
             }
     overheads = [phase_overhead(r) for r in rows]
     for p in phases:
-        phases[p]["overhead_s"] = mean(o[p] for o in overheads)
+        phases[p]["overhead_s"] = mean(o.get(p, 0.0) for o in overheads)
     if "overlapped/weight_sync" in rows[0] and "train" in phases:  # the push was queued behind the policy's training
         phases = {("train + weight sync" if k == "train" else k): v for k, v in phases.items()}
     phases["between phases"] = {

@@ -35,8 +35,8 @@ DIFFERENCES = [
     "gradient checkpointing is off on both sides (TRL's default is on; it is set off here)",
     "old log-probs: with one step per iteration both sides take the detached current ones (ours also as the "
     "off-policy correction's proximal policy in the pipelined modes); ours computes the learner's log-probs of an "
-    "eighth of the samples every sync.check_every=10 iterations (the stale-weight check), and its pipelined modes "
-    "drain for that check (one generation not overlapped per 10 iterations)",
+    "eighth of the samples every sync.check_every=10 iterations (the stale-weight check; in the pipelined modes "
+    "the rollout engine scores the same eighth right after the push, nothing drained)",
     "ours pushes the new weights to the rollout actor every iteration (object store); TRL generates with the model "
     "it trains (no sync)",
     "ours tokenises prompts with the tokenizer's special tokens (a BOS first); TRL's GRPOTrainer does not add them: "

@@ -250,11 +250,11 @@ def test_one_step_off_trains_on_samples_one_version_behind_and_resumes(tiny_cfg,
     assert all(np.isfinite(r["policy/loss"]) and np.isfinite(r["critic/value_loss"]) for r in rows)
 
 
-def test_async_bounds_staleness_with_a_slow_learner_drains_for_the_alarm_and_resumes(tiny_cfg, local_ray):
+def test_async_bounds_staleness_with_a_slow_learner_checks_pushed_weights_and_resumes(tiny_cfg, local_ray):
     """train.mode=async, max_staleness=2, 2 rollout actors and 2 ZeRO-2 learners made slow (2 epochs of 2 steps):
     generation runs two batches ahead and then waits, so samples reach the learners 0, 1, 2 versions old and never
-    older; every sync.check_every=3 iterations the pipeline drains and the alarm compares engine and learner at
-    the same version; a resume regenerates what was in flight from the checkpoint's weights."""
+    older; every sync.check_every=3 iterations both engines and the policy score a sample right after the push,
+    without draining the pipeline; a resume regenerates what was in flight from the checkpoint's weights."""
     from rlhf_dist.trainers.ppo import run
 
     def cfg(*extra):
@@ -276,9 +276,12 @@ def test_async_bounds_staleness_with_a_slow_learner_drains_for_the_alarm_and_res
 
     rows = [json.loads(line) for line in open(run(cfg("train.iterations=6", "checkpoint.resume=true"))["metrics_path"])]
     assert [r["iteration"] for r in rows] == list(range(6))
-    # resumed at 2: regenerated on the checkpoint's weights; 3 is a drain; then the buffer fills again
-    assert [r["staleness"] for r in rows[2:]] == [0, 0, 1, 2]
-    assert [r["logprob_checked_samples"] for r in rows[2:]] == [8, 8, 0, 0]
+    # resumed at 2: regenerated on the checkpoint's weights (the old log-prob pass compares all 8); then the buffer
+    # fills again, and at 3 the engines and the policy score 2 of the 8 samples (an eighth, one per learner) after
+    # the push
+    assert [r["staleness"] for r in rows[2:]] == [0, 1, 2, 2]
+    assert [r["logprob_checked_samples"] for r in rows[2:]] == [8, 2, 0, 0]
+    assert ["compute/rollout/engine_logprobs" in r for r in rows] == [False, False, False, True, False, False]
     assert all(r["logprob_mismatch"] < 1e-3 for r in rows if r["logprob_checked_samples"])
     assert all(np.isfinite(r["policy/loss"]) and np.isfinite(r["critic/value_loss"]) for r in rows)
 
@@ -291,8 +294,9 @@ def test_async_bounds_staleness_with_a_slow_learner_drains_for_the_alarm_and_res
 def test_grpo_without_critic_skips_the_old_logprob_pass(tiny_cfg, local_ray, mode):
     """GRPO (no critic actors) with one optimizer step per batch (train.recompute_old_logprobs=auto): the policy
     actors compute log-probs only for the stale-weight alarm, every sync.check_every=2 iterations, on an eighth of
-    the batch; the loss takes the learner's own (ratio 1), also as the proximal policy of one_step_off's correction
-    (whose drained batches are the ones checked), and the run still learns."""
+    the batch (one_step_off: after iteration 0, beside the rollout engine after the push, so its pipeline never
+    drains); the loss takes the learner's own (ratio 1), also as the proximal policy of one_step_off's correction,
+    and the run still learns."""
     import math
 
     from rlhf_dist.trainers.ppo import run
@@ -320,6 +324,8 @@ def test_grpo_without_critic_skips_the_old_logprob_pass(tiny_cfg, local_ray, mod
     assert all(np.isfinite(r["policy/loss"]) and r["policy/grad_norm"] > 0 for r in rows)
     assert all(r["policy/ratio_mean"] == 1.0 and r["policy/approx_kl"] == 0.0 for r in rows)
     pipelined = cfg.train.mode == "one_step_off"
-    assert [r["staleness"] for r in rows] == ([0, 1, 0, 1] if pipelined else [0, 0, 0, 0])
+    assert [r["staleness"] for r in rows] == ([0, 1, 1, 1] if pipelined else [0, 0, 0, 0])
+    scored_after_push = ["compute/rollout/engine_logprobs" in r for r in rows]
+    assert scored_after_push == ([False, False, True, False] if pipelined else [False] * 4)
     if pipelined:  # the stale batches are weighted from the engine's (behaviour) policy to the learner's
-        assert all(r["policy/behav_kl"] > 0 for r in rows[1::2])
+        assert all(r["policy/behav_kl"] > 0 for r in rows[1:])

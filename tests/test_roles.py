@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_dist.data import schema as S
-from rlhf_dist.trainers.ppo import merge_columns
+from rlhf_dist.data.batch import merge_columns
 
 
 @pytest.fixture
@@ -246,7 +246,8 @@ def test_the_stale_weight_alarm_checks_a_sample_when_old_logprobs_are_not_recomp
     """Without the old log-prob pass the driver asks the learner for a seeded eighth of the batch every
     sync.check_every iterations: it agrees with the engine on current weights and raises once the weights differ."""
     from rlhf_dist.comm.process_group import find_free_port
-    from rlhf_dist.trainers.ppo import alarm_sample, batch_stats, check_fresh_weights
+    from rlhf_dist.trainers.ppo import batch_stats
+    from rlhf_dist.trainers.stale_weights import alarm_sample, check_fresh_weights
     from rlhf_dist.workers.policy import PolicyWorker
     from rlhf_dist.workers.reward import RewardWorker
 
@@ -283,3 +284,47 @@ def test_the_stale_weight_alarm_checks_a_sample_when_old_logprobs_are_not_recomp
     assert stale["logprob_mismatch"] > cfg.sync.max_logprob_mismatch
     with pytest.raises(RuntimeError, match="rollout and learner log-probs differ"):
         check_fresh_weights(batch, 0, 0, stale, cfg.sync.max_logprob_mismatch)
+
+
+def test_after_a_push_engine_and_learner_score_the_same_sample_and_a_missed_push_raises(cfg, prompts):
+    """The pipelined schedules' check: two engines give the log-probs of responses they are handed (teacher-forced)
+    with the version they hold; right after the push they equal the policy's, and an engine that missed the push
+    (other weights, or another version) makes the check fail."""
+    from rlhf_dist.comm.process_group import find_free_port
+    from rlhf_dist.trainers.stale_weights import check_logprob_gap, pushed_weight_stats
+    from rlhf_dist.workers.policy import PolicyWorker
+    from rlhf_dist.workers.rollout import RolloutWorker
+
+    engines = [RolloutWorker(cfg, rank=r) for r in range(2)]
+    policy = PolicyWorker(cfg, 0, 1)
+    policy.init_group("127.0.0.1", find_free_port("127.0.0.1"))
+    generated = engines[0].generate(prompts, iteration=3)
+    sample = generated.select([S.PROMPT_IDS, S.RESPONSE_IDS])
+    scored = engines[0].engine_logprobs(sample)
+    assert scored.column(S.POLICY_VERSION).to_pylist() == [0] * len(sample)
+    # teacher-forced scoring agrees with what the engine recorded while it sampled those very tokens
+    for got, recorded in zip(scored.column(S.ROLLOUT_LOGPROBS).to_pylist(), generated.column(S.ROLLOUT_LOGPROBS)):
+        np.testing.assert_allclose(got, recorded.as_py(), atol=1e-5)
+
+    with torch.no_grad():  # the learner trains; both engines take its weights as version 1
+        for p in policy.engine.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    weights = {n: p.detach().clone() for n, p in policy.engine.module.named_parameters()}
+    for rollout in engines:
+        rollout.engine.load_weights(weights.items())
+        rollout.version = 1
+    learner = policy.logprobs(sample, subset=True)
+    stats = pushed_weight_stats([r.engine_logprobs(sample) for r in engines], learner, 1)
+    assert stats["logprob_checked_samples"] == len(sample) and stats["logprob_mismatch"] < 1e-5
+    check_logprob_gap(stats, cfg.sync.max_logprob_mismatch)
+
+    engines[1].engine.load_weights((n, w + 0.5 * torch.randn_like(w)) for n, w in weights.items())  # missed it
+    stale = pushed_weight_stats([r.engine_logprobs(sample) for r in engines], learner, 1)
+    with pytest.raises(RuntimeError, match="rollout and learner log-probs differ"):
+        check_logprob_gap(stale, cfg.sync.max_logprob_mismatch)
+    engines[1].engine.load_weights(weights.items())
+    engines[1].version = 0  # the right weights under another version still fail: the version is part of the check
+    behind = pushed_weight_stats([r.engine_logprobs(sample) for r in engines], learner, 1)
+    assert np.isnan(behind["logprob_mismatch"])
+    with pytest.raises(RuntimeError, match="differ by nan"):
+        check_logprob_gap(behind, cfg.sync.max_logprob_mismatch)

@@ -85,6 +85,21 @@ def test_one_step_off_drains_at_the_fresh_iterations():
     assert log[-3:] == [("start", 2), ("start", 3), ("wait", 2)]
 
 
+@pytest.mark.parametrize("engine, drained", [("hf", [0]), ("vllm", [0, 3, 6])])
+def test_pipelined_schedules_drain_for_the_alarm_only_where_the_engine_cannot_score_after_the_push(
+    tiny_cfg, engine, drained
+):
+    """Hugging Face engines score a sample beside the policy after each checked push, so nothing waits for a fresh
+    batch but iteration 0; vLLM's batches at the sync.check_every iterations start only after the push."""
+    from rlhf_dist.orchestration.schedules import make_schedule
+
+    cfg = tiny_cfg(
+        "train.mode=one_step_off", "sync.check_every=3", f"generation.engine={engine}", "generation.vllm_cpu=true"
+    )
+    s = make_schedule(cfg, lambda i: Gen([], i))
+    assert [i for i in range(8) if s.fresh(i)] == drained
+
+
 def _batch(versions):
     n = len(versions)
     return make_batch({S.SAMPLE_ID: np.arange(n), S.POLICY_VERSION: np.asarray(versions, np.int64)})
@@ -95,7 +110,7 @@ def _batch(versions):
     [(0, [4, 4], True), (0, [3, 4], False), (1, [3, 4], True), (1, [2, 4], False), (1, [5], False)],
 )
 def test_samples_older_than_the_bound_never_reach_the_learner(max_staleness, versions, ok):
-    from rlhf_dist.trainers.ppo import check_fresh_weights
+    from rlhf_dist.trainers.stale_weights import check_fresh_weights
 
     stats = {"logprob_mismatch": float("nan"), "logprob_checked_samples": 0}
     if ok:
@@ -106,7 +121,7 @@ def test_samples_older_than_the_bound_never_reach_the_learner(max_staleness, ver
 
 
 def test_the_log_prob_alarm_runs_on_samples_of_the_learners_version_only():
-    from rlhf_dist.trainers.ppo import check_fresh_weights
+    from rlhf_dist.trainers.stale_weights import check_fresh_weights
 
     batch = _batch([4])
     check_fresh_weights(batch, 4, 1, {"logprob_mismatch": float("nan"), "logprob_checked_samples": 0}, limit=0.1)

@@ -154,6 +154,12 @@ class GenerationConfig:
         "per device trains and generates by turns, weights handed over in memory; roles.rollout is not started",
     )
 
+    def scores_responses(self) -> bool:
+        """Whether the engine gives log-probs of responses it is handed (``GenerationEngine.response_logprobs``:
+        Hugging Face does; vLLM's prompt log-probs are not wired in yet), so the stale-weight check can score a
+        sample on both sides right after a push instead of needing a batch generated from the learners' weights."""
+        return self.engine == "hf"
+
 
 @dataclass
 class AlgoConfig:
@@ -343,8 +349,8 @@ class SyncConfig:
 
     def checks(self, iteration: int) -> bool:
         """Whether the log-prob alarm compares engine and learner at ``iteration`` (every ``check_every``, from the
-        first): the sampled check reads those iterations, and the pipelined schedules drain at them so both hold the
-        same version there."""
+        first): on the batch where it was generated from the learners' weights, else on a sample scored by both
+        after the push (``generation.scores_responses``; without it the pipelined schedules drain there)."""
         return iteration % self.check_every == 0
 
 

@@ -66,6 +66,14 @@ def num_tokens(batch: Batch, columns: Sequence[str] = (PROMPT_IDS, RESPONSE_IDS)
     return total
 
 
+def merge_columns(batch: Batch, *parts: Batch) -> Batch:
+    """``batch`` with every column of ``parts`` appended (one row per row: the parts come from the same rows)."""
+    for part in parts:
+        for name in part.schema.names:
+            batch = batch.append_column(part.schema.field(name), part.column(name))
+    return batch
+
+
 def add_column(batch: Batch, name: str, values: Any) -> Batch:
     """The batch with column ``name`` set to ``values`` (replacing a column of that name, else appended).
 

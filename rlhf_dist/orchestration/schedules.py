@@ -16,9 +16,11 @@ lands in the middle of a generation.
   older than the bound reaches a learner. A slow learner fills the buffer and generation waits (back-pressure);
   nothing is generated only to be thrown away.
 
-The pipelined schedules drain once every ``sync.check_every`` iterations (``fresh``): that batch is generated after
-the push of the learners' current weights, so the stale-weight alarm can compare the engine's log-probs with the
-learner's at the same (behaviour) version. It costs one unoverlapped generation per check.
+The stale-weight alarm compares engine and learner log-probs at one version. Its first check is iteration 0, whose
+batch comes from the weights both started with; later, every ``sync.check_every`` iterations, engines that score
+given responses (``generation.scores_responses``) and the policy both score a sample right after the push, with
+nothing drained. Otherwise (vLLM) the pipelined schedules drain there (``fresh``): that batch is generated after
+the push of the learners' current weights, which costs one generation not overlapped per check.
 """
 
 from __future__ import annotations
@@ -82,9 +84,10 @@ class Async(Pipelined):
 
 
 def make_schedule(cfg: RunConfig, start: Start) -> Sync | Pipelined:
-    """``train.mode``'s schedule; the pipelined ones drain for the stale-weight alarm every ``sync.check_every``."""
+    """``train.mode``'s schedule; the pipelined ones drain for the stale-weight alarm every ``sync.check_every``
+    only where the engines cannot score a sample after the push."""
     mode = cfg.train.mode
     if mode == "sync":
         return Sync(start)
-    fresh = cfg.sync.checks
+    fresh = cfg.sync.checks if not cfg.generation.scores_responses() else (lambda i: i == 0)
     return OneStepOff(start, fresh) if mode == "one_step_off" else Async(start, cfg.train.max_staleness, fresh)

@@ -25,7 +25,7 @@ from rlhf_dist.checkpoint import (
 )
 from rlhf_dist.config import ROLE_TABLE, RunConfig, check_imports
 from rlhf_dist.data import schema as S
-from rlhf_dist.data.batch import concat_in_order, to_padded
+from rlhf_dist.data.batch import concat_in_order, merge_columns, to_padded
 from rlhf_dist.data.prompts import PromptSampler, read_prompt_texts, tokenize_prompts
 from rlhf_dist.metrics import MetricsLog, console_line, mean_of_dicts, plot
 from rlhf_dist.models.load import load_tokenizer
@@ -40,6 +40,13 @@ from rlhf_dist.orchestration.schedules import Pipelined, Sync, make_schedule
 from rlhf_dist.orchestration.weight_push import WeightPush
 from rlhf_dist.trainers import timing
 from rlhf_dist.trainers.experience import compute_advantages
+from rlhf_dist.trainers.stale_weights import (
+    alarm_sample,
+    check_fresh_weights,
+    check_logprob_gap,
+    logprob_mismatch,
+    pushed_weight_stats,
+)
 
 CONSOLE_KEYS = (
     "reward_mean",
@@ -51,7 +58,6 @@ CONSOLE_KEYS = (
     "time/iteration",
 )
 PLOT_KEYS = ("reward_mean", "gold_reward_mean", "kl")
-CHECK_SHARE = 8  # without the old log-prob pass, the stale-weight alarm checks 1 in CHECK_SHARE samples
 LEARNERS = tuple(r.name for r in ROLE_TABLE if r.learner)
 
 
@@ -115,13 +121,6 @@ class PPORun:
 def score(phases: Phases, scorers: list[tuple[RoleGroup, str]], batch: pa.RecordBatch) -> list[Pending]:
     """Every scoring role's call on ``batch``, all in flight at once, in the order their columns are merged."""
     return [phases.scatter(group, method, batch) for group, method in scorers]
-
-
-def merge_columns(batch: pa.RecordBatch, *parts: pa.RecordBatch) -> pa.RecordBatch:
-    for part in parts:
-        for name in part.schema.names:
-            batch = batch.append_column(part.schema.field(name), part.column(name))
-    return batch
 
 
 def prepare(cfg: RunConfig) -> PromptSampler:
@@ -244,8 +243,10 @@ def iteration(run: PPORun, phases: Phases) -> dict:
             batch = concat_in_order(merged, generation.index)
         else:
             pending = score(phases, scorers, batch)
-        # then the stale-weight alarm's share of the batch, every sync.check_every iterations
-        sample = alarm_sample(batch, cfg, run.iteration, len(groups["policy"].actors)) if own_old else None
+        # then the stale-weight alarm's share of the batch, every sync.check_every iterations, if it came from the
+        # learners' weights (else both sides score a sample after the push)
+        at_version = own_old and min(batch.column(S.POLICY_VERSION).to_pylist()) == run.version
+        sample = alarm_sample(batch, cfg, run.iteration, len(groups["policy"].actors)) if at_version else None
         sampled = phases.scatter(groups["policy"], "logprobs", sample, subset=True) if sample is not None else None
         if cfg.train.stream_chunks == 1:
             batch = merge_columns(batch, *(p.batch() for p in pending))
@@ -266,9 +267,24 @@ def iteration(run: PPORun, phases: Phases) -> dict:
             pushed = run.sync.push(run.version + 1, phases)
     else:  # its own clock overlaps the train phase: kept out of the phases, which add up to the iteration
         row["overlapped/weight_sync"] = pushed["seconds"]
+    if cfg.sync.checks(run.iteration) and not stats["logprob_checked_samples"] and cfg.generation.scores_responses():
+        with phases.phase("weight_check"):  # no sample of the learners' version was compared: both score one now
+            stats.update(check_pushed_weights(run, batch, phases))
     run.kl_ctl.update(adv_stats["kl"], len(batch))
     run.iteration, run.version = run.iteration + 1, run.version + 1
     return {**row, **stats, **adv_stats, **train_stats, "weight_sync_bytes": pushed["bytes"], **run.restarts()}
+
+
+def check_pushed_weights(run: PPORun, batch: pa.RecordBatch, phases: Phases) -> dict[str, float]:
+    """Right after the push of ``run.version + 1``: every rollout engine and the policy score the same sample of the
+    batch just trained on; raises unless they agree (trainers/stale_weights.py)."""
+    ranks = len(run.groups["policy"].actors)
+    sample = alarm_sample(batch, run.cfg, run.iteration, ranks).select([S.PROMPT_IDS, S.RESPONSE_IDS])
+    engines = phases.call(run.groups["rollout"], "engine_logprobs", sample)
+    learner = phases.scatter(run.groups["policy"], "logprobs", sample, subset=True)
+    stats = pushed_weight_stats(engines.get(), learner.batch(), run.version + 1)
+    check_logprob_gap(stats, run.cfg.sync.max_logprob_mismatch)
+    return stats
 
 
 def timing_columns(run: PPORun, phases: Phases, wall_s: float) -> dict[str, float]:
@@ -329,49 +345,6 @@ def resume(run: PPORun) -> None:
     run.iteration, run.version = state["next_iteration"], state["version"]
     run.sync.push(run.version)
     print(f"resumed from {path}: next iteration {run.iteration}, policy version {run.version}")
-
-
-def check_fresh_weights(batch: pa.RecordBatch, version: int, max_staleness: int, stats: dict, limit: float) -> None:
-    """Stale weights are an error, not a curiosity (TRL #5312): every sample must come from the learners' version or
-    at most ``max_staleness`` before it (the schedule's bound), and where the engine ran the learners' current
-    weights its log-probs must agree with theirs for the same tokens."""
-    versions = set(batch.column(S.POLICY_VERSION).to_pylist())
-    if not versions <= set(range(version - max_staleness, version + 1)):
-        raise RuntimeError(
-            f"samples carry policy versions {sorted(versions)}, expected {version} or at most {max_staleness} "
-            f"before it (train.mode): a rollout actor missed a weight sync"
-        )
-    mismatch = stats["logprob_mismatch"]
-    if stats["logprob_checked_samples"] and not mismatch <= limit:  # NaN too
-        raise RuntimeError(
-            f"rollout and learner log-probs differ by {mismatch:.4f} per token on average (limit "
-            f"sync.max_logprob_mismatch={limit}): the rollout engine is not running the learner's weights"
-        )
-
-
-def alarm_sample(batch: pa.RecordBatch, cfg: RunConfig, iteration: int, ranks: int) -> pa.RecordBatch | None:
-    """Every ``sync.check_every`` iterations (from the first), the samples whose learner log-probs the stale-weight
-    alarm compares with the engine's where the whole batch's are not computed: a 1/CHECK_SHARE share, a multiple of
-    the policy's ``ranks`` (equal shards), drawn from (seed, iteration) so a run is repeatable. None on the others."""
-    if not cfg.sync.checks(iteration):
-        return None
-    k = min(len(batch), ranks * math.ceil(math.ceil(len(batch) / CHECK_SHARE) / ranks))
-    rows = np.random.default_rng((cfg.seed, iteration)).choice(len(batch), size=k, replace=False)
-    return batch.take(pa.array(np.sort(rows)))
-
-
-def logprob_mismatch(batch: pa.RecordBatch, version: int) -> tuple[float, int]:
-    """Stale-weight guard: right after a sync the engine and the learner must agree on every token's log-prob; only
-    samples of the learner's version can be compared (one_step_off, async: the batch of each drain every
-    ``sync.check_every`` iterations, and ones regenerated). Returns the mean |rollout - learner| per token over them,
-    and how many samples that is."""
-    rollout, mask = to_padded(batch, S.ROLLOUT_LOGPROBS, dtype=torch.float32)
-    learner, _ = to_padded(batch, S.OLD_LOGPROBS, dtype=torch.float32)
-    current = torch.from_numpy(batch.column(S.POLICY_VERSION).to_numpy(zero_copy_only=False) == version)
-    checked = mask if bool(current.all()) else mask * current[:, None]
-    n_checked = int(checked.sum())
-    mismatch = float(((rollout - learner).abs() * checked).sum() / n_checked) if n_checked else math.nan
-    return mismatch, int(current.sum())
 
 
 def batch_stats(batch: pa.RecordBatch, version: int, sample: pa.RecordBatch | None = None) -> dict[str, float]:

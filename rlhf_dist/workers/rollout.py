@@ -8,7 +8,7 @@ import pyarrow as pa
 from rlhf_dist.comm.errors import StaleStateError
 from rlhf_dist.config import RunConfig
 from rlhf_dist.data import schema as S
-from rlhf_dist.data.batch import add_column
+from rlhf_dist.data.batch import add_column, make_batch
 from rlhf_dist.engines.generation.base import GenerationEngine, SamplingConfig
 from rlhf_dist.engines.generation.hf import HFGenerationEngine
 from rlhf_dist.engines.generation.vllm_engine import VLLMEngine
@@ -79,6 +79,13 @@ class RolloutWorker:
         batch = add_column(batch, S.ROLLOUT_LOGPROBS, pa.array(out.logprobs, S.PER_TOKEN))
         batch = add_column(batch, S.RESPONSE_TEXT, pa.array(texts, pa.string()))
         return add_column(batch, S.POLICY_VERSION, pa.array(np.full(len(texts), self.version, np.int64)))
+
+    def engine_logprobs(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """``rollout_logprobs`` of ``batch``'s responses as given (teacher-forced) under the weights this engine
+        holds now, and that ``policy_version``: the stale-weight check after a push, where no batch of the pushed
+        version has been generated yet."""
+        lp = self.engine.response_logprobs(batch, self.cfg.generation.temperature)
+        return make_batch({S.ROLLOUT_LOGPROBS: lp, S.POLICY_VERSION: np.full(len(batch), self.version, np.int64)})
 
     # -- weights in: vLLM's weight-transfer control plane, driven by learner rank 0 (engines/weight_sync) ------
     def init_weight_transfer_engine(self, init_info: dict) -> None:

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
 import torch
 
 from rlhf_dist.engines.weight_sync.buckets import Bucket, unpack_bucket
@@ -33,6 +34,11 @@ class Generation:
 class GenerationEngine(ABC):
     @abstractmethod
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> Generation: ...
+
+    def response_logprobs(self, batch: pa.RecordBatch, temperature: float) -> pa.Array:
+        """Teacher-forced: the log-prob of each of ``batch``'s given responses under the engine's weights, one
+        ``list<float32>`` per row (``Generation.logprobs``' meaning), as the learners compute theirs."""
+        raise NotImplementedError(f"{type(self).__name__} does not score given responses")
 
     @abstractmethod
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

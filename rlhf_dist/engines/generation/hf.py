@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
+import pyarrow as pa
 import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (
@@ -16,6 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from rlhf_dist.engines.generation.base import Generation, GenerationEngine, SamplingConfig
+from rlhf_dist.models.logprobs import chunk_logprobs
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -153,6 +155,12 @@ class HFGenerationEngine(GenerationEngine):
             response_ids=[row[:n] for row, n in zip(tokens, lengths)],
             logprobs=[row[:n] for row, n in zip(lps, lengths)],
         )
+
+    @torch.no_grad()
+    def response_logprobs(self, batch: pa.RecordBatch, temperature: float) -> pa.Array:
+        # the learners' own function on the engine's model: a difference can only come from the weights
+        chunks = [batch.slice(start, self.batch_size) for start in range(0, len(batch), self.batch_size)]
+        return chunk_logprobs(self.model, chunks, self.pad_token_id, temperature, self.device)
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
