@@ -309,6 +309,11 @@ def test_empty_required_strings():
             "does not divide roles.rollout.num_gpus=4",
         ),
         (["generation.tensor_parallel_size=2"], "generation.tensor_parallel_size", "needs generation.engine=vllm"),
+        (
+            ["generation.engine=vllm", "generation.vllm_cpu=true", "generation.compile=true"],
+            "generation.compile",
+            "set generation.compile=false",
+        ),
         (["roles.critic.colocate_with=polcy"], "roles.critic.colocate_with", "did you mean policy?"),
         (["roles.critic.colocate_with=critic"], "roles.critic.colocate_with", "cannot colocate with itself"),
         (

@@ -22,9 +22,9 @@ MAX_NEW = 24
 PROMPTS = [[5, 9, 17], [40], [7, 7, 8, 30, 31, 32, 33, 60, 61], [100, 12], [3 + i for i in range(1, 15)], [250, 251]]
 
 
-def engine_for(path, eos, batch_size=64):
+def engine_for(path, eos, batch_size=64, compile=False):
     tok = load_tokenizer(path)
-    return HFGenerationEngine(load_causal_lm(path), tok.pad_token_id, eos, batch_size=batch_size)
+    return HFGenerationEngine(load_causal_lm(path), tok.pad_token_id, eos, batch_size=batch_size, compile=compile)
 
 
 def many_eos(path):
@@ -45,6 +45,26 @@ def check_against_teacher_forced(engine, out, temperature):
         assert len(ids) == len(lps) > 0
         expected = teacher_forced(engine.model, prompt, ids, temperature)
         torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_generation_records_the_logprobs_of_the_weights_it_was_last_given(tiny_model):
+    """generation.compile: a compiled forward over a static cache, prompts padded to 16 tokens. Its log-probs equal
+    the eager teacher-forced ones, and after weights are loaded in place the compiled graph runs them (parameters
+    are inputs of the graph, not constants baked in), so a push is never silently ignored."""
+    eos = many_eos(tiny_model)
+    engine = engine_for(tiny_model, eos, compile=True)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.7, seed=3)
+    before = engine.generate(PROMPTS, sampling)
+    check_against_teacher_forced(engine, before, 0.7)
+    assert "forward" not in vars(engine.model)  # scoring and the learners' path keep the eager forward
+
+    with torch.no_grad():
+        moved = [(n, p + 0.3 * torch.randn_like(p)) for n, p in engine.model.named_parameters()]
+    engine.load_weights(moved)
+    after = engine.generate(PROMPTS, sampling)
+    check_against_teacher_forced(engine, after, 0.7)
+    assert after.response_ids != before.response_ids
 
 
 @pytest.mark.parametrize("batch_size", [64, 4])

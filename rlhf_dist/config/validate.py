@@ -231,6 +231,12 @@ def _check_generation(cfg: RunConfig) -> None:
             f"nothing it cannot, and only the hf engine is tested inside a learner's process; set "
             f"generation.hybrid_engine=false, or train.mode=sync and generation.engine=hf",
         )
+    if g.compile and g.engine != "hf":
+        raise ConfigError(
+            "generation.compile",
+            f"true with generation.engine={g.engine}: it compiles the hf engine's forward; vLLM compiles its own "
+            f"(generation.enforce_eager=false); set generation.compile=false",
+        )
     if g.engine == "hf":
         if tp != 1:
             raise ConfigError(

@@ -36,7 +36,9 @@ def make_generation_engine(cfg: RunConfig, tokenizer) -> GenerationEngine:
         )
 
     model = load_causal_lm(cfg.model.policy, dtype=cfg.model.dtype, device=device())
-    return HFGenerationEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size=gen.batch_size)
+    return HFGenerationEngine(
+        model, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size=gen.batch_size, compile=gen.compile
+    )
 
 
 class RolloutWorker:

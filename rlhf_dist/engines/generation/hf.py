@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pyarrow as pa
@@ -54,9 +55,24 @@ class _LogprobRecorder(LogitsProcessor):
         return torch.stack(self.chosen, dim=1) if steps else sequences.new_zeros((len(sequences), 0), dtype=torch.float)
 
 
+COMPILED_WIDTH_STEP = 16  # compiled generation pads prompts to a multiple of this: a few shapes, a few compiles
+
+
 class HFGenerationEngine(GenerationEngine):
-    def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int | list[int], batch_size: int = 64):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pad_token_id: int,
+        eos_token_id: int | list[int],
+        batch_size: int = 64,
+        compile: bool = False,
+    ):
         self.model = model.eval()
+        # transformers' recipe for compiled decoding: the forward compiled whole, over a static KV cache (fixed
+        # shapes). Only generate runs it: scoring (response_logprobs) keeps the eager forward the learners use. The
+        # parameters are inputs of the graph (torch.compile reads module parameters at each call), so weights
+        # loaded in place are used without a recompile.
+        self._compiled_forward = torch.compile(model.forward, fullgraph=True, dynamic=False) if compile else None
         # generate() fills every field we leave None from model.generation_config (the checkpoint's
         # generation_config.json); a blank one keeps its repetition penalties, suppressed tokens etc. out.
         self.model.generation_config = GenerationConfig()
@@ -120,6 +136,7 @@ class HFGenerationEngine(GenerationEngine):
             pad_token_id=self.pad_token_id,
             eos_token_id=sorted(self.eos_token_ids),
             use_cache=True,
+            cache_implementation="static" if self._compiled_forward is not None else None,
             return_dict_in_generate=True,
             output_logits=False,
             output_scores=False,
@@ -129,6 +146,8 @@ class HFGenerationEngine(GenerationEngine):
         if any(len(p) == 0 for p in prompts):
             raise ValueError("a prompt has no tokens; drop empty prompts before generation")
         width = max(len(p) for p in prompts)
+        if self._compiled_forward is not None:
+            width = -(-width // COMPILED_WIDTH_STEP) * COMPILED_WIDTH_STEP
         # Left padding keeps every prompt's last token at the same position, which batched decoding needs.
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -136,12 +155,13 @@ class HFGenerationEngine(GenerationEngine):
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
         recorder = _LogprobRecorder(_logprob_temperature(sampling), width)
-        res = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=attn.to(self.device),
-            generation_config=self._generation_config(sampling),
-            logits_processor=LogitsProcessorList([recorder, *_warpers(sampling)]),
-        )
+        with self._compiled():
+            res = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=attn.to(self.device),
+                generation_config=self._generation_config(sampling),
+                logits_processor=LogitsProcessorList([recorder, *_warpers(sampling)]),
+            )
         new_tokens = res.sequences[:, width:].cpu()  # [B, steps]
         logprobs = recorder.finish(res.sequences).cpu()  # [B, steps]
         # A response ends at its first EOS (kept: the policy chose to stop); what follows is padding.
@@ -155,6 +175,18 @@ class HFGenerationEngine(GenerationEngine):
             response_ids=[row[:n] for row, n in zip(tokens, lengths)],
             logprobs=[row[:n] for row, n in zip(lps, lengths)],
         )
+
+    @contextmanager
+    def _compiled(self) -> Iterator[None]:
+        """The compiled forward in place of the model's own for the duration of one generate call."""
+        if self._compiled_forward is None:
+            yield
+            return
+        self.model.forward = self._compiled_forward
+        try:
+            yield
+        finally:
+            del self.model.forward  # the class's forward again
 
     @torch.no_grad()
     def response_logprobs(self, batch: pa.RecordBatch, temperature: float) -> pa.Array:
