@@ -24,6 +24,13 @@ MODES = {  # mode -> the overrides it runs with
     "one_step_off": ["train.mode=one_step_off", "algo.off_policy=tis", "algo.tis_cap=2.0"],
     # async with max_staleness=1 is one_step_off (the same schedule, orchestration/schedules.py)
     "async_2": ["train.mode=async", "train.max_staleness=2", "algo.off_policy=tis", "algo.tis_cap=2.0"],
+    # one_step_off with the rollout's forward compiled for generation (generation.compile)
+    "one_step_off_compiled": [
+        "train.mode=one_step_off",
+        "algo.off_policy=tis",
+        "algo.tis_cap=2.0",
+        "generation.compile=true",
+    ],
     # sync, each rollout actor's share in 3 parts scored as they land
     "stream_3": ["train.mode=sync", "train.stream_chunks=3"],
     # sync, the engine inside the policy learner's process (no rollout actors, weights in memory)
