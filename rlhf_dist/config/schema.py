@@ -150,8 +150,8 @@ class GenerationConfig:
     batch_size: int = option(64, "prompts per engine call", ge=1)
     compile: bool = option(
         False,
-        "engine=hf: torch.compile the model's forward for generation over a static KV cache (transformers' "
-        "recipe), prompts padded to a multiple of 16 tokens; each new batch shape compiles first (10-30 s on a "
+        "engine=hf: torch.compile the decoding steps over a static KV cache (transformers' recipe), prompts "
+        "padded to a multiple of 16 tokens; each new batch shape compiles first (5-30 s on a "
         "2-core CPU), then decoding runs faster (25 % on the tiny CPU model). vLLM compiles on its own "
         "(enforce_eager)",
     )

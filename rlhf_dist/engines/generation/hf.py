@@ -68,10 +68,10 @@ class HFGenerationEngine(GenerationEngine):
         compile: bool = False,
     ):
         self.model = model.eval()
-        # transformers' recipe for compiled decoding: the forward compiled whole, over a static KV cache (fixed
-        # shapes). Only generate runs it: scoring (response_logprobs) keeps the eager forward the learners use. The
-        # parameters are inputs of the graph (torch.compile reads module parameters at each call), so weights
-        # loaded in place are used without a recompile.
+        # transformers' recipe for compiled decoding: the forward compiled for the one-token steps, over a static KV
+        # cache (fixed shapes). Only generate runs it: scoring (response_logprobs) keeps the eager forward the
+        # learners use. The parameters are inputs of the graph (torch.compile reads module parameters at each call),
+        # so weights loaded in place are used without a recompile.
         self._compiled_forward = torch.compile(model.forward, fullgraph=True, dynamic=False) if compile else None
         # generate() fills every field we leave None from model.generation_config (the checkpoint's
         # generation_config.json); a blank one keeps its repetition penalties, suppressed tokens etc. out.
@@ -178,11 +178,18 @@ class HFGenerationEngine(GenerationEngine):
 
     @contextmanager
     def _compiled(self) -> Iterator[None]:
-        """The compiled forward in place of the model's own for the duration of one generate call."""
+        """For the duration of one generate call, the decoding steps (one new token a row) run the compiled forward;
+        the prefill stays eager, as in transformers' own compiled generation (one graph per shape, not two)."""
         if self._compiled_forward is None:
             yield
             return
-        self.model.forward = self._compiled_forward
+        eager, compiled = self.model.forward, self._compiled_forward
+
+        def forward(input_ids=None, *args, **kwargs):
+            step = compiled if input_ids is not None and input_ids.shape[1] == 1 else eager
+            return step(input_ids, *args, **kwargs)
+
+        self.model.forward = forward
         try:
             yield
         finally:
