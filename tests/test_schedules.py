@@ -85,16 +85,23 @@ def test_one_step_off_drains_at_the_fresh_iterations():
     assert log[-3:] == [("start", 2), ("start", 3), ("wait", 2)]
 
 
-@pytest.mark.parametrize("engine, drained", [("hf", [0]), ("vllm", [0, 3, 6])])
+@pytest.mark.parametrize(
+    "engine, temperature, drained", [("hf", 0.7, [0]), ("vllm", 1.0, [0]), ("vllm", 0.7, [0, 3, 6])]
+)
 def test_pipelined_schedules_drain_for_the_alarm_only_where_the_engine_cannot_score_after_the_push(
-    tiny_cfg, engine, drained
+    tiny_cfg, engine, temperature, drained
 ):
-    """Hugging Face engines score a sample beside the policy after each checked push, so nothing waits for a fresh
-    batch but iteration 0; vLLM's batches at the sync.check_every iterations start only after the push."""
+    """Engines that score a sample beside the policy after each checked push (Hugging Face; vLLM at temperature 1,
+    where its prompt log-probs are the sampling distribution's) make nothing wait for a fresh batch but iteration
+    0; otherwise the batches at the sync.check_every iterations start only after the push."""
     from rlhf_dist.orchestration.schedules import make_schedule
 
     cfg = tiny_cfg(
-        "train.mode=one_step_off", "sync.check_every=3", f"generation.engine={engine}", "generation.vllm_cpu=true"
+        "train.mode=one_step_off",
+        "sync.check_every=3",
+        f"generation.engine={engine}",
+        "generation.vllm_cpu=true",
+        f"generation.temperature={temperature}",
     )
     s = make_schedule(cfg, lambda i: Gen([], i))
     assert [i for i in range(8) if s.fresh(i)] == drained

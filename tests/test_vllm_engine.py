@@ -117,6 +117,27 @@ def test_sampled_logprobs_match_hf(engine, models, prompts, temperature):
         assert logprobs == pytest.approx(teacher_forced_logprobs(hf["a"], prompt, response, temperature), abs=1e-4)
 
 
+def test_given_responses_are_scored_as_they_were_sampled(engine, models, prompts):
+    """response_logprobs (the stale-weight check after a push, without a drain): vLLM's prompt log-probs of the
+    responses it sampled equal the log-probs it recorded while sampling them, and Hugging Face's."""
+    import pyarrow as pa
+
+    from rlhf_dist.data import schema as S
+    from rlhf_dist.data.batch import make_batch
+
+    _, hf, _ = models
+    got = engine.generate(prompts, SamplingConfig(max_new_tokens=MAX_NEW, temperature=1.0, seed=9))
+    batch = make_batch(
+        {S.PROMPT_IDS: pa.array(prompts, S.TOKENS), S.RESPONSE_IDS: pa.array(got.response_ids, S.TOKENS)}
+    )
+    scored = engine.response_logprobs(batch, 1.0).to_pylist()
+    for prompt, response, recorded, lp in zip(prompts, got.response_ids, got.logprobs, scored):
+        assert lp == pytest.approx(recorded, abs=1e-4)
+        assert lp == pytest.approx(teacher_forced_logprobs(hf["a"], prompt, response, 1.0), abs=1e-4)
+    with pytest.raises(NotImplementedError, match="temperature 1 only"):
+        engine.response_logprobs(batch, 0.7)
+
+
 def test_sampling_is_reproducible_from_the_seed(engine, prompts):
     sample = lambda seed: engine.generate(prompts, SamplingConfig(max_new_tokens=MAX_NEW, seed=seed))  # noqa: E731
     first = sample(11)

@@ -163,9 +163,10 @@ class GenerationConfig:
 
     def scores_responses(self) -> bool:
         """Whether the engine gives log-probs of responses it is handed (``GenerationEngine.response_logprobs``:
-        Hugging Face does; vLLM's prompt log-probs are not wired in yet), so the stale-weight check can score a
-        sample on both sides right after a push instead of needing a batch generated from the learners' weights."""
-        return self.engine == "hf"
+        Hugging Face at any temperature; vLLM through its prompt log-probs, which are at temperature 1), so the
+        stale-weight check can score a sample on both sides right after a push instead of needing a batch generated
+        from the learners' weights."""
+        return self.engine == "hf" or self.temperature == 1.0
 
 
 @dataclass

@@ -19,8 +19,8 @@ lands in the middle of a generation.
 The stale-weight alarm compares engine and learner log-probs at one version. Its first check is iteration 0, whose
 batch comes from the weights both started with; later, every ``sync.check_every`` iterations, engines that score
 given responses (``generation.scores_responses``) and the policy both score a sample right after the push, with
-nothing drained. Otherwise (vLLM) the pipelined schedules drain there (``fresh``): that batch is generated after
-the push of the learners' current weights, which costs one generation not overlapped per check.
+nothing drained. Otherwise (vLLM at a temperature other than 1) the pipelined schedules drain there (``fresh``):
+that batch is generated after the push of the learners' current weights, one generation not overlapped per check.
 """
 
 from __future__ import annotations

@@ -34,8 +34,10 @@ import pickle
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from rlhf_dist.data import schema as S
 from rlhf_dist.engines.generation.base import Generation, GenerationEngine, SamplingConfig
 from rlhf_dist.engines.generation.vllm_version import check_vllm_version
 from rlhf_dist.engines.weight_sync.buckets import Bucket, pack_buckets
@@ -184,6 +186,23 @@ class VLLMEngine(GenerationEngine):
             out.response_ids.append(ids)
             out.logprobs.append([float(step[t].logprob) for step, t in zip(completion.logprobs, ids)])
         return out
+
+    def response_logprobs(self, batch: pa.RecordBatch, temperature: float) -> pa.Array:
+        """Through vLLM's prompt log-probs of prompt + response (read past the prefix cache, as vLLM does for them).
+        Prompt tokens skip the sampling processors: they are log_softmax(logits), so temperature 1 only."""
+        if temperature != 1.0:
+            raise NotImplementedError(f"vLLM scores given tokens at temperature 1 only, not {temperature}")
+        self._ensure_ready()
+        prompts, responses = batch.column(S.PROMPT_IDS).to_pylist(), batch.column(S.RESPONSE_IDS).to_pylist()
+        params = self._sampling_params(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate(
+            [self._tokens_prompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)], params, use_tqdm=False
+        )
+        scored = [
+            [float(result.prompt_logprobs[len(p) + t][tok].logprob) for t, tok in enumerate(r)]
+            for result, p, r in zip(outputs, prompts, responses)
+        ]
+        return pa.array(scored, S.PER_TOKEN)
 
     # ---- weights: vLLM's weight-transfer control plane ----
     def init_weight_transfer(self, init_info: dict) -> None:
