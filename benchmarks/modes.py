@@ -24,7 +24,7 @@ MODES = {  # mode -> the overrides it runs with
     "one_step_off": ["train.mode=one_step_off", "algo.off_policy=tis", "algo.tis_cap=2.0"],
     # async with max_staleness=1 is one_step_off (the same schedule, orchestration/schedules.py)
     "async_2": ["train.mode=async", "train.max_staleness=2", "algo.off_policy=tis", "algo.tis_cap=2.0"],
-    # one_step_off with the rollout's forward compiled for generation (generation.compile)
+    # one_step_off with the rollout's decoding steps compiled (generation.compile)
     "one_step_off_compiled": [
         "train.mode=one_step_off",
         "algo.off_policy=tis",
