@@ -35,10 +35,11 @@ class GenerationEngine(ABC):
     @abstractmethod
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> Generation: ...
 
+    @abstractmethod
     def response_logprobs(self, batch: pa.RecordBatch, temperature: float) -> pa.Array:
         """Teacher-forced: the log-prob of each of ``batch``'s given responses under the engine's weights, one
-        ``list<float32>`` per row (``Generation.logprobs``' meaning), as the learners compute theirs."""
-        raise NotImplementedError(f"{type(self).__name__} does not score given responses")
+        ``list<float32>`` per row (``Generation.logprobs``' meaning), as the learners compute theirs; raises
+        NotImplementedError at a temperature the engine cannot score at (``GenerationConfig.scores_responses``)."""
 
     @abstractmethod
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
