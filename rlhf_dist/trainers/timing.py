@@ -126,8 +126,8 @@ def peak_memory(stats_by_role: dict[str, list[dict]]) -> dict[str, float]:
 
 def phase_overhead(row: dict[str, float]) -> dict[str, float]:
     """Seconds outside compute in each driver phase (its wall time minus its critical-path compute), and
-    ``between`` for the driver's time outside every phase (sampling prompts, batch statistics, the stale-weight
-    check). Sums to ``time/wall - compute/critical_path``."""
+    ``between`` for the driver's time outside every phase (batch statistics, and the bookkeeping after the iteration
+    before: the actors' ledgers, the metrics line, a checkpoint). Sums to ``time/wall - compute/critical_path``."""
     phases = [k.removeprefix("time/") for k in row if k.startswith("time/") and k not in NOT_PHASES]
     out = {p: row[f"time/{p}"] - row.get(f"critical/{p}", 0.0) for p in phases}
     extra = [
