@@ -136,7 +136,7 @@ def capture(cfg, warmup: int) -> dict:
     from rlhf_dist.orchestration.launch import running_roles
     from rlhf_dist.orchestration.placement import plan, required_resources
     from rlhf_dist.orchestration.role_group import collect_compute_stats
-    from rlhf_dist.trainers.ppo import PPORun, iteration, prepare
+    from rlhf_dist.trainers.ppo import PPORun, close_iteration, iteration, prepare
 
     with run_dir.claim(cfg, "train"):
         sampler = prepare(cfg)
@@ -146,8 +146,9 @@ def capture(cfg, warmup: int) -> dict:
             for _ in range(warmup + 1):
                 phases, t0 = timed_phases(), time.time()
                 row = iteration(run, phases)
+                ledgers = close_iteration(run)  # the next generation starts behind them, as in a run
                 wall_s = time.time() - t0
-                stats = collect_compute_stats(groups)  # this iteration's spans, and empty for the next
+                stats = collect_compute_stats(groups, ledgers)  # this iteration's spans, and empty for the next
     return {"t0": t0, "wall_s": wall_s, "driver": phases.spans, "stats": stats, "row": row}
 
 

@@ -86,6 +86,39 @@ def test_one_step_off_drains_at_the_fresh_iterations():
 
 
 @pytest.mark.parametrize(
+    "make",
+    [Sync, OneStepOff, lambda start: Async(start, 2), lambda start: OneStepOff(start, fresh=lambda i: i % 3 == 0)],
+)
+def test_put_ahead_after_each_push_starts_what_the_next_iteration_would_and_no_earlier_version(make):
+    """The driver calls put_ahead(i + 1) once iteration i's push has landed (the engines hold version i + 1): the
+    same batches start, each from the same version as when the next iteration's generation starts them, and that
+    generation then finds its batch in flight."""
+
+    def schedule_run(put_ahead: bool) -> tuple[dict[int, int], list]:
+        version, started, log = [0], {}, []
+
+        def start(i):
+            started[i] = version[0]
+            return Gen(log, i)
+
+        s = make(start)
+        for i in range(7):
+            n = len(started)
+            assert s.generation(i, 7).batch() == i
+            if put_ahead and i > 0:
+                assert len(started) == n, "generation had to start a batch itself"
+            version[0] = i + 1  # the push after training i
+            if put_ahead:
+                s.put_ahead(i + 1, 7)
+        return started, log
+
+    at_start, _ = schedule_run(False)
+    after_push, log = schedule_run(True)
+    assert after_push == at_start and sorted(at_start) == list(range(7))  # each batch once, from the same version
+    assert log.index(("start", 1)) < log.index(("wait", 1))
+
+
+@pytest.mark.parametrize(
     "engine, temperature, drained", [("hf", 0.7, [0]), ("vllm", 1.0, [0]), ("vllm", 0.7, [0, 3, 6])]
 )
 def test_pipelined_schedules_drain_for_the_alarm_only_where_the_engine_cannot_score_after_the_push(

@@ -463,11 +463,18 @@ class Pending:
         return concat_in_order(parts, self.index) if self.index is not None else parts[0]
 
 
-def collect_compute_stats(groups: dict[str, RoleGroup], reset: bool = True) -> dict[str, list[dict]]:
-    """``{role: [stats of actor 0, actor 1, ...]}`` for every group, all calls in flight at once. A view's actors
+def request_compute_stats(groups: dict[str, RoleGroup], reset: bool = True) -> dict[str, Pending]:
+    """Every actor's ledger call, in flight: each answers once the calls sent to it before are done, so sending it
+    before the next generation closes the ledger there."""
+    return {role: g.compute_stats(reset) for role, g in groups.items() if g.view_of is None}
+
+
+def collect_compute_stats(
+    groups: dict[str, RoleGroup], requested: dict[str, Pending] | None = None
+) -> dict[str, list[dict]]:
+    """``{role: [stats of actor 0, actor 1, ...]}`` for every group (``requested`` earlier, or now). A view's actors
     report once, through their owner, the view's methods under the view's name."""
-    pending = {role: g.compute_stats(reset) for role, g in groups.items() if g.view_of is None}
-    out = {role: p.get() for role, p in pending.items()}
+    out = {role: p.get() for role, p in (requested or request_compute_stats(groups)).items()}
     for role, g in groups.items():
         if g.view_of is not None:
             both = out[g.view_of]

@@ -4,9 +4,11 @@ A schedule hands the driver the generation to learn from at iteration ``i`` (a `
 driver waits for it whole, or scores each part as it lands, ``train.stream_chunks``); the driver's ``start(i)``
 samples the prompts, puts their generation in flight and says which policy version the engines must hold by then.
 Weight pushes reach a rollout actor between two of its calls (an actor runs one call at a time), so a push never
-lands in the middle of a generation.
+lands in the middle of a generation. Right after each push the driver calls ``put_ahead(next iteration)``: what the
+next iteration's ``generation`` would start is started then, so the engines generate while the driver logs.
 
-- ``Sync``: generate, then learn; every sample comes from the weights the learners hold (staleness 0).
+- ``Sync``: generate, then learn; every sample comes from the weights the learners hold (staleness 0): a batch is
+  started only once the push of the weights that learn from it has landed.
 - ``OneStepOff``: iteration i+1's generation runs while iteration i is scored and trained (veRL's one-step-off,
   NeMo-RL's async with age 1): samples are at most one version behind the learners, and the push after training i
   queues behind that generation on each engine.
@@ -35,20 +37,6 @@ Start = Callable[[int], Pending]  # iteration -> its generation, in flight
 Fresh = Callable[[int], bool]  # iteration -> whether its batch must come from the learners' current weights
 
 
-class Sync:
-    max_staleness = 0
-
-    def __init__(self, start: Start):
-        self.start = start
-
-    def generation(self, iteration: int, last: int) -> Pending:
-        return self.start(iteration)
-
-    def in_flight(self) -> int | None:
-        """The first iteration whose generation is in flight between two iterations (its prompts are drawn)."""
-        return None
-
-
 class Pipelined:
     """Keeps the generations of up to ``max_staleness`` later iterations in flight while one iteration trains."""
 
@@ -56,22 +44,34 @@ class Pipelined:
         self.start, self.max_staleness, self.fresh = start, max_staleness, fresh
         self.ahead: deque[tuple[int, Pending]] = deque()  # (iteration, its generation), in iteration order
 
-    def generation(self, iteration: int, last: int) -> Pending:
-        """Iteration ``iteration``'s generation (run during earlier iterations, or started now after a (re)start or
-        at a fresh iteration), with the next iterations' put in flight first so the engines never wait for the
-        driver; none past a fresh iteration, which starts only once the learners' weights are pushed."""
+    def put_ahead(self, iteration: int, last: int) -> None:
+        """Puts iteration ``iteration``'s generation in flight unless it is (after a (re)start or resume, what was in
+        flight belongs to other iterations: dropped), then the next ones up to ``max_staleness`` ahead, none past a
+        fresh iteration. The driver calls it right after each push (the engines then hold the learners' version),
+        so generation goes on while it logs the iteration: the engines never wait for the driver."""
+        if iteration >= last:
+            return
         if not self.ahead or self.ahead[0][0] != iteration:
-            self.ahead.clear()  # a (re)start or resume: what was in flight belongs to other iterations
+            self.ahead.clear()
             self.ahead.append((iteration, self.start(iteration)))
-        pending = self.ahead.popleft()[1]
-        nxt = self.ahead[-1][0] + 1 if self.ahead else iteration + 1
+        nxt = self.ahead[-1][0] + 1
         while nxt < min(last, iteration + 1 + self.max_staleness) and not self.fresh(nxt):
             self.ahead.append((nxt, self.start(nxt)))
             nxt += 1
-        return pending
+
+    def generation(self, iteration: int, last: int) -> Pending:
+        """Iteration ``iteration``'s generation (put in flight earlier, or now), the next ones in flight behind it."""
+        self.put_ahead(iteration, last)
+        return self.ahead.popleft()[1]
 
     def in_flight(self) -> int | None:
+        """The first iteration whose generation is in flight (its prompts are drawn)."""
         return self.ahead[0][0] if self.ahead else None
+
+
+class Sync(Pipelined):
+    def __init__(self, start: Start):
+        super().__init__(start, 0)
 
 
 class OneStepOff(Pipelined):

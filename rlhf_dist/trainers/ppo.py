@@ -35,7 +35,13 @@ from rlhf_dist.orchestration.launch import running_roles
 from rlhf_dist.orchestration.phases import Phases
 from rlhf_dist.orchestration.placement import plan, required_resources
 from rlhf_dist.orchestration.reward_serve import serve_cpus, served_reward
-from rlhf_dist.orchestration.role_group import ActorDiedError, Pending, RoleGroup, collect_compute_stats
+from rlhf_dist.orchestration.role_group import (
+    ActorDiedError,
+    Pending,
+    RoleGroup,
+    collect_compute_stats,
+    request_compute_stats,
+)
 from rlhf_dist.orchestration.schedules import Pipelined, Sync, make_schedule
 from rlhf_dist.orchestration.weight_push import WeightPush
 from rlhf_dist.trainers import timing
@@ -207,10 +213,11 @@ def train(run: PPORun, log: MetricsLog, from_checkpoint: bool = False) -> str | 
     while run.iteration < cfg.train.iterations:
         phases = Phases()
         row = iteration(run, phases)
+        ledgers = close_iteration(run)
         end = time.perf_counter()
         # an iteration's wall time runs from the end of the one before, as a clock between steps sees it: the driver's
         # bookkeeping after that one (the actors' ledgers, the metrics line, a checkpoint) is part of it
-        row.update(timing_columns(run, phases, end - last_end))
+        row.update(timing_columns(run, phases, end - last_end, ledgers))
         last_end = end
         row.update(timing.throughput(row["total_tokens"], row["time/wall"], cfg.roles))
         log.log(row)
@@ -280,6 +287,15 @@ def iteration(run: PPORun, phases: Phases) -> dict:
     return {**row, **stats, **adv_stats, **train_stats, "weight_sync_bytes": pushed["bytes"], **run.restarts()}
 
 
+def close_iteration(run: PPORun) -> dict[str, Pending]:
+    """After an iteration's push: every actor's ledger call, then the next generation (train.mode's schedule) put in
+    flight behind it (an actor answers its calls in order, so the ledgers hold this iteration alone) and beside the
+    driver's bookkeeping of this iteration. Returns the ledger calls, for ``timing_columns``."""
+    ledgers = request_compute_stats(run.groups)
+    run.schedule.put_ahead(run.iteration, run.cfg.train.iterations)
+    return ledgers
+
+
 def check_pushed_weights(run: PPORun, batch: pa.RecordBatch, phases: Phases) -> dict[str, float]:
     """Right after the push of ``run.version + 1``: every rollout engine and the policy score the same sample of the
     batch just trained on; raises unless they agree (trainers/stale_weights.py)."""
@@ -292,13 +308,13 @@ def check_pushed_weights(run: PPORun, batch: pa.RecordBatch, phases: Phases) -> 
     return stats
 
 
-def timing_columns(run: PPORun, phases: Phases, wall_s: float) -> dict[str, float]:
+def timing_columns(run: PPORun, phases: Phases, wall_s: float, ledgers: dict[str, Pending]) -> dict[str, float]:
     """Wall time per phase, and the actors' compute, peak memory and the orchestration overhead of the iteration
-    just done (trainers/timing.py); collecting the actors' ledgers also empties them for the next one."""
+    just done (trainers/timing.py), from its ``ledgers`` (``close_iteration``); reading them empties them."""
     out = {f"time/{p}": s for p, s in phases.seconds.items()}
     out["time/iteration"] = phases.total()
     t0 = time.perf_counter()
-    stats = collect_compute_stats(run.groups)
+    stats = collect_compute_stats(run.groups, ledgers)
     out.update(timing.iteration_metrics(stats, wall_s, phases.chains(), phases.driver_seconds()))
     out["overhead/stats_s"] = time.perf_counter() - t0  # the cost of measuring, in the next iteration's time/wall
     return out
