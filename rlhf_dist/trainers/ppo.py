@@ -42,7 +42,7 @@ from rlhf_dist.orchestration.role_group import (
     collect_compute_stats,
     request_compute_stats,
 )
-from rlhf_dist.orchestration.schedules import Pipelined, Sync, make_schedule
+from rlhf_dist.orchestration.schedules import Pipelined, make_schedule
 from rlhf_dist.orchestration.weight_push import WeightPush
 from rlhf_dist.trainers import timing
 from rlhf_dist.trainers.experience import compute_advantages
@@ -79,7 +79,7 @@ class PPORun:
     iteration: int = 0  # the next one to run
     version: int = 0  # the policy version the rollout engines hold
     earlier_restarts: Counter = field(default_factory=Counter)  # counted before the roles last started
-    schedule: Sync | Pipelined | None = None  # train.mode: when each batch is generated
+    schedule: Pipelined | None = None  # train.mode: when each batch is generated (Sync is one)
     sampler_before: dict[int, dict] = field(default_factory=dict)  # iteration -> sampler state before its prompts
 
     @classmethod
