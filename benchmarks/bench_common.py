@@ -80,6 +80,14 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def overhead_share(frac: float) -> str:
+    """``overhead_frac`` as a percentage; in a pipelined train.mode the generation's compute overlaps the other
+    phases, their critical paths add up to more than the wall time, and the share is not defined."""
+    if frac < 0:
+        return "not defined: generation overlaps training (a pipelined train.mode)"
+    return f"{100 * frac:.1f} %"
+
+
 def config_path(config: str) -> str:
     """A config path as given, or relative to the repository root when it is not found from here."""
     if not Path(config).exists() and (ROOT / config).exists():

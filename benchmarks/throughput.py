@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, load_line, machine, mean, table, write_json  # noqa: E402
+from bench_common import ROOT, load_line, machine, mean, overhead_share, table, write_json  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 DEFAULT_WARMUP, DEFAULT_ITERS = 5, 50
@@ -199,7 +199,7 @@ def render(res: dict) -> str:
             ["samples / s", res["samples_per_s"]],
             ["generated tokens / s", res["generated_tokens_per_s"]],
             ["trained tokens / s", res["trained_tokens_per_s"]],
-            ["orchestration overhead", f"{100 * res['overhead_frac']:.1f} %"],
+            ["orchestration overhead", overhead_share(res["overhead_frac"])],
             ["measuring it (s / iteration, in the wall time)", res["stats_collect_s"]],
         ],
     )

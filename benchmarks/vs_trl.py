@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, load_line, machine, mean, table, write_json  # noqa: E402
+from bench_common import ROOT, load_line, machine, mean, overhead_share, table, write_json  # noqa: E402
 
 MODEL = ROOT / "runs" / "bench_models" / "tiny_grpo"
 BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
@@ -327,16 +327,11 @@ def render(res: dict) -> str:
             f"<= {s['max_new_tokens']} new tokens, 1 optimizer step per iteration; {s['iterations']} measured after "
             f"{s['warmup']} warm-up iterations; {load_line(res['machine'])}, after: {res['load_avg_after']}",
             table(["", "s / iteration", "samples / s", "generated tokens / s", "mean response len"], rows),
-            f"ratio: TRL s/iteration / ours = {res['speedup']:.2f} (above 1: ours is faster); {overhead(o)}",
+            f"ratio: TRL s/iteration / ours = {res['speedup']:.2f} (above 1: ours is faster); our orchestration "
+            f"overhead {overhead_share(o['overhead_frac'])}",
             "what differs:\n" + "\n".join(f"- {d}" for d in res["differences"]),
         ]
     )
-
-
-def overhead(ours: dict) -> str:
-    if ours["overhead_frac"] < 0:  # the phases' critical paths add up to more than the wall time
-        return "our orchestration overhead: not defined when generation overlaps training (a pipelined train.mode)"
-    return f"our orchestration overhead {100 * ours['overhead_frac']:.1f} %"
 
 
 if __name__ == "__main__":
