@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pyarrow as pa
@@ -18,6 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from rlhf_dist.engines.generation.base import Generation, GenerationEngine, SamplingConfig
+from rlhf_dist.engines.generation.static_decode import decode
 from rlhf_dist.models.logprobs import chunk_logprobs
 
 
@@ -68,10 +68,10 @@ class HFGenerationEngine(GenerationEngine):
         compile: bool = False,
     ):
         self.model = model.eval()
-        # transformers' recipe for compiled decoding: the forward compiled for the one-token steps, over a static KV
-        # cache (fixed shapes). Only generate runs it: scoring (response_logprobs) keeps the eager forward the
-        # learners use. The parameters are inputs of the graph (torch.compile reads module parameters at each call),
-        # so weights loaded in place are used without a recompile.
+        # compiled decoding (static_decode.py): the forward compiled for the one-token steps over a static KV cache
+        # (fixed shapes). Only generate runs it: scoring (response_logprobs) keeps the eager forward the learners use.
+        # The parameters are inputs of the graph (torch.compile reads module parameters at each call), so weights
+        # loaded in place are used without a recompile.
         self._compiled_forward = torch.compile(model.forward, fullgraph=True, dynamic=False) if compile else None
         # generate() fills every field we leave None from model.generation_config (the checkpoint's
         # generation_config.json); a blank one keeps its repetition penalties, suppressed tokens etc. out.
@@ -136,7 +136,6 @@ class HFGenerationEngine(GenerationEngine):
             pad_token_id=self.pad_token_id,
             eos_token_id=sorted(self.eos_token_ids),
             use_cache=True,
-            cache_implementation="static" if self._compiled_forward is not None else None,
             return_dict_in_generate=True,
             output_logits=False,
             output_scores=False,
@@ -154,16 +153,32 @@ class HFGenerationEngine(GenerationEngine):
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
-        recorder = _LogprobRecorder(_logprob_temperature(sampling), width)
-        with self._compiled():
+        if self._compiled_forward is not None:
+            new_tokens, logprobs = (
+                t.cpu()
+                for t in decode(
+                    self.model,
+                    self._compiled_forward,
+                    ids.to(self.device),
+                    attn.to(self.device),
+                    sampling.max_new_tokens,
+                    _logprob_temperature(sampling),
+                    _warpers(sampling),
+                    not _do_sample(sampling),
+                    self.eos_token_ids,
+                    self.pad_token_id,
+                )
+            )
+        else:
+            recorder = _LogprobRecorder(_logprob_temperature(sampling), width)
             res = self.model.generate(
                 input_ids=ids.to(self.device),
                 attention_mask=attn.to(self.device),
                 generation_config=self._generation_config(sampling),
                 logits_processor=LogitsProcessorList([recorder, *_warpers(sampling)]),
             )
-        new_tokens = res.sequences[:, width:].cpu()  # [B, steps]
-        logprobs = recorder.finish(res.sequences).cpu()  # [B, steps]
+            new_tokens = res.sequences[:, width:].cpu()  # [B, steps]
+            logprobs = recorder.finish(res.sequences).cpu()  # [B, steps]
         # A response ends at its first EOS (kept: the policy chose to stop); what follows is padding.
         is_eos = torch.zeros_like(new_tokens, dtype=torch.bool)
         for e in self.eos_token_ids:
@@ -175,25 +190,6 @@ class HFGenerationEngine(GenerationEngine):
             response_ids=[row[:n] for row, n in zip(tokens, lengths)],
             logprobs=[row[:n] for row, n in zip(lps, lengths)],
         )
-
-    @contextmanager
-    def _compiled(self) -> Iterator[None]:
-        """For the duration of one generate call, the decoding steps (one new token a row) run the compiled forward;
-        the prefill stays eager, as in transformers' own compiled generation (one graph per shape, not two)."""
-        if self._compiled_forward is None:
-            yield
-            return
-        eager, compiled = self.model.forward, self._compiled_forward
-
-        def forward(input_ids=None, *args, **kwargs):
-            step = compiled if input_ids is not None and input_ids.shape[1] == 1 else eager
-            return step(input_ids, *args, **kwargs)
-
-        self.model.forward = forward
-        try:
-            yield
-        finally:
-            del self.model.forward  # the class's forward again
 
     @torch.no_grad()
     def response_logprobs(self, batch: pa.RecordBatch, temperature: float) -> pa.Array:
