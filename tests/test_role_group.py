@@ -92,6 +92,9 @@ def test_scatter_gathers_in_order_and_failures_name_the_actor(local_ray):
     batch = make_batch({S.SAMPLE_ID: np.arange(11), S.PROMPT_IDS: [list(range(k)) for k in lengths]})
     out = group.scatter("double", batch).batch()
     assert out.column(S.SAMPLE_ID).to_pylist() == [2 * i for i in range(11)]
+    # chained on another group's shards (3 onto 2 actors, sent before those exist): the same rows, in order
+    chained = _group(2, timeout_s=120).chain("double", group.scatter("double", batch))
+    assert chained.batch().column(S.SAMPLE_ID).to_pylist() == [4 * i for i in range(11)]
 
     group.timeout_s = 3
     t0 = time.monotonic()

@@ -374,6 +374,13 @@ class RoleGroup:
         ]
         return Pending.submit(self, method, calls, index=index)
 
+    def chain(self, method: str, upstream: Pending) -> Pending:
+        """``method`` on each result of ``upstream`` (another group's calls), sent now: Ray runs each call once its
+        input exists, so this role starts on a shard as soon as it lands, without a round trip through the driver.
+        Result k goes to actor k % actors; ``Pending.batch()`` restores ``upstream``'s row order."""
+        calls = [(k % len(self.actors), (ref,), {}) for k, ref in enumerate(upstream.refs)]
+        return Pending.submit(self, method, calls, index=upstream.index)
+
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()

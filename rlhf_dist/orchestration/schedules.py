@@ -68,6 +68,10 @@ class Pipelined:
         """The first iteration whose generation is in flight (its prompts are drawn)."""
         return self.ahead[0][0] if self.ahead else None
 
+    def in_flight_until(self, iteration: int) -> list:
+        """What ``start`` returned for the iterations in flight up to ``iteration``."""
+        return [started for i, started in self.ahead if i <= iteration]
+
 
 class Sync(Pipelined):
     def __init__(self, start: Start):

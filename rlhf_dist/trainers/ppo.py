@@ -65,6 +65,35 @@ CONSOLE_KEYS = (
 )
 PLOT_KEYS = ("reward_mean", "gold_reward_mean", "kl")
 LEARNERS = tuple(r.name for r in ROLE_TABLE if r.learner)
+# scorers whose answers do not depend on the policy's version: asked before the batch is needed (``InFlight``)
+FROZEN_SCORERS = (("reward", "score"), ("reference", "logprobs"))
+
+
+@dataclass
+class InFlight:
+    """An iteration's generation, in flight, and the frozen scorers' calls chained on its results
+    (``RoleGroup.chain``): they score the batch as soon as it exists, while the learners still train on the one
+    before (pipelined modes) or the driver logs (sync), instead of after a round trip through the driver."""
+
+    generation: Pending
+    streamed: bool = False  # in parts (train.stream_chunks), which the driver scores as each lands
+    chained: dict[str, Pending] = field(default_factory=dict)  # role -> its call on the generation's results
+    chained_on: list = field(default_factory=list)  # the generation's results they wait on
+
+    def chain(self, groups: dict[str, RoleGroup]) -> None:
+        """Not for a streamed generation, nor for a role with more actors than the generation has results (some
+        would idle)."""
+        if self.chained_on or self.streamed:
+            return
+        self.chained_on = list(self.generation.refs)
+        for role, method in FROZEN_SCORERS:
+            if len(groups[role]) <= len(self.chained_on):
+                self.chained[role] = groups[role].chain(method, self.generation)
+
+    def scores(self) -> dict[str, Pending]:
+        """The chained calls; none if the generation was sent again (a rollout actor restarted): those wait on
+        results that never come, and the batch is scored again."""
+        return self.chained if self.generation.refs == self.chained_on else {}
 
 
 @dataclass
@@ -95,14 +124,16 @@ class PPORun:
         run.schedule = make_schedule(cfg, run.start_generation)
         return run
 
-    def start_generation(self, iteration: int) -> Pending:
+    def start_generation(self, iteration: int) -> InFlight:
         """Draws iteration ``iteration``'s prompts and puts their generation in flight on the rollout actors, which
         must hold at least the learners' current version by then."""
         self.sampler_before = {i: s for i, s in self.sampler_before.items() if i >= self.iteration}
         self.sampler_before[iteration] = self.sampler.state_dict()
         prompts = self.sampler.next_batch()
         parts = self.cfg.train.stream_chunks
-        return self.groups["rollout"].scatter("generate", prompts, iteration, min_version=self.version, parts=parts)
+        rollout, version = self.groups["rollout"], self.version
+        generation = rollout.scatter("generate", prompts, iteration, min_version=version, parts=parts)
+        return InFlight(generation, streamed=parts > 1)
 
     def restarts(self) -> dict[str, int]:
         """``restarts/<role>``: actors Ray brought back; ``restarts/auto_resume``: whole-run resumes; so far."""
@@ -124,9 +155,19 @@ class PPORun:
         return self.sync.name in ("object_store", "in_process") and not self.cfg.generation.enable_sleep
 
 
-def score(phases: Phases, scorers: list[tuple[RoleGroup, str]], batch: pa.RecordBatch) -> list[Pending]:
-    """Every scoring role's call on ``batch``, all in flight at once, in the order their columns are merged."""
-    return [phases.scatter(group, method, batch) for group, method in scorers]
+def score(
+    phases: Phases, scorers: list[tuple[RoleGroup, str]], batch: pa.RecordBatch, chained: dict | None = None
+) -> list[Pending]:
+    """Every scoring role's call on ``batch``, all in flight at once, in the order their columns are merged; a role
+    in ``chained`` was asked already (``InFlight``)."""
+    out, chained = [], chained or {}
+    for group, method in scorers:
+        if group.name in chained:
+            phases.record(group.name, method)
+            out.append(chained[group.name])
+        else:
+            out.append(phases.scatter(group, method, batch))
+    return out
 
 
 def prepare(cfg: RunConfig) -> PromptSampler:
@@ -240,7 +281,8 @@ def iteration(run: PPORun, phases: Phases) -> dict:
     scorers += [(groups["critic"], "values")] if "critic" in groups else []
     with phases.phase("generate"):  # the schedule (train.mode) decides whether this batch was generated already
         phases.record(groups["rollout"].name, "generate")
-        generation = run.schedule.generation(run.iteration, cfg.train.iterations)
+        in_flight = run.schedule.generation(run.iteration, cfg.train.iterations)
+        generation = in_flight.generation
         if cfg.train.stream_chunks > 1:  # every finished part goes to the scorers while the others generate
             parts = {i: (part, score(phases, scorers, part)) for i, part in generation.as_completed()}
         else:
@@ -254,7 +296,7 @@ def iteration(run: PPORun, phases: Phases) -> dict:
             ]
             batch = concat_in_order(merged, generation.index)
         else:
-            pending = score(phases, scorers, batch)
+            pending = score(phases, scorers, batch, in_flight.scores())
         # then the stale-weight alarm's share of the batch, every sync.check_every iterations, if it came from the
         # learners' weights (else both sides score a sample after the push)
         at_version = own_old and min(batch.column(S.POLICY_VERSION).to_pylist()) == run.version
@@ -290,9 +332,13 @@ def iteration(run: PPORun, phases: Phases) -> dict:
 def close_iteration(run: PPORun) -> dict[str, Pending]:
     """After an iteration's push: every actor's ledger call, then the next generation (train.mode's schedule) put in
     flight behind it (an actor answers its calls in order, so the ledgers hold this iteration alone) and beside the
-    driver's bookkeeping of this iteration. Returns the ledger calls, for ``timing_columns``."""
+    driver's bookkeeping of this iteration, and the frozen scorers chained on the generations of the next two
+    iterations (no further: each scorer's next ledger call waits for what was chained before it). Returns the
+    ledger calls, for ``timing_columns``."""
     ledgers = request_compute_stats(run.groups)
     run.schedule.put_ahead(run.iteration, run.cfg.train.iterations)
+    for in_flight in run.schedule.in_flight_until(run.iteration + 1):
+        in_flight.chain(run.groups)
     return ledgers
 
 
