@@ -167,3 +167,51 @@ def test_the_log_prob_alarm_runs_on_samples_of_the_learners_version_only():
     check_fresh_weights(batch, 4, 1, {"logprob_mismatch": float("nan"), "logprob_checked_samples": 0}, limit=0.1)
     with pytest.raises(RuntimeError, match=r"log-probs differ by 0\.5000 per token"):
         check_fresh_weights(batch, 4, 1, {"logprob_mismatch": 0.5, "logprob_checked_samples": 1}, limit=0.1)
+
+
+class Shards:
+    """Stands in for a Pending: its results' refs (a Ray call sent again replaces one)."""
+
+    def __init__(self, refs):
+        self.refs = list(refs)
+
+
+class Scorer:
+    """Stands in for a RoleGroup: how many actors, and what was chained on which results."""
+
+    def __init__(self, n):
+        self.n, self.chained = n, []
+
+    def __len__(self):
+        return self.n
+
+    def chain(self, method, upstream):
+        self.chained.append((method, list(upstream.refs)))
+        return (method, self.n)
+
+
+def test_scorers_are_chained_once_and_dropped_when_the_generation_is_sent_again():
+    from rlhf_dist.trainers.ppo import FROZEN_SCORERS, InFlight
+
+    groups = {"reward": Scorer(1), "reference": Scorer(3), "policy": Scorer(2)}
+    gen = Shards(["g0", "g1"])
+    in_flight = InFlight(gen)
+    in_flight.chain(groups, list(FROZEN_SCORERS))  # reference has 3 actors for 2 results: left to the driver
+    in_flight.chain(groups, [*FROZEN_SCORERS, ("policy", "logprobs")])  # later: only what is new is chained
+    assert set(in_flight.scores()) == {"reward", "policy"}
+    assert groups["reward"].chained == [("score", ["g0", "g1"])] and groups["reference"].chained == []
+    gen.refs[1] = "g1 again"  # a rollout actor restarted: its shard was generated again
+    assert in_flight.scores() == {}
+    in_flight.chain(groups, list(FROZEN_SCORERS))
+    assert groups["reward"].chained == [("score", ["g0", "g1"])]  # nothing chained on the old results again
+
+    streamed = InFlight(Shards(["p0", "p1"]), chainable=False)
+    streamed.chain(groups, list(FROZEN_SCORERS))
+    assert streamed.scores() == {} and len(groups["reward"].chained) == 1
+
+
+def test_in_flight_until_names_the_iterations():
+    s = OneStepOff(lambda i: f"gen {i}")
+    s.put_ahead(0, 5)
+    assert s.in_flight_until(0) == [(0, "gen 0")]
+    assert s.in_flight_until(1) == [(0, "gen 0"), (1, "gen 1")]

@@ -68,9 +68,9 @@ class Pipelined:
         """The first iteration whose generation is in flight (its prompts are drawn)."""
         return self.ahead[0][0] if self.ahead else None
 
-    def in_flight_until(self, iteration: int) -> list:
-        """What ``start`` returned for the iterations in flight up to ``iteration``."""
-        return [started for i, started in self.ahead if i <= iteration]
+    def in_flight_until(self, iteration: int) -> list[tuple[int, object]]:
+        """``(iteration, what start returned)`` for the iterations in flight up to ``iteration``."""
+        return [(i, started) for i, started in self.ahead if i <= iteration]
 
 
 class Sync(Pipelined):

@@ -69,25 +69,37 @@ LEARNERS = tuple(r.name for r in ROLE_TABLE if r.learner)
 FROZEN_SCORERS = (("reward", "score"), ("reference", "logprobs"))
 
 
+def scorer_roles(cfg: RunConfig, groups: dict[str, RoleGroup]) -> list[tuple[str, str]]:
+    """``(role, method)`` of every scoring call on a batch, in the order their columns are merged: the frozen ones,
+    then the learners' (the policy's old log-probs unless its loss takes its own, the critic's values)."""
+    roles = list(FROZEN_SCORERS)
+    if not cfg.train.skips_old_logprobs(cfg.algo):  # one on-policy step: the policy loss takes its own
+        roles.append(("policy", "logprobs"))
+    if "critic" in groups:
+        roles.append(("critic", "values"))
+    return roles
+
+
 @dataclass
 class InFlight:
-    """An iteration's generation, in flight, and the frozen scorers' calls chained on its results
-    (``RoleGroup.chain``): they score the batch as soon as it exists, while the learners still train on the one
-    before (pipelined modes) or the driver logs (sync), instead of after a round trip through the driver."""
+    """An iteration's generation, in flight, and scoring calls chained on its results (``RoleGroup.chain``): they
+    score the batch as soon as it exists, while the learners still train on the one before (pipelined modes) or the
+    driver logs (sync), instead of after a round trip through the driver."""
 
     generation: Pending
-    streamed: bool = False  # in parts (train.stream_chunks), which the driver scores as each lands
+    chainable: bool = True  # not in parts (the driver scores each as it lands), not with engines put to sleep
     chained: dict[str, Pending] = field(default_factory=dict)  # role -> its call on the generation's results
     chained_on: list = field(default_factory=list)  # the generation's results they wait on
 
-    def chain(self, groups: dict[str, RoleGroup]) -> None:
-        """Not for a streamed generation, nor for a role with more actors than the generation has results (some
-        would idle)."""
-        if self.chained_on or self.streamed:
+    def chain(self, groups: dict[str, RoleGroup], scorers: list[tuple[str, str]]) -> None:
+        """Chains each of ``scorers`` not chained yet, except a role with more actors than the generation has
+        results (some would idle). Sleeping engines free their memory only once the driver has the batch: nothing
+        may run beside them before."""
+        if not self.chainable or self.chained_on not in ([], self.generation.refs):
             return
         self.chained_on = list(self.generation.refs)
-        for role, method in FROZEN_SCORERS:
-            if len(groups[role]) <= len(self.chained_on):
+        for role, method in scorers:
+            if role not in self.chained and len(groups[role]) <= len(self.chained_on):
                 self.chained[role] = groups[role].chain(method, self.generation)
 
     def scores(self) -> dict[str, Pending]:
@@ -133,7 +145,7 @@ class PPORun:
         parts = self.cfg.train.stream_chunks
         rollout, version = self.groups["rollout"], self.version
         generation = rollout.scatter("generate", prompts, iteration, min_version=version, parts=parts)
-        return InFlight(generation, streamed=parts > 1)
+        return InFlight(generation, chainable=parts == 1 and not self.cfg.generation.enable_sleep)
 
     def restarts(self) -> dict[str, int]:
         """``restarts/<role>``: actors Ray brought back; ``restarts/auto_resume``: whole-run resumes; so far."""
@@ -275,10 +287,8 @@ def train(run: PPORun, log: MetricsLog, from_checkpoint: bool = False) -> str | 
 def iteration(run: PPORun, phases: Phases) -> dict:
     """One PPO iteration: generate, score in parallel, advantages, train, push the new weights; the metrics row."""
     cfg, groups = run.cfg, run.groups
-    own_old = cfg.train.skips_old_logprobs(cfg.algo)  # one on-policy step: the policy loss takes its own
-    scorers = [(groups["reward"], "score"), (groups["reference"], "logprobs")]
-    scorers += [] if own_old else [(groups["policy"], "logprobs")]
-    scorers += [(groups["critic"], "values")] if "critic" in groups else []
+    own_old = cfg.train.skips_old_logprobs(cfg.algo)
+    scorers = [(groups[role], method) for role, method in scorer_roles(cfg, groups)]
     with phases.phase("generate"):  # the schedule (train.mode) decides whether this batch was generated already
         phases.record(groups["rollout"].name, "generate")
         in_flight = run.schedule.generation(run.iteration, cfg.train.iterations)
@@ -330,15 +340,19 @@ def iteration(run: PPORun, phases: Phases) -> dict:
 
 
 def close_iteration(run: PPORun) -> dict[str, Pending]:
-    """After an iteration's push: every actor's ledger call, then the next generation (train.mode's schedule) put in
-    flight behind it (an actor answers its calls in order, so the ledgers hold this iteration alone) and beside the
-    driver's bookkeeping of this iteration, and the frozen scorers chained on the generations of the next two
-    iterations (no further: each scorer's next ledger call waits for what was chained before it). Returns the
-    ledger calls, for ``timing_columns``."""
-    ledgers = request_compute_stats(run.groups)
+    """After an iteration's push: the rollout actors' ledger calls, the next generation (train.mode's schedule) put
+    in flight behind them (an actor answers its calls in order, so the ledgers hold this iteration alone) and beside
+    the driver's bookkeeping of this iteration, then the other actors' ledger calls (after the generation: sending
+    them takes ~0.4 ms each) and the scorers chained on the generations in flight: every scorer on the next
+    iteration's, the frozen ones also on the one after (no further: each scorer's next ledger call waits for what
+    was chained before it). Returns the ledger calls, for ``timing_columns``."""
+    rollout = run.groups["rollout"].view_of or "rollout"  # the actors that generate (a hybrid's: the policy's)
+    ledgers = request_compute_stats({rollout: run.groups[rollout]})
     run.schedule.put_ahead(run.iteration, run.cfg.train.iterations)
-    for in_flight in run.schedule.in_flight_until(run.iteration + 1):
-        in_flight.chain(run.groups)
+    ledgers.update(request_compute_stats({role: g for role, g in run.groups.items() if role != rollout}))
+    for i, in_flight in run.schedule.in_flight_until(run.iteration + 1):
+        # the learners' scoring only on the next batch: their state is final for it now, not yet for later ones
+        in_flight.chain(run.groups, scorer_roles(run.cfg, run.groups) if i == run.iteration else FROZEN_SCORERS)
     return ledgers
 
 
