@@ -59,13 +59,11 @@ def decode(
         logp = torch.log_softmax(raw / temperature, dim=-1)
         if greedy:
             token = raw.argmax(dim=-1)
-        elif warpers:
+        else:  # generate's own steps: the warpers on the raw logits, then softmax and multinomial
             scores = raw
             for warp in warpers:
                 scores = warp(None, scores)
             token = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(-1)
-        else:  # temperature 1, nothing to truncate: the log-probs are the sampling distribution
-            token = torch.multinomial(logp.exp(), 1).squeeze(-1)
         token = token.masked_fill(done, pad_token_id)
         tokens.append(token)
         logprobs.append(logp.gather(-1, token[:, None]).squeeze(-1))
