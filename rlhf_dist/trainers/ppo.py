@@ -95,17 +95,22 @@ class InFlight:
         """Chains each of ``scorers`` not chained yet, except a role with more actors than the generation has
         results (some would idle). Sleeping engines free their memory only once the driver has the batch: nothing
         may run beside them before."""
-        if not self.chainable or self.chained_on not in ([], self.generation.refs):
+        if not self.chainable or self.sent_again:
             return
         self.chained_on = list(self.generation.refs)
         for role, method in scorers:
             if role not in self.chained and len(groups[role]) <= len(self.chained_on):
                 self.chained[role] = groups[role].chain(method, self.generation)
 
+    @property
+    def sent_again(self) -> bool:
+        """Whether a part of the generation was sent again (a rollout actor restarted) after calls were chained."""
+        return bool(self.chained_on) and self.chained_on != self.generation.refs
+
     def scores(self) -> dict[str, Pending]:
-        """The chained calls; none if the generation was sent again (a rollout actor restarted): those wait on
-        results that never come, and the batch is scored again."""
-        return self.chained if self.generation.refs == self.chained_on else {}
+        """The chained calls; none if the generation was sent again: those wait on results that never come, and the
+        batch is scored again."""
+        return {} if self.sent_again else self.chained
 
 
 @dataclass
