@@ -88,6 +88,9 @@ def test_default_job_learns(tiny_model, tmp_path, capfd):
     first = np.mean([r["gold_reward_mean"] for r in rows[:5]])
     last = np.mean([r["gold_reward_mean"] for r in rows[-5:]])
     assert last > first + 0.15, (first, last)
+    # every row's ledgers hold that iteration's calls: each role's work is in it once, none lost between rows
+    calls = ("rollout/generate", "reward/score", "reference/logprobs", "critic/values", "policy/train", "critic/train")
+    assert all(r[f"compute/{call}"] > 0 for r in rows for call in calls)
     assert (out / "reward_kl.png").stat().st_size > 0
     assert (out / "policy" / "config.json").exists()
     printed = capfd.readouterr().out  # the driver is a child of `rlhf-dist train` (supervise.py)
@@ -108,7 +111,7 @@ def test_engines_start_first_and_sleep_while_learners_train(tiny_cfg, local_ray)
     from rlhf_dist.orchestration.launch import running_roles
     from rlhf_dist.orchestration.phases import Phases
     from rlhf_dist.orchestration.role_group import collect_compute_stats
-    from rlhf_dist.trainers.ppo import PPORun, iteration, prepare
+    from rlhf_dist.trainers.ppo import PPORun, close_iteration, iteration, prepare
 
     cfg = tiny_cfg(
         "generation.enable_sleep=true",
@@ -125,7 +128,7 @@ def test_engines_start_first_and_sleep_while_learners_train(tiny_cfg, local_ray)
             assert spans[role]["__init__"][0][0] >= asleep, f"{role} started before the engines were up and asleep"
         for _ in range(2):
             iteration(run, Phases())
-            spans = _spans(collect_compute_stats(groups))
+            spans = _spans(collect_compute_stats(groups, close_iteration(run)))  # the ledgers as a run reads them
             ((_, generated),) = spans["rollout"]["generate"]
             ((_, slept),) = spans["rollout"]["sleep"]
             ((woke, _),) = spans["rollout"]["start_weight_update"]
@@ -155,7 +158,7 @@ def test_streamed_parts_are_scored_while_the_rest_still_generates(tiny_cfg, loca
         run = ppo.PPORun.start(cfg, groups, sampler)
         collect_compute_stats(groups)
         row = ppo.iteration(run, Phases())
-        spans = _spans(collect_compute_stats(groups))
+        spans = _spans(collect_compute_stats(groups, ppo.close_iteration(run)))
     assert len(spans["rollout"]["generate"]) == 6
     last_generated = max(end for _, end in spans["rollout"]["generate"])
     for role, method in (("reward", "score"), ("reference", "logprobs"), ("critic", "values"), ("policy", "logprobs")):

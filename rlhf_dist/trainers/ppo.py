@@ -127,6 +127,7 @@ class PPORun:
     earlier_restarts: Counter = field(default_factory=Counter)  # counted before the roles last started
     schedule: Pipelined | None = None  # train.mode: when each batch is generated (Sync is one)
     sampler_before: dict[int, dict] = field(default_factory=dict)  # iteration -> sampler state before its prompts
+    ledgers: dict[str, Pending] = field(default_factory=dict)  # this iteration's ledger calls sent so far
 
     @classmethod
     def start(
@@ -328,6 +329,9 @@ def iteration(run: PPORun, phases: Phases) -> dict:
         check_fresh_weights(batch, run.version, run.schedule.max_staleness, stats, cfg.sync.max_logprob_mismatch)
     with phases.phase("train"):
         trains = [phases.scatter(group, "train", batch) for group in run.learners]
+        # the roles with no call left in this iteration close their ledgers now, while the learners train, instead
+        # of on the way from the push to the next generation (close_iteration)
+        run.ledgers = request_compute_stats(done_roles(run))
         pushed = run.sync.push(run.version + 1, phases) if run.push_during_train() else None
         train_stats = {k: v for t in trains for k, v in mean_of_dicts(t.get()).items()}
     row = {"iteration": run.iteration, "policy_version": run.version}
@@ -345,20 +349,33 @@ def iteration(run: PPORun, phases: Phases) -> dict:
 
 
 def close_iteration(run: PPORun) -> dict[str, Pending]:
-    """After an iteration's push: the rollout actors' ledger calls, the next generation (train.mode's schedule) put
-    in flight behind them (an actor answers its calls in order, so the ledgers hold this iteration alone) and beside
-    the driver's bookkeeping of this iteration, then the other actors' ledger calls (after the generation: sending
-    them takes ~0.4 ms each) and the scorers chained on the generations in flight: every scorer on the next
-    iteration's, the frozen ones also on the one after (no further: each scorer's next ledger call waits for what
-    was chained before it). Returns the ledger calls, for ``timing_columns``."""
-    rollout = run.groups["rollout"].view_of or "rollout"  # the actors that generate (a hybrid's: the policy's)
-    ledgers = request_compute_stats({rollout: run.groups[rollout]})
+    """After an iteration's push: the generating actors' ledger calls, the next generation (train.mode's schedule)
+    put in flight behind them (an actor answers its calls in order, so the ledgers hold this iteration alone) and
+    beside the driver's bookkeeping of this iteration, then the ledger calls not sent during the training
+    (``done_roles``: the policy's; sending one takes ~0.4 ms) and the scorers chained on the generations in flight:
+    every scorer on the next iteration's, the frozen ones also on the one after (no further: each scorer's next
+    ledger call waits for what was chained before it). Returns the iteration's ledger calls, for ``timing_columns``."""
+    rollout = generating_role(run)
+    ledgers = {**run.ledgers, **request_compute_stats({rollout: run.groups[rollout]})}
     run.schedule.put_ahead(run.iteration, run.cfg.train.iterations)
-    ledgers.update(request_compute_stats({role: g for role, g in run.groups.items() if role != rollout}))
+    ledgers.update(request_compute_stats({role: g for role, g in run.groups.items() if role not in ledgers}))
+    run.ledgers = {}
     for i, in_flight in run.schedule.in_flight_until(run.iteration + 1):
         # the learners' scoring only on the next batch: their state is final for it now, not yet for later ones
         in_flight.chain(run.groups, scorer_roles(run.cfg, run.groups) if i == run.iteration else FROZEN_SCORERS)
     return ledgers
+
+
+def generating_role(run: PPORun) -> str:
+    """The group whose actors generate: the rollout's, or a hybrid's policy (the rollout group is its view)."""
+    return run.groups["rollout"].view_of or "rollout"
+
+
+def done_roles(run: PPORun) -> dict[str, RoleGroup]:
+    """The groups that get no more calls in this iteration once the learners' training is sent: all but the
+    generating actors (the push reaches them) and the policy (it pushes, and may score for the weight check)."""
+    busy = {generating_role(run), "policy"}
+    return {role: g for role, g in run.groups.items() if role not in busy}
 
 
 def check_pushed_weights(run: PPORun, batch: pa.RecordBatch, phases: Phases) -> dict[str, float]:
