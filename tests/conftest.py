@@ -40,15 +40,72 @@ def tiny_cfg(tiny_model, tmp_path):
     return make
 
 
-@pytest.fixture
-def local_ray():
-    """Embedded Ray on loopback, always shut down, also when the test fails."""
+@pytest.fixture(scope="module")
+def _embedded_ray():
+    """One embedded Ray for consecutive tests of a module that ask for ``local_ray`` (its start and stop cost ~5 s a
+    test); shut down after the module's last test at the latest, so no fixture of another module finds it."""
     import ray
 
-    from rlhf_dist.orchestration.cluster import init_local
-
-    init_local(num_cpus=8)
     try:
         yield ray
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_embedded_ray_unasked(request):
+    """A test that does not ask for ``local_ray`` finds no Ray running, as if each test started its own."""
+    if "local_ray" not in request.fixturenames:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item, so a fixture can see whether the test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def local_ray(_embedded_ray, request):
+    """Embedded Ray on loopback, shared with the previous test only if that one left nothing behind (no actor,
+    placement group or resource still held); otherwise, or if the test failed, shut down after it."""
+    from rlhf_dist.orchestration.cluster import init_local
+
+    ray = _embedded_ray
+    if not ray.is_initialized():
+        init_local(num_cpus=8)
+    clean = False
+    try:
+        yield ray
+        passed = getattr(request.node, "report_call", None) is not None and request.node.report_call.passed
+        clean = passed and _left_nothing_behind(ray)
+    finally:
+        if not clean:
+            ray.shutdown()
+
+
+def _left_nothing_behind(ray, wait_s: float = 3.0) -> bool:
+    """Whether every actor is dead, every placement group removed and every CPU and GPU free (killed actors take a
+    moment to release theirs)."""
+    import time
+
+    from ray._private import state
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        actors_dead = all(a["State"] == "DEAD" for a in state.actors().values())
+        groups_removed = all(g["state"] == "REMOVED" for g in ray.util.placement_group_table().values())
+        total, available = ray.cluster_resources(), ray.available_resources()
+        free = all(available.get(r) == total[r] for r in ("CPU", "GPU") if r in total)
+        if actors_dead and groups_removed and free:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
