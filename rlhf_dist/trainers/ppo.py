@@ -161,9 +161,10 @@ class PPORun:
 
     def draw_ahead(self) -> None:
         """Draws the prompts of the next iteration not drawn yet while the driver waits for the learners, so their
-        generation goes out at the push without the draw (~0.5-1 ms) in between."""
+        generation goes out at the push without the draw (~0.5-1 ms) in between; one iteration ahead at most (a
+        schedule that holds generation back for a fresh batch starts none at some pushes)."""
         nxt = max(self.sampler_before, default=self.iteration - 1) + 1
-        if nxt < self.cfg.train.iterations and nxt not in self.drawn:
+        if not self.drawn and nxt < self.cfg.train.iterations:
             self.drawn[nxt] = self.draw(nxt)
 
     def restarts(self) -> dict[str, int]:
