@@ -144,13 +144,17 @@ class PPORun:
         return run
 
     def start_generation(self, iteration: int) -> InFlight:
-        """Puts iteration ``iteration``'s prompts (``draw``) in generation on the rollout actors, which must hold at
-        least the learners' current version by then."""
-        prompts = self.drawn.pop(iteration) if iteration in self.drawn else self.draw(iteration)
+        """Puts iteration ``iteration``'s prompts in generation on the rollout actors, which must hold at least the
+        learners' current version by then."""
+        prompts = self.prompts(iteration)
         parts = self.cfg.train.stream_chunks
         rollout, version = self.groups["rollout"], self.version
         generation = rollout.scatter("generate", prompts, iteration, min_version=version, parts=parts)
         return InFlight(generation, chainable=parts == 1 and not self.cfg.generation.enable_sleep)
+
+    def prompts(self, iteration: int) -> pa.RecordBatch:
+        """Iteration ``iteration``'s prompts: drawn ahead (``draw_ahead``), or now."""
+        return self.drawn.pop(iteration) if iteration in self.drawn else self.draw(iteration)
 
     def draw(self, iteration: int) -> pa.RecordBatch:
         """Iteration ``iteration``'s prompts: the next ones, as iterations draw in order; the sampler's state before
