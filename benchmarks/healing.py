@@ -70,10 +70,29 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.open()] if path.exists() else []
 
 
+ROLE_OF = {title: role for role, title in FAULTS.items() if role != "driver"}
+
+
+def restart_lines(log_path: Path, role: str | None) -> int:
+    """How many "role <role> actor N restarted" lines the run has printed so far."""
+    if role is None or not log_path.exists():
+        return 0
+    return len(re.findall(rf"role {role} actor \d+ restarted", log_path.read_text(errors="replace")))
+
+
+def healed(log_path: Path, in_flight: tuple, logged: int) -> bool:
+    """A killed actor is healed once the run says it restarted it: a restart between two of its calls is seen at
+    the end of an iteration (its ledger's new pid), maybe the one after the iteration in flight at the kill. Two more
+    rows without the line: not noticed (the run's log shows it). The driver: once the iteration is logged again."""
+    rows_then, _, role, lines_then = in_flight
+    return role is None or restart_lines(log_path, role) > lines_then or logged > rows_then + 2
+
+
 def run_job(out: Path, iters: int, kills: list[tuple[int, str]], extra: list[str]) -> dict:
     """`rlhf-dist train` on the tiny job into `out`; for each (rows, target) of `kills`, once the metrics file has
     that many rows, SIGKILLs the target (a FAULTS value) in the job's process tree, then waits until the iteration
-    that was in flight is logged (after a resume, logged again): the seconds in between are its time to recover."""
+    that was in flight is logged (after a resume, logged again): the seconds in between are its time to recover;
+    before the next kill, also until the run has said it restarted a killed actor (``healed``)."""
     overrides = [
         f"output_dir={out}",
         f"train.iterations={iters}",
@@ -95,15 +114,18 @@ def run_job(out: Path, iters: int, kills: list[tuple[int, str]], extra: list[str
             stderr=subprocess.STDOUT,
         )
         try:
-            in_flight = None  # (iteration, kill time) of the last kill until that iteration is logged
+            in_flight = None  # (rows logged, kill time, role, its restart lines) of the last kill until healed
             while (todo or in_flight) and job.poll() is None:
                 logged = len(rows(out / "metrics.jsonl"))
-                if in_flight is not None and logged > in_flight[0]:
-                    killed[-1] = (*killed[-1], time.monotonic() - in_flight[1])
-                    in_flight = None
-                elif in_flight is None and logged >= todo[0][0] and (pid := victim(job, todo[0][1])):
+                if in_flight is not None:
+                    if logged > in_flight[0] and len(killed[-1]) == 2:  # the iteration in flight is logged
+                        killed[-1] = (*killed[-1], time.monotonic() - in_flight[1])
+                    if len(killed[-1]) == 3 and healed(log_path, in_flight, logged):
+                        in_flight = None
+                elif logged >= todo[0][0] and (pid := victim(job, todo[0][1])):
+                    role = ROLE_OF.get(todo[0][1])
                     os.kill(pid, signal.SIGKILL)
-                    in_flight = (logged, time.monotonic())
+                    in_flight = (logged, time.monotonic(), role, restart_lines(log_path, role))
                     killed.append((todo.pop(0)[1], in_flight[1] - t0))
                 time.sleep(0.05)
             rc = job.wait(timeout=1800)

@@ -136,7 +136,7 @@ def capture(cfg, warmup: int) -> dict:
     from rlhf_dist.orchestration.launch import running_roles
     from rlhf_dist.orchestration.placement import plan, required_resources
     from rlhf_dist.orchestration.role_group import collect_compute_stats
-    from rlhf_dist.trainers.ppo import PPORun, close_iteration, iteration, prepare
+    from rlhf_dist.trainers.ppo import PPORun, chain_scorers, close_iteration, iteration, prepare
 
     with run_dir.claim(cfg, "train"):
         sampler = prepare(cfg)
@@ -149,6 +149,7 @@ def capture(cfg, warmup: int) -> dict:
                 ledgers = close_iteration(run)  # the next generation starts behind them, as in a run
                 wall_s = time.time() - t0
                 stats = collect_compute_stats(groups, ledgers)  # this iteration's spans, and empty for the next
+                chain_scorers(run)  # as the run does after its bookkeeping
     return {"t0": t0, "wall_s": wall_s, "driver": phases.spans, "stats": stats, "row": row}
 
 

@@ -83,6 +83,53 @@ def test_a_dead_actor_is_restarted_restored_and_its_call_sent_again(local_ray, t
         group.call("die").get()
 
 
+def test_a_restart_between_calls_is_seen_in_the_ledger_and_counted_once(local_ray):
+    """SIGKILL from outside: an idle actor that Ray restarts fails no call; its ledger report's new pid is what tells.
+    A call that was in flight when it died fails afterwards: it is sent again, and the restart is not counted twice."""
+    import signal
+
+    import ray
+
+    from rlhf_dist.orchestration.role_group import collect_compute_stats
+
+    group = _group(2, timeout_s=120, max_restarts=2)
+    restored = []
+    group.on_restart = restored.append
+    before = list(group.ping())
+
+    def kill_and_wait(rank: int) -> int:
+        old = group.pids[rank]
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                pid = ray.get(group.actors[rank].ping.remote(), timeout=10)
+                if pid != old:
+                    return pid
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"actor {rank} was not restarted")
+
+    collect_compute_stats({"echo": group})  # nothing changed: nothing noticed
+    assert group.restarts == 0 and restored == []
+    new = kill_and_wait(0)  # idle: no call fails
+    assert group.restarts == 0 and group.pids == before
+    stats = collect_compute_stats({"echo": group})["echo"]
+    assert [s["pid"] for s in stats] == [new, before[1]]
+    assert group.restarts == 1 and restored == [0] and group.pids == [new, before[1]]
+    collect_compute_stats({"echo": group})
+    assert group.restarts == 1 and restored == [0]
+
+    napping = group.call_rank(1, "nap", 3.0)
+    time.sleep(1.0)  # it is asleep in nap() when killed
+    new1 = kill_and_wait(1)
+    collect_compute_stats({"echo": group})  # seen here first, through the ledger
+    assert group.restarts == 2 and restored == [0, 1]
+    assert napping.get() == [1]  # the call it died in fails, is sent again, and the restart is not counted again
+    assert group.restarts == 2 and group.pids == [new, new1]
+
+
 def test_scatter_gathers_in_order_and_failures_name_the_actor(local_ray):
     from rlhf_dist.data.batch import make_batch
     from rlhf_dist.orchestration.role_group import ActorDiedError, ActorTimeoutError, RoleMethodError

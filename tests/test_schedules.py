@@ -215,3 +215,39 @@ def test_in_flight_until_names_the_iterations():
     s.put_ahead(0, 5)
     assert s.in_flight_until(0) == [(0, "gen 0")]
     assert s.in_flight_until(1) == [(0, "gen 0"), (1, "gen 1")]
+
+
+@pytest.mark.parametrize(
+    "starts",
+    [
+        [[0], [1], [2], [3], [4], [5], [6]],  # sync: each push starts the next iteration
+        [[0, 1], [2], [3], [4], [5], [6], []],  # one_step_off
+        [[0, 1], [2], [], [3, 4], [5], [], [6]],  # drains for a fresh batch: none at some pushes, two at the next
+    ],
+)
+def test_prompts_drawn_ahead_are_the_ones_each_iteration_would_draw(starts):
+    """``PPORun.draw_ahead`` while the learners train: every iteration gets the same prompts as without it, a
+    checkpoint saves the same sampler state, and at most one iteration is drawn ahead."""
+    import pyarrow as pa
+
+    from rlhf_dist.config import load_config
+    from rlhf_dist.data.prompts import PromptSampler
+    from rlhf_dist.trainers.ppo import PPORun
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["train.iterations=7"])
+    table = pa.table({S.PROMPT_IDS: [[i, i + 1] for i in range(10)], "prompt_text": [str(i) for i in range(10)]})
+
+    def run_of() -> PPORun:
+        return PPORun(cfg, {}, PromptSampler(table, 4, 2, seed=3), kl_ctl=None, sync=None)
+
+    def checkpoint_state(run: PPORun) -> dict:  # as save_checkpoint takes it
+        return run.sampler_before.get(run.iteration, run.sampler.state_dict())
+
+    plain, early = run_of(), run_of()
+    for step, started in enumerate(starts):  # the iterations each push starts, in order
+        for i in started:
+            assert early.prompts(i).equals(plain.prompts(i)), i
+        early.draw_ahead()  # while iteration `step` trains
+        assert len(early.drawn) <= 1
+        plain.iteration = early.iteration = step + 1
+        assert checkpoint_state(early) == checkpoint_state(plain), step

@@ -117,6 +117,7 @@ class ComputeLedger:
             "seconds": dict(self.seconds),
             "calls": dict(self.calls),
             "spans": list(self.spans),
+            "pid": os.getpid(),  # a new one says Ray restarted the actor (``RoleGroup.notice_restarts``)
             "peak_rss_mb": _peak_rss_bytes() / 2**20,
             "peak_rss_scope": self.peak_scope,
             **_gpu_memory_mb(reset),
@@ -305,12 +306,21 @@ class RoleGroup:
         return ranks
 
     def recover(self, rank: int, err: Exception) -> None:
-        """Brings back actor ``rank`` after ``err`` said it died; ``ActorRestartError`` when Ray gave up on it."""
+        """Brings back actor ``rank`` after ``err`` said it died; ``ActorRestartError`` when Ray gave up on it. A
+        restart already restored (``notice_restarts``: same pid as last seen) is restored again, not counted again."""
         try:
-            self._wait_up(rank)
+            pid = self._wait_up(rank)
         except ActorRestartError as gone:
             raise ActorRestartError(f"{gone}; died with {_first_line(err)}") from err
-        self.restore(rank)
+        self.restore(rank, restarted=pid != self.pids[rank])
+
+    def notice_restarts(self, pids: Sequence[int | None]) -> None:
+        """Restores and counts each actor whose pid (from its ledger report) is not the one last seen: Ray restarted
+        it between two calls, so no call of it failed. Every iteration ends with a ledger call on every actor, so a
+        restart is seen by the end of the iteration it fell in, whichever calls it fell between."""
+        for rank, pid in enumerate(pids):
+            if pid is not None and self.pids[rank] is not None and pid != self.pids[rank]:
+                self.restore(rank)
 
     def refresh(self, rank: int) -> None:
         """Actor ``rank`` said its state is stale (``StaleStateError``): restore it; a new pid counts as a restart."""
@@ -482,6 +492,9 @@ def collect_compute_stats(
     """``{role: [stats of actor 0, actor 1, ...]}`` for every group (``requested`` earlier, or now). A view's actors
     report once, through their owner, the view's methods under the view's name."""
     out = {role: p.get() for role, p in (requested or request_compute_stats(groups)).items()}
+    for role, stats in out.items():
+        if groups[role].max_restarts:
+            groups[role].notice_restarts([s.get("pid") for s in stats])
     for role, g in groups.items():
         if g.view_of is not None:
             both = out[g.view_of]

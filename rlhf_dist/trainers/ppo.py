@@ -127,6 +127,8 @@ class PPORun:
     earlier_restarts: Counter = field(default_factory=Counter)  # counted before the roles last started
     schedule: Pipelined | None = None  # train.mode: when each batch is generated (Sync is one)
     sampler_before: dict[int, dict] = field(default_factory=dict)  # iteration -> sampler state before its prompts
+    ledgers: dict[str, Pending] = field(default_factory=dict)  # this iteration's ledger calls sent so far
+    drawn: dict[int, pa.RecordBatch] = field(default_factory=dict)  # iteration -> its prompts, drawn ahead
 
     @classmethod
     def start(
@@ -142,15 +144,32 @@ class PPORun:
         return run
 
     def start_generation(self, iteration: int) -> InFlight:
-        """Draws iteration ``iteration``'s prompts and puts their generation in flight on the rollout actors, which
-        must hold at least the learners' current version by then."""
-        self.sampler_before = {i: s for i, s in self.sampler_before.items() if i >= self.iteration}
-        self.sampler_before[iteration] = self.sampler.state_dict()
-        prompts = self.sampler.next_batch()
+        """Puts iteration ``iteration``'s prompts in generation on the rollout actors, which must hold at least the
+        learners' current version by then."""
+        prompts = self.prompts(iteration)
         parts = self.cfg.train.stream_chunks
         rollout, version = self.groups["rollout"], self.version
         generation = rollout.scatter("generate", prompts, iteration, min_version=version, parts=parts)
         return InFlight(generation, chainable=parts == 1 and not self.cfg.generation.enable_sleep)
+
+    def prompts(self, iteration: int) -> pa.RecordBatch:
+        """Iteration ``iteration``'s prompts: drawn ahead (``draw_ahead``), or now."""
+        return self.drawn.pop(iteration) if iteration in self.drawn else self.draw(iteration)
+
+    def draw(self, iteration: int) -> pa.RecordBatch:
+        """Iteration ``iteration``'s prompts: the next ones, as iterations draw in order; the sampler's state before
+        them is kept for a checkpoint taken before their generation is learnt from."""
+        self.sampler_before = {i: s for i, s in self.sampler_before.items() if i >= self.iteration}
+        self.sampler_before[iteration] = self.sampler.state_dict()
+        return self.sampler.next_batch()
+
+    def draw_ahead(self) -> None:
+        """Draws the prompts of the next iteration not drawn yet while the driver waits for the learners, so their
+        generation goes out at the push without the draw (~0.5-1 ms) in between; one iteration ahead at most (a
+        schedule that holds generation back for a fresh batch starts none at some pushes)."""
+        nxt = max(self.sampler_before, default=self.iteration - 1) + 1
+        if not self.drawn and nxt < self.cfg.train.iterations:
+            self.drawn[nxt] = self.draw(nxt)
 
     def restarts(self) -> dict[str, int]:
         """``restarts/<role>``: actors Ray brought back; ``restarts/auto_resume``: whole-run resumes; so far."""
@@ -280,6 +299,7 @@ def train(run: PPORun, log: MetricsLog, from_checkpoint: bool = False) -> str | 
         row.update(timing.throughput(row["total_tokens"], row["time/wall"], cfg.roles))
         log.log(row)
         progress(row)
+        chain_scorers(run)
         if cfg.checkpoint.save_every and run.iteration % cfg.checkpoint.save_every == 0:
             save_checkpoint(run)
     if not cfg.checkpoint.save_final:
@@ -328,6 +348,10 @@ def iteration(run: PPORun, phases: Phases) -> dict:
         check_fresh_weights(batch, run.version, run.schedule.max_staleness, stats, cfg.sync.max_logprob_mismatch)
     with phases.phase("train"):
         trains = [phases.scatter(group, "train", batch) for group in run.learners]
+        # the roles with no call left in this iteration close their ledgers now, while the learners train, instead
+        # of on the way from the push to the next generation (close_iteration)
+        run.ledgers = request_compute_stats(done_roles(run))
+        run.draw_ahead()
         pushed = run.sync.push(run.version + 1, phases) if run.push_during_train() else None
         train_stats = {k: v for t in trains for k, v in mean_of_dicts(t.get()).items()}
     row = {"iteration": run.iteration, "policy_version": run.version}
@@ -345,20 +369,42 @@ def iteration(run: PPORun, phases: Phases) -> dict:
 
 
 def close_iteration(run: PPORun) -> dict[str, Pending]:
-    """After an iteration's push: the rollout actors' ledger calls, the next generation (train.mode's schedule) put
-    in flight behind them (an actor answers its calls in order, so the ledgers hold this iteration alone) and beside
-    the driver's bookkeeping of this iteration, then the other actors' ledger calls (after the generation: sending
-    them takes ~0.4 ms each) and the scorers chained on the generations in flight: every scorer on the next
-    iteration's, the frozen ones also on the one after (no further: each scorer's next ledger call waits for what
-    was chained before it). Returns the ledger calls, for ``timing_columns``."""
-    rollout = run.groups["rollout"].view_of or "rollout"  # the actors that generate (a hybrid's: the policy's)
-    ledgers = request_compute_stats({rollout: run.groups[rollout]})
+    """After an iteration's push: the generating actors' ledger calls, the next generation (train.mode's schedule)
+    put in flight behind them (an actor answers its calls in order, so the ledgers hold this iteration alone) and
+    beside the driver's bookkeeping of this iteration, then the ledger calls not sent during the training
+    (``done_roles``: the policy's; sending one takes ~0.4 ms) and the scorers chained on generations that were in
+    flight before (``chain_scorers``). Returns the iteration's ledger calls, for ``timing_columns``."""
+    rollout = generating_role(run)
+    ledgers = {**run.ledgers, **request_compute_stats({rollout: run.groups[rollout]})}
+    started_before = {i for i, _ in run.schedule.in_flight_until(run.cfg.train.iterations)}
     run.schedule.put_ahead(run.iteration, run.cfg.train.iterations)
-    ledgers.update(request_compute_stats({role: g for role, g in run.groups.items() if role != rollout}))
-    for i, in_flight in run.schedule.in_flight_until(run.iteration + 1):
-        # the learners' scoring only on the next batch: their state is final for it now, not yet for later ones
-        in_flight.chain(run.groups, scorer_roles(run.cfg, run.groups) if i == run.iteration else FROZEN_SCORERS)
+    ledgers.update(request_compute_stats({role: g for role, g in run.groups.items() if role not in ledgers}))
+    run.ledgers = {}
+    chain_scorers(run, started_before)
     return ledgers
+
+
+def chain_scorers(run: PPORun, only: set[int] | None = None) -> None:
+    """Chains the scorers on the generations in flight (of ``only`` these iterations): every scorer on the next
+    iteration's, the frozen ones also on the one after. ``close_iteration`` chains on generations started before it
+    (they may be done: their scoring goes now); ``train`` the rest after its bookkeeping, so a generation just started
+    does not wait behind the calls (~0.4 ms each to send) of scorers it will not need for tens of ms."""
+    for i, in_flight in run.schedule.in_flight_until(run.iteration + 1):
+        if only is None or i in only:
+            # the learners' scoring only on the next batch: their state is final for it now, not yet for later ones
+            in_flight.chain(run.groups, scorer_roles(run.cfg, run.groups) if i == run.iteration else FROZEN_SCORERS)
+
+
+def generating_role(run: PPORun) -> str:
+    """The group whose actors generate: the rollout's, or a hybrid's policy (the rollout group is its view)."""
+    return run.groups["rollout"].view_of or "rollout"
+
+
+def done_roles(run: PPORun) -> dict[str, RoleGroup]:
+    """The groups that get no more calls in this iteration once the learners' training is sent: all but the
+    generating actors (the push reaches them) and the policy (it pushes, and may score for the weight check)."""
+    busy = {generating_role(run), "policy"}
+    return {role: g for role, g in run.groups.items() if role not in busy}
 
 
 def check_pushed_weights(run: PPORun, batch: pa.RecordBatch, phases: Phases) -> dict[str, float]:
