@@ -298,12 +298,7 @@ class RoleGroup:
     def restarted(self) -> list[int]:
         """Ranks whose process changed since the last ``ping`` (Ray restarted them) after healing each one; raises
         ``ActorRestartError`` for an actor that is gone for good."""
-        before = list(self.pids)
-        now = [self._wait_up(rank) for rank in range(len(self.actors))]
-        ranks = [r for r, (a, b) in enumerate(zip(before, now)) if a is not None and a != b]
-        for rank in ranks:
-            self.restore(rank)
-        return ranks
+        return self.notice_restarts([self._wait_up(rank) for rank in range(len(self.actors))])
 
     def recover(self, rank: int, err: Exception) -> None:
         """Brings back actor ``rank`` after ``err`` said it died; ``ActorRestartError`` when Ray gave up on it. A
@@ -314,13 +309,17 @@ class RoleGroup:
             raise ActorRestartError(f"{gone}; died with {_first_line(err)}") from err
         self.restore(rank, restarted=pid != self.pids[rank])
 
-    def notice_restarts(self, pids: Sequence[int | None]) -> None:
-        """Restores and counts each actor whose pid (from its ledger report) is not the one last seen: Ray restarted
-        it between two calls, so no call of it failed. Every iteration ends with a ledger call on every actor, so a
-        restart is seen by the end of the iteration it fell in, whichever calls it fell between."""
-        for rank, pid in enumerate(pids):
-            if pid is not None and self.pids[rank] is not None and pid != self.pids[rank]:
-                self.restore(rank)
+    def notice_restarts(self, pids: Sequence[int | None]) -> list[int]:
+        """Restores and counts each actor whose pid (from its ledger report, or a ping) is not the one last seen:
+        Ray restarted it between two calls, so no call of it failed. Every iteration ends with a ledger call on every
+        actor, so a restart is seen by the end of the iteration it fell in, whichever calls it fell between. Returns
+        the ranks restored."""
+        ranks = [
+            r for r, pid in enumerate(pids) if pid is not None and self.pids[r] is not None and pid != self.pids[r]
+        ]
+        for rank in ranks:
+            self.restore(rank)
+        return ranks
 
     def refresh(self, rank: int) -> None:
         """Actor ``rank`` said its state is stale (``StaleStateError``): restore it; a new pid counts as a restart."""
