@@ -52,6 +52,9 @@ class Echo:
             raise StaleStateError("rank 0 lost its state")
         return self.rank
 
+    def stamp(self) -> float:
+        return time.time()
+
     def refuse(self) -> None:
         if self.rank == 2:
             raise ValueError("no reward for an empty response")
@@ -154,3 +157,36 @@ def test_scatter_gathers_in_order_and_failures_name_the_actor(local_ray):
     group.timeout_s = 60  # the die() call queues behind actor 1's nap
     with pytest.raises(ActorDiedError, match=r"^role echo actor 1 died in die\(\): [^\n]*$"):
         group.call("die").get()
+
+
+def test_a_call_sent_after_a_ref_starts_once_it_exists_keeps_its_place_and_fails_with_it(local_ray):
+    """``after=``: Ray holds the call until the ref exists (a push landing), later calls to the actor queue behind
+    it, and a ref that failed fails the call without running it: the role never sees the keyword."""
+    import ray
+
+    from rlhf_dist.orchestration.role_group import RoleMethodError
+
+    @ray.remote(num_cpus=0)
+    def landed(seconds: float) -> float:
+        time.sleep(seconds)
+        return time.time()
+
+    @ray.remote(num_cpus=0)
+    def failed() -> None:
+        raise ValueError("the push failed")
+
+    group = _group(2, timeout_s=60)
+    group.ping()
+    group.compute_stats().get()
+    ref = landed.remote(1.0)
+    held, ledger, behind = group.call("stamp", after=ref), group.compute_stats(after=ref), group.call("stamp")
+    at = ray.get(ref)
+    started = held.get()
+    assert all(t >= at for t in started)  # not before the ref existed
+    assert all(b >= s for b, s in zip(behind.get(), started))  # the call sent later ran later
+    assert [s["calls"] for s in ledger.get()] == [{"stamp": 1}] * 2  # the ledger after= the ref held the held call
+
+    with pytest.raises(RoleMethodError, match=r"^role echo actor 0 raised ValueError in stamp\(\): the push failed"):
+        group.call("stamp", after=failed.remote()).get()
+    # the call sent behind ran; the void one did not
+    assert [s["calls"] for s in group.compute_stats().get()] == [{"stamp": 1}] * 2

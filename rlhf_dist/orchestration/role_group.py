@@ -170,9 +170,21 @@ def _ledger(obj) -> ComputeLedger:
     return ledger
 
 
+AFTER = "_after"  # a keyword every actor method takes and ignores: an ObjectRef the call waits for (``after=``)
+
+
+def _with_after(fn: Callable) -> inspect.Signature:
+    """``fn``'s signature (which Ray checks calls against) plus the keyword ``_after``."""
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
+    params.insert(at, inspect.Parameter(AFTER, inspect.Parameter.KEYWORD_ONLY, default=None))
+    return sig.replace(parameters=params)
+
+
 def _timed(name: str, fn: Callable) -> Callable:
-    @functools.wraps(fn)  # keeps the signature Ray checks calls against
-    def method(self, *args, **kwargs):
+    @functools.wraps(fn)
+    def method(self, *args, _after=None, **kwargs):
         ledger = _ledger(self)
         outermost = ledger.enter()
         t0 = time.perf_counter()
@@ -181,6 +193,9 @@ def _timed(name: str, fn: Callable) -> Callable:
         finally:
             ledger.leave(name, outermost, time.perf_counter() - t0)
 
+    # Ray checks calls against the signature of the fully unwrapped method: this one's, with ``_after``
+    method.__signature__ = _with_after(fn)
+    del method.__wrapped__
     return method
 
 
@@ -197,7 +212,7 @@ def _timed_init(init: Callable) -> Callable:
     return functools.wraps(init)(__init__) if inspect.isfunction(init) else __init__
 
 
-def _compute_stats(self, reset: bool = True) -> dict:
+def _compute_stats(self, reset: bool = True, _after=None) -> dict:
     """Seconds per role method and peak memory since the last reset (by default, resets)."""
     return _ledger(self).report(reset)
 
@@ -353,21 +368,32 @@ class RoleGroup:
         self.pids[rank] = self._wait_up(rank)
 
     # -- calls -------------------------------------------------------------------------------------------------
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Pending:
-        """The same call on every actor, all in flight at once."""
+    def call(self, method: str, *args: Any, after: ray.ObjectRef | None = None, **kwargs: Any) -> Pending:
+        """The same call on every actor, all in flight at once; with ``after``, each starts once that exists (Ray
+        holds the call until then: no round trip through the driver), after the calls sent to the actor before."""
+        kwargs = {**kwargs, AFTER: after} if after is not None else kwargs
         return Pending.submit(self, method, [(rank, args, kwargs) for rank in range(len(self.actors))])
 
-    def compute_stats(self, reset: bool = True) -> Pending:
+    def compute_stats(self, reset: bool = True, after: ray.ObjectRef | None = None) -> Pending:
         """Every actor's seconds per role method and peak memory since the last reset (see ``ComputeLedger``)."""
-        return self.call(STATS_METHOD, reset)
+        return self.call(STATS_METHOD, reset, after=after)
 
     def call_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Pending:
         return Pending.submit(self, method, [(rank, args, kwargs)])
 
-    def scatter(self, method: str, batch: pa.RecordBatch, *args: Any, parts: int = 1, **kwargs: Any) -> Pending:
+    def scatter(
+        self,
+        method: str,
+        batch: pa.RecordBatch,
+        *args: Any,
+        parts: int = 1,
+        after: ray.ObjectRef | None = None,
+        **kwargs: Any,
+    ) -> Pending:
         """Split ``batch`` into one token-balanced shard per actor; ``Pending.batch()`` gathers them in order. With
         ``parts`` > 1 each actor gets that many smaller calls, told apart by a ``part`` keyword (0, 1, ...), so the
-        first results land while the rest still run (``Pending.as_completed``)."""
+        first results land while the rest still run (``Pending.as_completed``). ``after``: as in ``call``."""
+        kwargs = {**kwargs, AFTER: after} if after is not None else kwargs
         n = len(self.actors) * parts
         if n == 1:  # nothing to balance, nothing to reorder
             return Pending.submit(self, method, [(0, (batch, *args), kwargs)])
@@ -479,10 +505,12 @@ class Pending:
         return concat_in_order(parts, self.index) if self.index is not None else parts[0]
 
 
-def request_compute_stats(groups: dict[str, RoleGroup], reset: bool = True) -> dict[str, Pending]:
-    """Every actor's ledger call, in flight: each answers once the calls sent to it before are done, so sending it
-    before the next generation closes the ledger there."""
-    return {role: g.compute_stats(reset) for role, g in groups.items() if g.view_of is None}
+def request_compute_stats(
+    groups: dict[str, RoleGroup], reset: bool = True, after: ray.ObjectRef | None = None
+) -> dict[str, Pending]:
+    """Every actor's ledger call, in flight: each answers once the calls sent to it before are done (and ``after``
+    exists), so sending it before the next generation closes the ledger there."""
+    return {role: g.compute_stats(reset, after=after) for role, g in groups.items() if g.view_of is None}
 
 
 def collect_compute_stats(

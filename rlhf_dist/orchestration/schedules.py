@@ -29,11 +29,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from rlhf_dist.config import RunConfig
 from rlhf_dist.orchestration.role_group import Pending
 
-Start = Callable[[int], Pending]  # iteration -> its generation, in flight
+Start = Callable[..., Pending]  # (iteration, *what it waits for) -> its generation, in flight
 Fresh = Callable[[int], bool]  # iteration -> whether its batch must come from the learners' current weights
 
 
@@ -44,20 +45,28 @@ class Pipelined:
         self.start, self.max_staleness, self.fresh = start, max_staleness, fresh
         self.ahead: deque[tuple[int, Pending]] = deque()  # (iteration, its generation), in iteration order
 
-    def put_ahead(self, iteration: int, last: int) -> None:
+    def put_ahead(self, iteration: int, last: int, *start_args: Any) -> None:
         """Puts iteration ``iteration``'s generation in flight unless it is (after a (re)start or resume, what was in
         flight belongs to other iterations: dropped), then the next ones up to ``max_staleness`` ahead, none past a
         fresh iteration. The driver calls it right after each push (the engines then hold the learners' version),
-        so generation goes on while it logs the iteration: the engines never wait for the driver."""
+        or with the push in flight as ``start_args`` (what the generations started now wait for), so generation
+        goes on while it logs the iteration: the engines never wait for the driver."""
         if iteration >= last:
             return
         if not self.ahead or self.ahead[0][0] != iteration:
             self.ahead.clear()
-            self.ahead.append((iteration, self.start(iteration)))
+            self.ahead.append((iteration, self.start(iteration, *start_args)))
         nxt = self.ahead[-1][0] + 1
         while nxt < min(last, iteration + 1 + self.max_staleness) and not self.fresh(nxt):
-            self.ahead.append((nxt, self.start(nxt)))
+            self.ahead.append((nxt, self.start(nxt, *start_args)))
             nxt += 1
+
+    def drop(self, void: Callable[[Any], bool]) -> list[tuple[int, Any]]:
+        """Takes the generations in flight that ``void`` says will never come (what ``start`` returned) out of the
+        buffer; ``put_ahead`` starts them again. Returns them, ``(iteration, what start returned)``."""
+        dropped = [(i, started) for i, started in self.ahead if void(started)]
+        self.ahead = deque((i, started) for i, started in self.ahead if not void(started))
+        return dropped
 
     def generation(self, iteration: int, last: int) -> Pending:
         """Iteration ``iteration``'s generation (put in flight earlier, or now), the next ones in flight behind it."""

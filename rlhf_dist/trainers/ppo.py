@@ -43,7 +43,7 @@ from rlhf_dist.orchestration.role_group import (
     request_compute_stats,
 )
 from rlhf_dist.orchestration.schedules import Pipelined, make_schedule
-from rlhf_dist.orchestration.weight_push import WeightPush
+from rlhf_dist.orchestration.weight_push import PushInFlight, WeightPush
 from rlhf_dist.trainers import timing
 from rlhf_dist.trainers.experience import compute_advantages
 from rlhf_dist.trainers.stale_weights import (
@@ -88,6 +88,8 @@ class InFlight:
 
     generation: Pending
     chainable: bool = True  # not in parts (the driver scores each as it lands), not with engines put to sleep
+    prompts: pa.RecordBatch | None = None
+    after: PushInFlight | None = None  # the push it waits for (``start_after_push``)
     chained: dict[str, Pending] = field(default_factory=dict)  # role -> its call on the generation's results
     chained_on: list = field(default_factory=list)  # the generation's results they wait on
 
@@ -143,14 +145,16 @@ class PPORun:
         run.schedule = make_schedule(cfg, run.start_generation)
         return run
 
-    def start_generation(self, iteration: int) -> InFlight:
+    def start_generation(self, iteration: int, after: PushInFlight | None = None) -> InFlight:
         """Puts iteration ``iteration``'s prompts in generation on the rollout actors, which must hold at least the
-        learners' current version by then."""
+        learners' current version by then (or, ``after`` a push in flight, the version it brings)."""
         prompts = self.prompts(iteration)
         parts = self.cfg.train.stream_chunks
-        rollout, version = self.groups["rollout"], self.version
-        generation = rollout.scatter("generate", prompts, iteration, min_version=version, parts=parts)
-        return InFlight(generation, chainable=parts == 1 and not self.cfg.generation.enable_sleep)
+        rollout, version = self.groups["rollout"], after.version if after else self.version
+        landed = after.landed if after else None
+        generation = rollout.scatter("generate", prompts, iteration, min_version=version, parts=parts, after=landed)
+        chainable = parts == 1 and not self.cfg.generation.enable_sleep
+        return InFlight(generation, chainable, prompts, after)
 
     def prompts(self, iteration: int) -> pa.RecordBatch:
         """Iteration ``iteration``'s prompts: drawn ahead (``draw_ahead``), or now."""
@@ -346,13 +350,16 @@ def iteration(run: PPORun, phases: Phases) -> dict:
         )
         stats = batch_stats(batch, run.version, sample)
         check_fresh_weights(batch, run.version, run.schedule.max_staleness, stats, cfg.sync.max_logprob_mismatch)
+    # no sample of the learners' version was compared: both score one after the push
+    check_after_push = not stats["logprob_checked_samples"] and cfg.sync.checks(run.iteration)
+    check_after_push = check_after_push and cfg.generation.scores_responses()
     with phases.phase("train"):
         trains = [phases.scatter(group, "train", batch) for group in run.learners]
         # the roles with no call left in this iteration close their ledgers now, while the learners train, instead
         # of on the way from the push to the next generation (close_iteration)
         run.ledgers = request_compute_stats(done_roles(run))
         run.draw_ahead()
-        pushed = run.sync.push(run.version + 1, phases) if run.push_during_train() else None
+        pushed = push_then_generate(run, phases, put_ahead=not check_after_push) if run.push_during_train() else None
         train_stats = {k: v for t in trains for k, v in mean_of_dicts(t.get()).items()}
     row = {"iteration": run.iteration, "policy_version": run.version}
     if pushed is None:
@@ -360,22 +367,43 @@ def iteration(run: PPORun, phases: Phases) -> dict:
             pushed = run.sync.push(run.version + 1, phases)
     else:  # its own clock overlaps the train phase: kept out of the phases, which add up to the iteration
         row["overlapped/weight_sync"] = pushed["seconds"]
-    if cfg.sync.checks(run.iteration) and not stats["logprob_checked_samples"] and cfg.generation.scores_responses():
-        with phases.phase("weight_check"):  # no sample of the learners' version was compared: both score one now
+    if check_after_push:
+        with phases.phase("weight_check"):
             stats.update(check_pushed_weights(run, batch, phases))
     run.kl_ctl.update(adv_stats["kl"], len(batch))
     run.iteration, run.version = run.iteration + 1, run.version + 1
     return {**row, **stats, **adv_stats, **train_stats, "weight_sync_bytes": pushed["bytes"], **run.restarts()}
 
 
+def push_then_generate(run: PPORun, phases: Phases, put_ahead: bool = True) -> dict[str, float]:
+    """The push of the learners' next version, queued behind their training; with ``put_ahead``, the generating
+    actors' ledger calls and what ``close_iteration`` would put in flight go out now too, held by Ray until the push
+    has landed: the next generation starts as the push ends instead of a round trip through the driver later. A
+    push that fails and is sent again voids them (they fail with it): taken back, for ``close_iteration`` to send."""
+    push = run.sync.start(run.version + 1, phases)
+    if put_ahead:
+        rollout = generating_role(run)
+        run.ledgers.update(request_compute_stats({rollout: run.groups[rollout]}, after=push.landed))
+        run.schedule.put_ahead(run.iteration + 1, run.cfg.train.iterations, push)
+    pushed = run.sync.finish(push)
+    if pushed["again"]:
+        run.ledgers.pop(generating_role(run), None)
+        for i, in_flight in run.schedule.drop(lambda started: started.after is push):
+            run.drawn[i] = in_flight.prompts  # the same prompts go out again
+    return pushed
+
+
 def close_iteration(run: PPORun) -> dict[str, Pending]:
     """After an iteration's push: the generating actors' ledger calls, the next generation (train.mode's schedule)
     put in flight behind them (an actor answers its calls in order, so the ledgers hold this iteration alone) and
-    beside the driver's bookkeeping of this iteration, then the ledger calls not sent during the training
-    (``done_roles``: the policy's; sending one takes ~0.4 ms) and the scorers chained on generations that were in
-    flight before (``chain_scorers``). Returns the iteration's ledger calls, for ``timing_columns``."""
+    beside the driver's bookkeeping of this iteration, unless ``push_then_generate`` sent them already; then the
+    ledger calls not sent during the training (``done_roles``: the policy's; sending one takes ~0.4 ms) and the
+    scorers chained on generations that were in flight before (``chain_scorers``). Returns the iteration's ledger
+    calls, for ``timing_columns``."""
     rollout = generating_role(run)
-    ledgers = {**run.ledgers, **request_compute_stats({rollout: run.groups[rollout]})}
+    ledgers = dict(run.ledgers)
+    if rollout not in ledgers:
+        ledgers.update(request_compute_stats({rollout: run.groups[rollout]}))
     started_before = {i for i, _ in run.schedule.in_flight_until(run.cfg.train.iterations)}
     run.schedule.put_ahead(run.iteration, run.cfg.train.iterations)
     ledgers.update(request_compute_stats({role: g for role, g in run.groups.items() if role not in ledgers}))
