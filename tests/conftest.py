@@ -91,6 +91,17 @@ def local_ray(_embedded_ray, request):
             ray.shutdown()
 
 
+@pytest.fixture
+def role_groups(local_ray):
+    """``local_ray`` and a list for the RoleGroups a test starts by hand: stopped after it (actors killed, placement
+    groups removed), so the next test finds Ray empty and keeps it instead of restarting it (~8 s)."""
+    from rlhf_dist.orchestration.launch import stop_roles
+
+    groups: list = []
+    yield groups
+    stop_roles({str(i): g for i, g in enumerate(groups)})
+
+
 def _left_nothing_behind(ray, wait_s: float = 3.0) -> bool:
     """Whether every actor is dead, every placement group removed and every CPU and GPU free (killed actors take a
     moment to release theirs)."""

@@ -40,7 +40,7 @@ def test_ppo_zero3_two_learners_two_rollouts(tiny_cfg, local_ray):
     assert saved
 
 
-def test_weights_arrive_and_version_advances(tiny_cfg, local_ray):
+def test_weights_arrive_and_version_advances(tiny_cfg, role_groups):
     """Two ZeRO-3 learners gather, the object store carries one copy, both rollout actors load it."""
     from rlhf_dist.models.load import load_causal_lm
     from rlhf_dist.orchestration.launch import launch_roles
@@ -56,6 +56,7 @@ def test_weights_arrive_and_version_advances(tiny_cfg, local_ray):
         "ray.num_cpus=null",
     )
     groups = launch_roles(cfg)
+    role_groups.extend(groups.values())
     sync = WeightPush(cfg, groups["policy"], groups["rollout"])
     sync.push(version=7)
     assert groups["rollout"].call("get_version").get() == [7, 7]
@@ -66,43 +67,6 @@ def test_weights_arrive_and_version_advances(tiny_cfg, local_ray):
         assert set(weights) == set(learner)
         for n, w in weights.items():
             np.testing.assert_array_equal(w, learner[n].detach().numpy())
-
-
-def test_default_job_learns(tiny_model, tmp_path, capfd):
-    """The embedded default through the CLI, shortened: it starts its own local Ray and the gold reward rises."""
-    from rlhf_dist.cli import main
-
-    out = tmp_path / "run"
-    rc = main(
-        [
-            "train",
-            "configs/tiny_cpu.yaml",
-            f"model.policy={tiny_model}",
-            f"output_dir={out}",
-            "train.iterations=30",
-            "logging.progress_bar=false",
-        ]
-    )
-    assert rc == 0
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    first = np.mean([r["gold_reward_mean"] for r in rows[:5]])
-    last = np.mean([r["gold_reward_mean"] for r in rows[-5:]])
-    assert last > first + 0.15, (first, last)
-    # every row's ledgers hold that iteration's calls: each role's work is in it once, none lost between rows
-    calls = ("rollout/generate", "reward/score", "reference/logprobs", "critic/values", "policy/train", "critic/train")
-    assert all(r[f"compute/{call}"] > 0 for r in rows for call in calls)
-    assert (out / "reward_kl.png").stat().st_size > 0
-    assert (out / "policy" / "config.json").exists()
-    printed = capfd.readouterr().out  # the driver is a child of `rlhf-dist train` (supervise.py)
-    assert "gold reward:" in printed and str(out / "policy") in printed
-
-
-def test_only_vllm_or_sleeping_engines_start_before_the_other_roles(tiny_cfg):
-    from rlhf_dist.orchestration.launch import engines_start_first
-
-    assert not engines_start_first(tiny_cfg())  # Hugging Face engines: every role starts at once
-    assert engines_start_first(tiny_cfg("generation.enable_sleep=true"))
-    assert engines_start_first(tiny_cfg("generation.engine=vllm", "generation.vllm_cpu=true"))
 
 
 def test_engines_start_first_and_sleep_while_learners_train(tiny_cfg, local_ray):
@@ -332,3 +296,40 @@ def test_grpo_without_critic_skips_the_old_logprob_pass(tiny_cfg, local_ray, mod
     assert scored_after_push == ([False, False, True, False] if pipelined else [False] * 4)
     if pipelined:  # the stale batches are weighted from the engine's (behaviour) policy to the learner's
         assert all(r["policy/behav_kl"] > 0 for r in rows[1:])
+
+
+def test_default_job_learns(tiny_model, tmp_path, capfd):
+    """The embedded default through the CLI, shortened: it starts its own local Ray and the gold reward rises."""
+    from rlhf_dist.cli import main
+
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "configs/tiny_cpu.yaml",
+            f"model.policy={tiny_model}",
+            f"output_dir={out}",
+            "train.iterations=30",
+            "logging.progress_bar=false",
+        ]
+    )
+    assert rc == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    first = np.mean([r["gold_reward_mean"] for r in rows[:5]])
+    last = np.mean([r["gold_reward_mean"] for r in rows[-5:]])
+    assert last > first + 0.15, (first, last)
+    # every row's ledgers hold that iteration's calls: each role's work is in it once, none lost between rows
+    calls = ("rollout/generate", "reward/score", "reference/logprobs", "critic/values", "policy/train", "critic/train")
+    assert all(r[f"compute/{call}"] > 0 for r in rows for call in calls)
+    assert (out / "reward_kl.png").stat().st_size > 0
+    assert (out / "policy" / "config.json").exists()
+    printed = capfd.readouterr().out  # the driver is a child of `rlhf-dist train` (supervise.py)
+    assert "gold reward:" in printed and str(out / "policy") in printed
+
+
+def test_only_vllm_or_sleeping_engines_start_before_the_other_roles(tiny_cfg):
+    from rlhf_dist.orchestration.launch import engines_start_first
+
+    assert not engines_start_first(tiny_cfg())  # Hugging Face engines: every role starts at once
+    assert engines_start_first(tiny_cfg("generation.enable_sleep=true"))
+    assert engines_start_first(tiny_cfg("generation.engine=vllm", "generation.vllm_cpu=true"))

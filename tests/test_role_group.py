@@ -60,18 +60,20 @@ class Echo:
             raise ValueError("no reward for an empty response")
 
 
-def _group(n: int, timeout_s: float, max_restarts: int = 0):
+def _group(started: list, n: int, timeout_s: float, max_restarts: int = 0):
+    """``n`` Echo actors; ``started`` (the ``role_groups`` fixture) stops them after the test."""
     from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, reserve
 
     pg = reserve("echo", n, 0.5, 0, "PACK", timeout_s=60)
     bundles = Bundles(pg, list(range(n)), 0.5, 0)
-    return RoleGroup("echo", Echo, bundles, lambda rank: ((rank,), {}), timeout_s, max_restarts=max_restarts)
+    started.append(RoleGroup("echo", Echo, bundles, lambda rank: ((rank,), {}), timeout_s, max_restarts=max_restarts))
+    return started[-1]
 
 
-def test_a_dead_actor_is_restarted_restored_and_its_call_sent_again(local_ray, tmp_path):
+def test_a_dead_actor_is_restarted_restored_and_its_call_sent_again(role_groups, tmp_path):
     from rlhf_dist.orchestration.role_group import ActorRestartError
 
-    group = _group(3, timeout_s=120, max_restarts=1)
+    group = _group(role_groups, 3, timeout_s=120, max_restarts=1)
     restored = []
     group.on_restart = restored.append
     before = list(group.ping())
@@ -86,7 +88,7 @@ def test_a_dead_actor_is_restarted_restored_and_its_call_sent_again(local_ray, t
         group.call("die").get()
 
 
-def test_a_restart_between_calls_is_seen_in_the_ledger_and_counted_once(local_ray):
+def test_a_restart_between_calls_is_seen_in_the_ledger_and_counted_once(role_groups):
     """SIGKILL from outside: an idle actor that Ray restarts fails no call; its ledger report's new pid is what tells.
     A call that was in flight when it died fails afterwards: it is sent again, and the restart is not counted twice."""
     import signal
@@ -95,7 +97,7 @@ def test_a_restart_between_calls_is_seen_in_the_ledger_and_counted_once(local_ra
 
     from rlhf_dist.orchestration.role_group import collect_compute_stats
 
-    group = _group(2, timeout_s=120, max_restarts=2)
+    group = _group(role_groups, 2, timeout_s=120, max_restarts=2)
     restored = []
     group.on_restart = restored.append
     before = list(group.ping())
@@ -133,17 +135,17 @@ def test_a_restart_between_calls_is_seen_in_the_ledger_and_counted_once(local_ra
     assert group.restarts == 2 and group.pids == [new, new1]
 
 
-def test_scatter_gathers_in_order_and_failures_name_the_actor(local_ray):
+def test_scatter_gathers_in_order_and_failures_name_the_actor(role_groups):
     from rlhf_dist.data.batch import make_batch
     from rlhf_dist.orchestration.role_group import ActorDiedError, ActorTimeoutError, RoleMethodError
 
-    group = _group(3, timeout_s=120)  # actors start in seconds on a busy 2-core machine
+    group = _group(role_groups, 3, timeout_s=120)  # actors start in seconds on a busy 2-core machine
     lengths = np.random.default_rng(0).integers(1, 20, size=11)
     batch = make_batch({S.SAMPLE_ID: np.arange(11), S.PROMPT_IDS: [list(range(k)) for k in lengths]})
     out = group.scatter("double", batch).batch()
     assert out.column(S.SAMPLE_ID).to_pylist() == [2 * i for i in range(11)]
     # chained on another group's shards (3 onto 2 actors, sent before those exist): the same rows, in order
-    chained = _group(2, timeout_s=120).chain("double", group.scatter("double", batch))
+    chained = _group(role_groups, 2, timeout_s=120).chain("double", group.scatter("double", batch))
     assert chained.batch().column(S.SAMPLE_ID).to_pylist() == [4 * i for i in range(11)]
 
     group.timeout_s = 3
@@ -159,7 +161,7 @@ def test_scatter_gathers_in_order_and_failures_name_the_actor(local_ray):
         group.call("die").get()
 
 
-def test_a_call_sent_after_a_ref_starts_once_it_exists_keeps_its_place_and_fails_with_it(local_ray):
+def test_a_call_sent_after_a_ref_starts_once_it_exists_keeps_its_place_and_fails_with_it(role_groups):
     """``after=``: Ray holds the call until the ref exists (a push landing), later calls to the actor queue behind
     it, and a ref that failed fails the call without running it: the role never sees the keyword."""
     import ray
@@ -175,7 +177,7 @@ def test_a_call_sent_after_a_ref_starts_once_it_exists_keeps_its_place_and_fails
     def failed() -> None:
         raise ValueError("the push failed")
 
-    group = _group(2, timeout_s=60)
+    group = _group(role_groups, 2, timeout_s=60)
     group.ping()
     group.compute_stats().get()
     ref = landed.remote(1.0)
@@ -186,7 +188,7 @@ def test_a_call_sent_after_a_ref_starts_once_it_exists_keeps_its_place_and_fails
     assert all(b >= s for b, s in zip(behind.get(), started))  # the call sent later ran later
     assert [s["calls"] for s in ledger.get()] == [{"stamp": 1}] * 2  # the ledger after= the ref held the held call
 
-    with pytest.raises(RoleMethodError, match=r"^role echo actor 0 raised ValueError in stamp\(\): the push failed"):
+    with pytest.raises(RoleMethodError, match=r"^role echo actor \d raised ValueError in stamp\(\): the push failed"):
         group.call("stamp", after=failed.remote()).get()
     # the call sent behind ran; the void one did not
     assert [s["calls"] for s in group.compute_stats().get()] == [{"stamp": 1}] * 2

@@ -142,11 +142,12 @@ def test_timed_role_in_process_counts_the_outermost_call_only():
     assert toy.compute_stats()["seconds"] == {}  # reset by the first report
 
 
-def test_actor_reports_compute_time(local_ray):
+def test_actor_reports_compute_time(role_groups):
     from rlhf_dist.orchestration.role_group import Bundles, RoleGroup, collect_compute_stats, reserve
 
     pg = reserve("toy", 2, 1, 0, "PACK", timeout_s=60)
     group = RoleGroup("toy", toy_role(), Bundles(pg, [0, 1], 1, 0), lambda rank: ((), {}), timeout_s=60)
+    role_groups.append(group)
     assert group.call("work", 0.05).get() == ["done", "done"]
     stats = collect_compute_stats({"toy": group})["toy"]
     assert len(stats) == 2
@@ -157,6 +158,18 @@ def test_actor_reports_compute_time(local_ray):
     row = timing.iteration_metrics({"toy": stats}, 10.0, CHAINS)
     assert row["compute/toy"] == pytest.approx(max(s["seconds"]["work"] for s in stats))
     assert collect_compute_stats({"toy": group})["toy"][0]["seconds"] == {}  # reset per report
+
+
+def test_a_late_actor_is_named(role_groups):
+    from rlhf_dist.orchestration.role_group import ActorTimeoutError, Bundles, RoleGroup, reserve
+
+    pg = reserve("slow", 1, 1, 0, "PACK", timeout_s=60)
+    group = RoleGroup("slow", toy_role(), Bundles(pg, [0], 1, 0), lambda rank: ((), {}), timeout_s=60)
+    role_groups.append(group)
+    group.call("helper").get()  # started
+    group.timeout_s = 0.5
+    with pytest.raises(ActorTimeoutError, match=r"role slow: actor\(s\) \[0\] did not answer work\(\) within"):
+        group.call("work", 3.0).get()
 
 
 def test_the_learners_push_contains_the_rollouts_load():
@@ -185,17 +198,6 @@ def test_sync_queued_behind_the_policy_training_is_part_of_the_train_phase(criti
     assert timing.critical_seconds(stats, CHAINS) == pytest.approx(
         {"train": max(2.0, critic_train), "weight_sync": 0.3}
     )
-
-
-def test_a_late_actor_is_named(local_ray):
-    from rlhf_dist.orchestration.role_group import ActorTimeoutError, Bundles, RoleGroup, reserve
-
-    pg = reserve("slow", 1, 1, 0, "PACK", timeout_s=60)
-    group = RoleGroup("slow", toy_role(), Bundles(pg, [0], 1, 0), lambda rank: ((), {}), timeout_s=60)
-    group.call("helper").get()  # started
-    group.timeout_s = 0.5
-    with pytest.raises(ActorTimeoutError, match=r"role slow: actor\(s\) \[0\] did not answer work\(\) within"):
-        group.call("work", 3.0).get()
 
 
 # -- tokens/s per device (NeMo-RL's end-to-end Tokens/sec/GPU) --------------------------------------------------------

@@ -4,8 +4,9 @@ A schedule hands the driver the generation to learn from at iteration ``i`` (a `
 driver waits for it whole, or scores each part as it lands, ``train.stream_chunks``); the driver's ``start(i)``
 samples the prompts, puts their generation in flight and says which policy version the engines must hold by then.
 Weight pushes reach a rollout actor between two of its calls (an actor runs one call at a time), so a push never
-lands in the middle of a generation. Right after each push the driver calls ``put_ahead(next iteration)``: what the
-next iteration's ``generation`` would start is started then, so the engines generate while the driver logs.
+lands in the middle of a generation. With each push the driver calls ``put_ahead(next iteration, push)``: what the
+next iteration's ``generation`` would start is sent then, held by Ray until the push has landed (or, where the push
+cannot be sent that early, right after it lands), so the engines generate while the driver logs.
 
 - ``Sync``: generate, then learn; every sample comes from the weights the learners hold (staleness 0): a batch is
   started only once the push of the weights that learn from it has landed.
