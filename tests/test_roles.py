@@ -328,3 +328,22 @@ def test_after_a_push_engine_and_learner_score_the_same_sample_and_a_missed_push
     assert np.isnan(behind["logprob_mismatch"])
     with pytest.raises(RuntimeError, match="differ by nan"):
         check_logprob_gap(behind, cfg.sync.max_logprob_mismatch)
+
+
+def test_a_rollout_actor_that_loads_another_policy_generates_as_one_started_from_it(cfg, prompts, tmp_path):
+    """``load_policy`` (the pipeline's comparison: one set of rollout actors for every policy) leaves the engine as
+    an actor started from that policy's directory would be: the same tokens and log-probs."""
+    import dataclasses
+
+    from rlhf_dist.models.tiny import build_tiny
+    from rlhf_dist.workers.rollout import RolloutWorker
+
+    other = str(build_tiny(tmp_path / "other", seed=5))
+    switched = RolloutWorker(cfg, rank=0)
+    before = switched.generate(prompts, iteration=2)
+    switched.load_policy(other)
+    fresh = RolloutWorker(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, policy=other)), rank=0)
+    after, expected = switched.generate(prompts, iteration=2), fresh.generate(prompts, iteration=2)
+    assert after.column(S.RESPONSE_IDS).equals(expected.column(S.RESPONSE_IDS))
+    assert after.column(S.ROLLOUT_LOGPROBS).equals(expected.column(S.ROLLOUT_LOGPROBS))
+    assert not after.column(S.RESPONSE_IDS).equals(before.column(S.RESPONSE_IDS))  # another model indeed

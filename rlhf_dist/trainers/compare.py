@@ -80,22 +80,25 @@ def compare(
     """{policy name: metrics} for every policy dir in `policies` (Ray must be up)."""
     # The scorers: the SFT model as the KL reference, the reward model (and gold) as the reward actors.
     cfg = with_model(cfg, policy=sft, reference=sft, reward=reward_model)
+    # one set of rollout actors for every policy, each loaded in turn (``load_policy``: through the object store's
+    # path into the engine, whatever transport training used); the SFT model's weights to start
     cfg = dataclasses.replace(
-        cfg, reward=dataclasses.replace(cfg.reward, function=None, endpoint=None, model_weight=1.0, clip=None)
+        cfg,
+        reward=dataclasses.replace(cfg.reward, function=None, endpoint=None, model_weight=1.0, clip=None),
+        sync=dataclasses.replace(cfg.sync, transport="object_store"),
     )
     prompts = held_out_prompts(cfg, load_tokenizer(cfg.model.tokenizer or sft))
     results, rm_scores = {}, {}
     with (
         worker_group("reference", ReferenceWorker, cfg, cfg.roles.reference) as reference,
         worker_group("reward", RewardWorker, cfg, cfg.roles.reward) as reward,
+        worker_group("rollout", RolloutWorker, cfg, cfg.roles.rollout) as rollout,
     ):
         for name, path in policies.items():
-            with worker_group("rollout", RolloutWorker, with_model(cfg, policy=path), cfg.roles.rollout) as rollout:
-                greedy = rollout.scatter("generate", prompts, EVAL_ITERATION, greedy=True)
-                sampled = rollout.scatter(
-                    "generate", repeat_interleave(prompts, cfg.pipeline.eval_samples), EVAL_ITERATION
-                )
-                greedy, sampled = greedy.batch(), sampled.batch()
+            rollout.call("load_policy", path).get()
+            greedy = rollout.scatter("generate", prompts, EVAL_ITERATION, greedy=True)
+            sampled = rollout.scatter("generate", repeat_interleave(prompts, cfg.pipeline.eval_samples), EVAL_ITERATION)
+            greedy, sampled = greedy.batch(), sampled.batch()
             scores_greedy, scores = reward.scatter("score", greedy), reward.scatter("score", sampled)
             ref, scores = reference.scatter("logprobs", sampled).batch(), scores.batch()
             results[name] = policy_metrics(sampled, scores, scores_greedy.batch(), ref, reward_model)

@@ -120,6 +120,14 @@ class RolloutWorker:
         self.version = version
         return version
 
+    def load_policy(self, path: str) -> None:
+        """Generates from the model saved at ``path`` (the same architecture) from now on: its weights go into the
+        running engine as a push brings them, instead of into a new actor (the pipeline's comparison of policies)."""
+        model = load_causal_lm(path, dtype=self.cfg.model.dtype)
+        self.engine.start_weight_update()
+        self.engine.load_weights(model.named_parameters())
+        self.engine.finish_weight_update()
+
     def sleep(self) -> None:
         self.engine.sleep()
 
