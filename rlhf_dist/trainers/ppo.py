@@ -89,7 +89,7 @@ class InFlight:
     generation: Pending
     chainable: bool = True  # not in parts (the driver scores each as it lands), not with engines put to sleep
     prompts: pa.RecordBatch | None = None
-    after: PushInFlight | None = None  # the push it waits for (``start_after_push``)
+    after: PushInFlight | None = None  # the push it waits for (``push_then_generate``)
     chained: dict[str, Pending] = field(default_factory=dict)  # role -> its call on the generation's results
     chained_on: list = field(default_factory=list)  # the generation's results they wait on
 
