@@ -10,10 +10,24 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_ppo_zero3_two_learners_two_rollouts(tiny_cfg, local_ray):
+def test_ppo_zero3_two_learners_two_rollouts(tiny_cfg, local_ray, monkeypatch):
+    """Two ZeRO-3 learners gather, the object store carries one copy, both rollout actors load it every iteration:
+    at the end both hold the last version, bit for bit the final policy saved in Hugging Face format."""
+    from contextlib import contextmanager
 
-    from rlhf_dist.trainers.ppo import run
+    from rlhf_dist.models.load import load_causal_lm
+    from rlhf_dist.orchestration import launch
+    from rlhf_dist.trainers import ppo
 
+    held = []
+
+    @contextmanager
+    def running_roles(cfg):  # what the rollout actors hold once the run is done, before they stop
+        with launch.running_roles(cfg) as groups:
+            yield groups
+            held.append((groups["rollout"].call("get_version").get(), groups["rollout"].call("weights").get()))
+
+    monkeypatch.setattr(ppo, "running_roles", running_roles)
     cfg = tiny_cfg(
         "train.iterations=3",
         "train.prompts_per_iteration=8",
@@ -26,47 +40,20 @@ def test_ppo_zero3_two_learners_two_rollouts(tiny_cfg, local_ray):
         "ray.num_cpus=null",
         "logging.plot=false",
     )
-    summary = run(cfg)
+    summary = ppo.run(cfg)
     rows = [json.loads(line) for line in open(summary["metrics_path"])]
     assert [r["policy_version"] for r in rows] == [0, 1, 2]
     # the engines ran the learner's weights: log-probs agree right after every sync
     assert all(r["logprob_mismatch"] < 1e-3 for r in rows)
     assert all(np.isfinite(r["policy/loss"]) and np.isfinite(r["critic/value_loss"]) for r in rows)
 
-    # the final policy saved in Hugging Face format loads and equals what the rollout engines hold
-    from rlhf_dist.models.load import load_causal_lm
-
-    saved = {n: p.detach().numpy() for n, p in load_causal_lm(summary["policy_path"]).named_parameters()}
-    assert saved
-
-
-def test_weights_arrive_and_version_advances(tiny_cfg, role_groups):
-    """Two ZeRO-3 learners gather, the object store carries one copy, both rollout actors load it."""
-    from rlhf_dist.models.load import load_causal_lm
-    from rlhf_dist.orchestration.launch import launch_roles
-    from rlhf_dist.orchestration.weight_push import WeightPush
-
-    cfg = tiny_cfg(
-        "train.prompts_per_iteration=4",
-        "train.engine=deepspeed",
-        "train.zero_stage=3",
-        "roles.policy.num_actors=2",
-        "roles.rollout.num_actors=2",
-        "roles.critic.num_actors=1",
-        "ray.num_cpus=null",
-    )
-    groups = launch_roles(cfg)
-    role_groups.extend(groups.values())
-    sync = WeightPush(cfg, groups["policy"], groups["rollout"])
-    sync.push(version=7)
-    assert groups["rollout"].call("get_version").get() == [7, 7]
-    path = str(cfg.output_dir) + "/synced"
-    groups["policy"].call("save_hf", path).get()
-    learner = dict(load_causal_lm(path).named_parameters())
-    for weights in groups["rollout"].call("weights").get():
-        assert set(weights) == set(learner)
+    ((versions, engines),) = held
+    assert versions == [3, 3]  # the push after the last iteration's training
+    saved = dict(load_causal_lm(summary["policy_path"]).named_parameters())
+    for weights in engines:
+        assert set(weights) == set(saved)
         for n, w in weights.items():
-            np.testing.assert_array_equal(w, learner[n].detach().numpy())
+            np.testing.assert_array_equal(w, saved[n].detach().numpy())
 
 
 def test_engines_start_first_and_sleep_while_learners_train(tiny_cfg, local_ray):
