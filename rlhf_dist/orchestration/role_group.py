@@ -371,8 +371,7 @@ class RoleGroup:
     def call(self, method: str, *args: Any, after: ray.ObjectRef | None = None, **kwargs: Any) -> Pending:
         """The same call on every actor, all in flight at once; with ``after``, each starts once that exists (Ray
         holds the call until then: no round trip through the driver), after the calls sent to the actor before."""
-        kwargs = {**kwargs, AFTER: after} if after is not None else kwargs
-        return Pending.submit(self, method, [(rank, args, kwargs) for rank in range(len(self.actors))])
+        return Pending.submit(self, method, [(rank, args, kwargs) for rank in range(len(self.actors))], after=after)
 
     def compute_stats(self, reset: bool = True, after: ray.ObjectRef | None = None) -> Pending:
         """Every actor's seconds per role method and peak memory since the last reset (see ``ComputeLedger``)."""
@@ -393,10 +392,9 @@ class RoleGroup:
         """Split ``batch`` into one token-balanced shard per actor; ``Pending.batch()`` gathers them in order. With
         ``parts`` > 1 each actor gets that many smaller calls, told apart by a ``part`` keyword (0, 1, ...), so the
         first results land while the rest still run (``Pending.as_completed``). ``after``: as in ``call``."""
-        kwargs = {**kwargs, AFTER: after} if after is not None else kwargs
         n = len(self.actors) * parts
         if n == 1:  # nothing to balance, nothing to reorder
-            return Pending.submit(self, method, [(0, (batch, *args), kwargs)])
+            return Pending.submit(self, method, [(0, (batch, *args), kwargs)], after=after)
         # Before generation only prompts count; after it, prompts and responses.
         columns = tuple(c for c in (S.PROMPT_IDS, S.RESPONSE_IDS) if c in batch.schema.names)
         shards, index = split_balanced(batch, n, token_columns=columns)
@@ -407,7 +405,7 @@ class RoleGroup:
             (k % len(self.actors), (shard, *args), {**kwargs, "part": k // len(self.actors)} if parts > 1 else kwargs)
             for k, shard in enumerate(shards)
         ]
-        return Pending.submit(self, method, calls, index=index)
+        return Pending.submit(self, method, calls, index=index, after=after)
 
     def chain(self, method: str, upstream: Pending) -> Pending:
         """``method`` on each result of ``upstream`` (another group's calls), sent now: Ray runs each call once its
@@ -434,7 +432,13 @@ class Pending:
         self.calls = calls  # (rank, args, kwargs) per ref: what to send again after a restart
 
     @classmethod
-    def submit(cls, group: RoleGroup, method: str, calls: list[tuple[int, tuple, dict]], index=None) -> Pending:
+    def submit(
+        cls, group: RoleGroup, method: str, calls: list[tuple[int, tuple, dict]], index=None, after=None
+    ) -> Pending:
+        """Sends ``calls``, each ``(rank, args, kwargs)``; with ``after`` (an ObjectRef), each waits for it (``AFTER``),
+        a call sent again after a restart too."""
+        if after is not None:
+            calls = [(rank, args, {**kwargs, AFTER: after}) for rank, args, kwargs in calls]
         refs = [getattr(group.actors[rank], method).remote(*args, **kwargs) for rank, args, kwargs in calls]
         return cls(group, method, refs, index=index, ranks=[c[0] for c in calls], calls=calls)
 

@@ -380,14 +380,13 @@ def push_then_generate(run: PPORun, phases: Phases, put_ahead: bool = True) -> d
     actors' ledger calls and what ``close_iteration`` would put in flight go out now too, held by Ray until the push
     has landed: the next generation starts as the push ends instead of a round trip through the driver later. A
     push that fails and is sent again voids them (they fail with it): taken back, for ``close_iteration`` to send."""
-    push = run.sync.start(run.version + 1, phases)
+    push, rollout = run.sync.start(run.version + 1, phases), generating_role(run)
     if put_ahead:
-        rollout = generating_role(run)
         run.ledgers.update(request_compute_stats({rollout: run.groups[rollout]}, after=push.landed))
         run.schedule.put_ahead(run.iteration + 1, run.cfg.train.iterations, push)
     pushed = run.sync.finish(push)
     if pushed["again"]:
-        run.ledgers.pop(generating_role(run), None)
+        run.ledgers.pop(rollout, None)
         for i, in_flight in run.schedule.drop(lambda started: started.after is push):
             run.drawn[i] = in_flight.prompts  # the same prompts go out again
     return pushed
