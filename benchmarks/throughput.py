@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ROOT, load_line, machine, mean, overhead_share, table, write_json  # noqa: E402
+from ray_cpu import RayProcessCPU  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 DEFAULT_WARMUP, DEFAULT_ITERS = 5, 50
@@ -84,7 +85,9 @@ def bench(
     cfg = load_config(config, [*overrides, *forced])
     before = machine()
     t0 = time.perf_counter()
-    summary = run(cfg)
+    # the first measured row closes the last warm-up iteration: Ray's processes are read from there on
+    with RayProcessCPU(Path(cfg.output_dir) / cfg.logging.metrics_file, warmup) as ray_cpu:
+        summary = run(cfg)
     total_s = time.perf_counter() - t0
     rows = [json.loads(line) for line in Path(summary["metrics_path"]).read_text().splitlines() if line.strip()]
     result = {
@@ -98,7 +101,7 @@ def bench(
         "startup_s": summary["startup_s"],
         "total_s": total_s,
         "job": job_shape(cfg),
-        **summarize(rows[warmup:], cfg),
+        **summarize(rows[warmup:], cfg, ray_cpu.per_iteration() if cfg.ray.address is None else {}),
     }
     path = write_json(name, result, out)
     if not quiet:
@@ -125,8 +128,9 @@ def job_shape(cfg) -> dict:
     }
 
 
-def summarize(rows: list[dict], cfg) -> dict:
-    """Means over the measured iterations; rates are totals over total wall time (not means of ratios)."""
+def summarize(rows: list[dict], cfg, ray_cpu: dict | None = None) -> dict:
+    """Means over the measured iterations; rates are totals over total wall time (not means of ratios);
+    ``ray_cpu``: what a local Ray's own processes burnt per iteration (``RayProcessCPU``)."""
     from rlhf_dist.trainers.timing import phase_overhead
 
     if not rows:
@@ -165,6 +169,7 @@ def summarize(rows: list[dict], cfg) -> dict:
         if k.startswith("memory/")
     }
     return {
+        "cpu": cpu_summary(rows, ray_cpu or {}),
         "seconds_per_iteration": wall / len(rows),
         "seconds_per_iteration_median": sorted(r["time/wall"] for r in rows)[len(rows) // 2],
         "samples_per_s": samples / wall,
@@ -181,6 +186,29 @@ def summarize(rows: list[dict], cfg) -> dict:
         "peak_memory_mb": memory,
         "gold_reward_last": rows[-1].get("gold_reward_mean"),
     }
+
+
+def cpu_summary(rows: list[dict], ray_cpu: dict) -> dict:
+    """CPU seconds per iteration (means of the ``cpu/`` columns, trainers/timing.py::cpu_metrics) with a local Ray's
+    own processes added, and the orchestration's share of all of it: the driver outside its math, the actors outside
+    their methods, Ray's processes. Where the cores are all busy, that share is what the orchestration takes from
+    the compute, however its latencies are hidden."""
+    if not rows or "cpu/driver" not in rows[0]:
+        return {}
+    per_it = {k.removeprefix("cpu/"): mean(r.get(k, 0.0) for r in rows) for k in rows[0] if k.startswith("cpu/")}
+    per_it.pop("orchestration_frac", None)
+    if "ray_processes_cpu_s" in ray_cpu:
+        per_it["ray_processes"] = ray_cpu["ray_processes_cpu_s"]
+        out_extra = {k: ray_cpu[k] for k in ("ray_processes_by_name_cpu_s", "started_during")}
+    else:
+        out_extra = {}
+    orchestration = sum(v for k, v in per_it.items() if k.endswith("_outside") or k in ("driver", "ray_processes"))
+    total = sum(per_it.values())
+    out = {"per_iteration_s": per_it, "total_s": total, "orchestration_s": orchestration, **out_extra}
+    out["orchestration_frac"] = orchestration / total if total > 0 else float("nan")
+    if "machine_busy_cpu_s" in ray_cpu:  # anything above our own total is another job's
+        out["machine_busy_s"] = ray_cpu["machine_busy_cpu_s"]
+    return out
 
 
 def render(res: dict) -> str:
@@ -213,7 +241,24 @@ def render(res: dict) -> str:
         [[k, v["wall_s"], v["critical_compute_s"], v["overhead_s"]] for k, v in res["phases"].items()],
     )
     memory = table(["role", "peak memory MiB"], [[k, v] for k, v in res["peak_memory_mb"].items()], floatfmt=".0f")
-    return "\n\n".join([head, rates, stages, phases, memory])
+    return "\n\n".join([head, rates, stages, phases, memory, *render_cpu(res.get("cpu") or {})])
+
+
+def render_cpu(cpu: dict) -> list[str]:
+    """The CPU table: ms per iteration where the job's CPU went, and the orchestration's share."""
+    if not cpu:
+        return []
+    names = {"driver": "driver (orchestration)", "driver_math": "driver's math (advantages)"}
+    names["ray_processes"] = "Ray's processes (raylet, GCS, agents, idle workers)"
+    rows = []
+    for k, v in cpu["per_iteration_s"].items():
+        label = names.get(k) or (f"{k.removesuffix('_outside')}: outside its methods" if k.endswith("_outside") else k)
+        rows.append([label, 1000 * v])
+    rows.append(["all of the job", 1000 * cpu["total_s"]])
+    if "machine_busy_s" in cpu:
+        rows.append(["the machine, every process", 1000 * cpu["machine_busy_s"]])
+    rows.append(["orchestration's share of the job's CPU", overhead_share(cpu["orchestration_frac"])])
+    return [table(["CPU (all actors of a role summed)", "ms / iteration"], rows, floatfmt=".1f")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -308,6 +308,12 @@ def test_default_job_learns(tiny_model, tmp_path, capfd):
     # every row's ledgers hold that iteration's calls: each role's work is in it once, none lost between rows
     calls = ("rollout/generate", "reward/score", "reference/logprobs", "critic/values", "policy/train", "critic/train")
     assert all(r[f"compute/{call}"] > 0 for r in rows for call in calls)
+    # the same iteration in CPU time: the model's compute on the actors, Ray's outside their methods, the driver's
+    for r in rows[1:]:  # the first row's driver CPU includes the start of its loop
+        assert r["cpu/policy"] > r["cpu/reward"] > 0 and r["cpu/critic"] > 0
+        assert all(r[f"cpu/{role}_outside"] >= 0 for role in ("rollout", "reward", "reference", "policy", "critic"))
+        assert r["cpu/driver"] > 0 and r["cpu/driver_math"] > 0
+        assert 0 < r["cpu/orchestration_frac"] < 1
     assert (out / "reward_kl.png").stat().st_size > 0
     assert (out / "policy" / "config.json").exists()
     printed = capfd.readouterr().out  # the driver is a child of `rlhf-dist train` (supervise.py)

@@ -125,6 +125,12 @@ def toy_role() -> type:
             time.sleep(0.01)
             return "done"
 
+        def spin(self, seconds: float) -> str:
+            end = time.process_time() + seconds
+            while time.process_time() < end:
+                pass
+            return "spun"
+
     return Toy
 
 
@@ -158,6 +164,14 @@ def test_actor_reports_compute_time(role_groups):
     row = timing.iteration_metrics({"toy": stats}, 10.0, CHAINS)
     assert row["compute/toy"] == pytest.approx(max(s["seconds"]["work"] for s in stats))
     assert collect_compute_stats({"toy": group})["toy"][0]["seconds"] == {}  # reset per report
+    # CPU time: a sleeping method burns none, a spinning one what it spun; the process's CPU outside its methods
+    # (Ray's) is reported beside them and is never negative
+    group.call("work", 0.05).get()
+    group.call("spin", 0.2).get()
+    for s in collect_compute_stats({"toy": group})["toy"]:
+        assert s["cpu_seconds"]["work"] < 0.03
+        assert 0.2 <= s["cpu_seconds"]["spin"] < 0.5
+        assert 0.0 <= s["outside_cpu_s"] < 1.0
 
 
 def test_a_late_actor_is_named(role_groups):
@@ -243,3 +257,52 @@ def test_devices_are_the_roles_gpus_else_their_cpus():
     # the driver's call: 13 tokens in 0.25 s on 4 CPUs (no critic) = 13 tokens/s per CPU
     row = timing.throughput(timing.batch_tokens(token_batch()), 0.25, RolesConfig(critic=RoleConfig(num_actors=0)))
     assert row == {"throughput/tokens_per_s_per_cpu": pytest.approx(13.0), "throughput/cpus": 4.0}
+
+
+def test_cpu_columns_sum_over_actors_and_the_driver():
+    stats = {
+        "rollout": [
+            {"cpu_seconds": {"generate": 1.0, "update_weights": 0.1}, "outside_cpu_s": 0.05},
+            {"cpu_seconds": {"generate": 1.2}, "outside_cpu_s": 0.07},
+        ],
+        "critic": [{"cpu_seconds": {"values": 0.4, "train": 2.0}, "outside_cpu_s": 0.08}],
+        "hybrid_view": [{"cpu_seconds": {"generate": 0.5}}],  # a view: its process's CPU is its owner's
+    }
+    row = timing.cpu_metrics(stats, driver_cpu_s=0.5, driver_math_cpu_s=0.1)
+    assert row["cpu/rollout"] == pytest.approx(2.3)  # CPU adds up over actors where wall time takes the max
+    assert row["cpu/rollout_outside"] == pytest.approx(0.12)
+    assert row["cpu/critic"] == pytest.approx(2.4)
+    assert row["cpu/critic_outside"] == pytest.approx(0.08)
+    assert row["cpu/hybrid_view"] == pytest.approx(0.5)
+    assert "cpu/hybrid_view_outside" not in row
+    assert row["cpu/driver"] == pytest.approx(0.4)
+    assert row["cpu/driver_math"] == pytest.approx(0.1)
+    # orchestration: the driver without its math and the actors outside their methods, of everything
+    total = 2.3 + 0.12 + 2.4 + 0.08 + 0.5 + 0.4 + 0.1
+    assert row["cpu/orchestration_frac"] == pytest.approx((0.4 + 0.12 + 0.08) / total)
+
+
+def test_a_view_reports_its_methods_cpu_and_leaves_the_process_to_its_owner():
+    from rlhf_dist.orchestration.role_group import _only
+
+    both = {
+        "seconds": {"generate": 1.0, "train": 2.0},
+        "cpu_seconds": {"generate": 0.9, "train": 1.9},
+        "outside_cpu_s": 0.2,
+    }
+    view = _only(both, lambda m: m == "generate", whole_process=False)
+    owner = _only(both, lambda m: m != "generate")
+    assert view["cpu_seconds"] == {"generate": 0.9} and "outside_cpu_s" not in view
+    assert owner["cpu_seconds"] == {"train": 1.9} and owner["outside_cpu_s"] == 0.2
+
+
+def test_the_driver_phases_record_their_own_cpu():
+    phases = Phases()
+    with phases.phase("advantages", on_driver=True):
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+    with phases.phase("train"):
+        time.sleep(0.02)
+    assert set(phases.driver_cpu) == {"advantages"}
+    assert 0.05 <= phases.driver_cpu["advantages"] < 0.5

@@ -25,18 +25,21 @@ class Phases:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}  # wall time per phase, in the order they ran
         self.on_driver: set[str] = set()  # phases computed by the driver itself: their wall time is compute
+        self.driver_cpu: dict[str, float] = {}  # the driver's own CPU time in those (its main thread)
         self._calls: dict[str, dict[str, list[str]]] = {}  # phase -> chain -> ["role.method", ...]
         self._current: str | None = None
 
     @contextmanager
     def phase(self, name: str, on_driver: bool = False) -> Iterator[None]:
-        self._current, t0 = name, time.perf_counter()
+        self._current, t0, cpu0 = name, time.perf_counter(), time.thread_time()
         if on_driver:
             self.on_driver.add(name)
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            if on_driver:
+                self.driver_cpu[name] = self.driver_cpu.get(name, 0.0) + time.thread_time() - cpu0
             self._current = None
 
     def record(self, role: str, *methods: str, chain: str | None = None) -> None:

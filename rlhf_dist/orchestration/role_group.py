@@ -90,11 +90,16 @@ class ComputeLedger:
     Only the outermost role method is timed (``fit`` calling ``step`` counts once, as ``train``): what the actor was
     asked to do through Ray, not how it is built inside. Peak RSS is per span where Linux lets a process reset its
     high-water mark (/proc/self/clear_refs), else since the process started (``ru_maxrss``); say which in the stats.
+    CPU time too, per method and for the whole process: on a machine with fewer cores than busy processes the wall
+    time a method takes includes waiting for a core, and what the process burns outside its methods is Ray's
+    (receiving calls, serialising results, its threads), the orchestration's cost in CPU rather than in latency.
     """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}  # process CPU time inside each method (all its threads)
         self.calls: dict[str, int] = {}
+        self.process_cpu_at_reset = time.process_time()
         self.spans: list[tuple[str, float, float]] = []  # (method, start, end) in wall-clock seconds: a timeline
         self._depth = threading.local()
         self.peak_scope = "span" if _reset_peak_rss() else "process"
@@ -104,17 +109,22 @@ class ComputeLedger:
         self._depth.n = depth + 1
         return depth == 0
 
-    def leave(self, method: str, outermost: bool, seconds: float) -> None:
+    def leave(self, method: str, outermost: bool, seconds: float, cpu_seconds: float = 0.0) -> None:
         self._depth.n -= 1
         if outermost:
             self.seconds[method] = self.seconds.get(method, 0.0) + seconds
+            self.cpu_seconds[method] = self.cpu_seconds.get(method, 0.0) + cpu_seconds
             self.calls[method] = self.calls.get(method, 0) + 1
             end = time.time()
             self.spans.append((method, end - seconds, end))
 
     def report(self, reset: bool) -> dict:
+        cpu_now = time.process_time()
         out = {
             "seconds": dict(self.seconds),
+            "cpu_seconds": dict(self.cpu_seconds),
+            # the process's CPU since the last reset outside its role methods: Ray's share of it
+            "outside_cpu_s": cpu_now - self.process_cpu_at_reset - sum(self.cpu_seconds.values()),
             "calls": dict(self.calls),
             "spans": list(self.spans),
             "pid": os.getpid(),  # a new one says Ray restarted the actor (``RoleGroup.notice_restarts``)
@@ -124,6 +134,8 @@ class ComputeLedger:
         }
         if reset:
             self.seconds.clear()
+            self.cpu_seconds.clear()
+            self.process_cpu_at_reset = cpu_now
             self.calls.clear()
             self.spans.clear()
             if self.peak_scope == "span":
@@ -187,11 +199,11 @@ def _timed(name: str, fn: Callable) -> Callable:
     def method(self, *args, _after=None, **kwargs):
         ledger = _ledger(self)
         outermost = ledger.enter()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             return fn(self, *args, **kwargs)
         finally:
-            ledger.leave(name, outermost, time.perf_counter() - t0)
+            ledger.leave(name, outermost, time.perf_counter() - t0, time.process_time() - cpu0)
 
     # Ray checks calls against the signature of the fully unwrapped method: this one's, with ``_after``
     method.__signature__ = _with_after(fn)
@@ -529,14 +541,19 @@ def collect_compute_stats(
     for role, g in groups.items():
         if g.view_of is not None:
             both = out[g.view_of]
-            out[role] = [_only(s, lambda m, g=g: m in g.view_methods) for s in both]
+            # the process's CPU outside any method stays with the owner: counted once
+            out[role] = [_only(s, lambda m, g=g: m in g.view_methods, whole_process=False) for s in both]
             out[g.view_of] = [_only(s, lambda m, g=g: m not in g.view_methods) for s in both]
     return out
 
 
-def _only(stats: dict, keep: Callable[[str], bool]) -> dict:
-    """An actor's compute stats restricted to the methods ``keep`` accepts (memory is the process's: kept)."""
+def _only(stats: dict, keep: Callable[[str], bool], whole_process: bool = True) -> dict:
+    """An actor's compute stats restricted to the methods ``keep`` accepts (memory is the process's: kept; its CPU
+    outside the methods only with ``whole_process``)."""
     out = dict(stats, seconds={m: t for m, t in stats.get("seconds", {}).items() if keep(m)})
+    out["cpu_seconds"] = {m: t for m, t in stats.get("cpu_seconds", {}).items() if keep(m)}
+    if not whole_process:
+        out.pop("outside_cpu_s", None)
     if "spans" in stats:
         out["spans"] = [span for span in stats["spans"] if keep(span[0])]
     return out

@@ -290,16 +290,16 @@ def train(run: PPORun, log: MetricsLog, from_checkpoint: bool = False) -> str | 
     log.truncate(run.iteration)
     progress = _progress(cfg)
     collect_compute_stats(run.groups)  # empties the actors' ledgers: start-up is not part of the first iteration
-    last_end = time.perf_counter()
+    last_end, last_cpu = time.perf_counter(), time.process_time()
     while run.iteration < cfg.train.iterations:
         phases = Phases()
         row = iteration(run, phases)
         ledgers = close_iteration(run)
-        end = time.perf_counter()
+        end, cpu = time.perf_counter(), time.process_time()
         # an iteration's wall time runs from the end of the one before, as a clock between steps sees it: the driver's
         # bookkeeping after that one (the actors' ledgers, the metrics line, a checkpoint) is part of it
-        row.update(timing_columns(run, phases, end - last_end, ledgers))
-        last_end = end
+        row.update(timing_columns(run, phases, end - last_end, ledgers, cpu - last_cpu))
+        last_end, last_cpu = end, cpu
         row.update(timing.throughput(row["total_tokens"], row["time/wall"], cfg.roles))
         log.log(row)
         progress(row)
@@ -446,14 +446,17 @@ def check_pushed_weights(run: PPORun, batch: pa.RecordBatch, phases: Phases) -> 
     return stats
 
 
-def timing_columns(run: PPORun, phases: Phases, wall_s: float, ledgers: dict[str, Pending]) -> dict[str, float]:
-    """Wall time per phase, and the actors' compute, peak memory and the orchestration overhead of the iteration
-    just done (trainers/timing.py), from its ``ledgers`` (``close_iteration``); reading them empties them."""
+def timing_columns(
+    run: PPORun, phases: Phases, wall_s: float, ledgers: dict[str, Pending], driver_cpu_s: float
+) -> dict[str, float]:
+    """Wall time per phase, and the actors' compute, peak memory, CPU time and the orchestration overhead of the
+    iteration just done (trainers/timing.py), from its ``ledgers`` (``close_iteration``); reading them empties them."""
     out = {f"time/{p}": s for p, s in phases.seconds.items()}
     out["time/iteration"] = phases.total()
     t0 = time.perf_counter()
     stats = collect_compute_stats(run.groups, ledgers)
     out.update(timing.iteration_metrics(stats, wall_s, phases.chains(), phases.driver_seconds()))
+    out.update(timing.cpu_metrics(stats, driver_cpu_s, sum(phases.driver_cpu.values())))
     out["overhead/stats_s"] = time.perf_counter() - t0  # the cost of measuring, in the next iteration's time/wall
     return out
 

@@ -11,6 +11,10 @@ become one metrics row:
 - ``overhead_frac = 1 - compute/critical_path / time/wall``: the share of the iteration spent outside model compute
   (scheduling, serialisation, object transfer, waiting on a busy CPU, the driver's bookkeeping);
 - ``memory/<role>_peak_mb`` (and ``memory/<role>_gpu_peak_mb``): peak memory, max over the role's actors;
+- ``cpu/...``: the same iteration in CPU time rather than wall time (``cpu_metrics``). Where cores are fewer than
+  busy processes, a method's wall time includes waiting for a core, and time the overhead share loses can reappear
+  as slower compute; the CPU the orchestration burns (the driver, Ray's work in the actors) is what it takes from
+  the compute, whatever the latencies;
 - ``throughput/tokens_per_s_per_gpu`` (or ``_per_cpu``): NeMo-RL's end-to-end tokens/s/GPU (``throughput``).
 Pure functions on plain dicts (and one on an Arrow batch): no Ray here.
 """
@@ -108,6 +112,29 @@ def iteration_metrics(
     row["time/wall"] = wall_s
     row["overhead_frac"] = overhead_fraction(row["compute/critical_path"], wall_s)
     row.update(peak_memory(stats_by_role))
+    return row
+
+
+def cpu_metrics(
+    stats_by_role: dict[str, list[dict]], driver_cpu_s: float, driver_math_cpu_s: float = 0.0
+) -> dict[str, float]:
+    """The iteration's CPU seconds, each summed over the role's actors (CPU adds up where wall time overlaps):
+    ``cpu/<role>`` inside its methods, ``cpu/<role>_outside`` the rest of its processes (Ray receiving the calls,
+    serialising arguments and results, its threads); ``cpu/driver`` the driver's process without its own math
+    (``cpu/driver_math``: advantages); ``cpu/orchestration_frac``: the driver's and the actors' CPU outside model
+    compute, as a share of all of it. Ray's own processes (raylet, GCS, agents) are not in it: a driver on a cluster
+    does not see them (``benchmarks/throughput.py`` adds those of a local instance)."""
+    row: dict[str, float] = {}
+    for role, actors in stats_by_role.items():
+        row[f"cpu/{role}"] = sum(sum(s.get("cpu_seconds", {}).values()) for s in actors)
+        outside = [s["outside_cpu_s"] for s in actors if "outside_cpu_s" in s]
+        if outside:
+            row[f"cpu/{role}_outside"] = sum(outside)
+    row["cpu/driver"] = driver_cpu_s - driver_math_cpu_s
+    row["cpu/driver_math"] = driver_math_cpu_s
+    total = sum(row.values())
+    orchestration = row["cpu/driver"] + sum(v for k, v in row.items() if k.endswith("_outside"))
+    row["cpu/orchestration_frac"] = orchestration / total if total > 0 else float("nan")
     return row
 
 

@@ -1,0 +1,123 @@
+"""The CPU that a local Ray instance's own processes (raylet, GCS, agents, log monitor, idle workers) burn while a
+job's iterations run: the part of the orchestration's cost a driver's metrics cannot see (trainers/timing.py
+counts the driver and the actors; on a cluster these processes live on other nodes).
+
+``RayProcessCPU(metrics_path, first_row)`` watches the run's metrics file from a thread: it takes the CPU times of
+this process's descendants when ``first_row`` rows are written and again at every later row, so the last reading
+before the run shuts Ray down covers the measured iterations. Role actors are told apart from Ray's processes by
+their title (``ray::<Class>``, which Ray gives every actor's and task worker's process).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+# process titles of Ray's own helpers that also start with "ray::"
+RAY_HELPERS = ("IDLE", "DashboardAgent", "RuntimeEnvAgent")
+
+
+def is_ray_process(title: str) -> bool:
+    """Whether a process (by its command line) is Ray's own rather than a role actor."""
+    if not title.startswith("ray::"):
+        return True
+    return title.removeprefix("ray::").split(".", 1)[0].split(" ", 1)[0] in RAY_HELPERS
+
+
+def ray_process_cpu(root: int | None = None) -> dict[int, tuple[str, float]]:
+    """``{pid: (name, CPU seconds so far)}`` (user + system) of Ray's own processes among ``root``'s (this process's)
+    descendants; the name is the executable's, or the ``ray::`` title."""
+    out = {}
+    for proc in psutil.Process(root or os.getpid()).children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+            if is_ray_process(title):
+                t = proc.cpu_times()
+                out[proc.pid] = (process_name(title), t.user + t.system)
+        except psutil.Error:  # gone between listing and reading
+            continue
+    return out
+
+
+def process_name(title: str) -> str:
+    """``raylet``, ``gcs_server``, ``log_monitor.py``, ``ray::DashboardAgent``: a process's name from its command."""
+    if title.startswith("ray::"):
+        return title.split(" ", 1)[0]
+    words = title.split() or ["?"]
+    exe = os.path.basename(words[0])
+    if exe.startswith("python"):  # the script it runs (raylet's own arguments name python scripts too)
+        exe = os.path.basename(next((w for w in words[1:] if w.endswith(".py")), exe))
+    return exe
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine has been busy since boot (all processes, ours or not)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+class RayProcessCPU:
+    def __init__(self, metrics_path: str | os.PathLike, first_row: int, poll_s: float = 0.02) -> None:
+        self.path, self.first_row, self.poll_s = Path(metrics_path), first_row, poll_s
+        self.start: tuple | None = None  # (rows, wall, ray_process_cpu(), machine busy)
+        self.last: tuple | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="ray-cpu")
+
+    def __enter__(self) -> RayProcessCPU:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _rows(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read().count(b"\n")
+        except OSError:
+            return 0
+
+    def _watch(self) -> None:
+        size, rows, fresh = -1, 0, False  # fresh: seen with fewer rows (a rerun replaces an older file's)
+        while not self._stop.wait(self.poll_s):
+            try:
+                now = self.path.stat().st_size
+            except OSError:
+                continue
+            if now == size:
+                continue
+            size, rows = now, self._rows()
+            fresh = fresh or rows < self.first_row
+            if not fresh or rows < self.first_row:
+                continue
+            reading = (rows, time.perf_counter(), ray_process_cpu(), machine_busy_s())
+            if self.start is None:
+                self.start = reading
+            else:
+                self.last = reading
+
+    def per_iteration(self) -> dict:
+        """Ray's processes' CPU seconds per measured iteration (in all, and by process name: one that started
+        after the first reading counts from its start), and the machine's busy CPU seconds per iteration (every
+        process on it: our job's and anyone else's); empty if fewer than two rows were seen."""
+        if self.start is None or self.last is None or self.last[0] <= self.start[0]:
+            return {}
+        n = self.last[0] - self.start[0]
+        by_name: dict[str, float] = {}
+        for pid, (name, cpu) in self.last[2].items():
+            before = self.start[2].get(pid, (name, 0.0))[1]
+            by_name[name] = by_name.get(name, 0.0) + (cpu - before) / n
+        return {
+            "ray_processes_cpu_s": sum(by_name.values()),
+            "ray_processes_by_name_cpu_s": dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
+            "started_during": sorted({name for pid, (name, _) in self.last[2].items() if pid not in self.start[2]}),
+            "machine_busy_cpu_s": (self.last[3] - self.start[3]) / n,
+            "iterations_seen": float(n),
+            "wall_s": (self.last[1] - self.start[1]) / n,
+        }
