@@ -2,9 +2,10 @@
 job's iterations run: the part of the orchestration's cost a driver's metrics cannot see (trainers/timing.py
 counts the driver and the actors; on a cluster these processes live on other nodes).
 
-``RayProcessCPU(metrics_path, first_row)`` watches the run's metrics file from a thread: it takes the CPU times of
-this process's descendants when ``first_row`` rows are written and again at every later row, so the last reading
-before the run shuts Ray down covers the measured iterations. Role actors are told apart from Ray's processes by
+``RayProcessCPU(metrics_path, first_row, last_row)`` watches the run's metrics file from a thread: it reads the CPU
+times of this process's descendants when ``first_row`` rows are written and again at ``last_row``, before the run
+shuts Ray down. Only twice: a reading walks /proc, which costs the driver's process (where the thread runs) a
+millisecond or more. Role actors are told apart from Ray's processes by
 their title (``ray::<Class>``, which Ray gives every actor's and task worker's process).
 """
 
@@ -28,17 +29,17 @@ def is_ray_process(title: str) -> bool:
     return title.removeprefix("ray::").split(".", 1)[0].split(" ", 1)[0] in RAY_HELPERS
 
 
-def ray_process_cpu(root: int | None = None) -> dict[int, tuple[str, float]]:
-    """``{pid: (name, CPU seconds so far)}`` (user + system) of Ray's own processes among ``root``'s (this process's)
-    descendants; the name is the executable's, or the ``ray::`` title."""
+def ray_process_cpu(root: int | None = None) -> dict[int, tuple[str, float, float]]:
+    """``{pid: (name, CPU seconds so far, start time)}`` (user + system) of Ray's own processes among ``root``'s (this
+    process's) descendants; the name is the executable's, or the ``ray::`` title."""
     out = {}
     for proc in psutil.Process(root or os.getpid()).children(recursive=True):
         try:
-            title = " ".join(proc.cmdline())
+            title = " ".join(proc.cmdline()) or proc.name()
             if is_ray_process(title):
                 t = proc.cpu_times()
-                out[proc.pid] = (process_name(title), t.user + t.system)
-        except psutil.Error:  # gone between listing and reading
+                out[proc.pid] = (process_name(title), t.user + t.system, proc.create_time())
+        except psutil.Error:  # gone between listing and reading, or a zombie
             continue
     return out
 
@@ -61,9 +62,9 @@ def machine_busy_s() -> float:
 
 
 class RayProcessCPU:
-    def __init__(self, metrics_path: str | os.PathLike, first_row: int, poll_s: float = 0.02) -> None:
-        self.path, self.first_row, self.poll_s = Path(metrics_path), first_row, poll_s
-        self.start: tuple | None = None  # (rows, wall, ray_process_cpu(), machine busy)
+    def __init__(self, metrics_path: str | os.PathLike, first_row: int, last_row: int, poll_s: float = 0.02) -> None:
+        self.path, self.first_row, self.last_row, self.poll_s = Path(metrics_path), first_row, last_row, poll_s
+        self.start: tuple | None = None  # (rows, perf_counter, ray_process_cpu(), machine busy, time)
         self.last: tuple | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="ray-cpu")
@@ -94,13 +95,14 @@ class RayProcessCPU:
                 continue
             size, rows = now, self._rows()
             fresh = fresh or rows < self.first_row
-            if not fresh or rows < self.first_row:
+            if not fresh or rows < self.first_row or (self.start is not None and rows < self.last_row):
                 continue
-            reading = (rows, time.perf_counter(), ray_process_cpu(), machine_busy_s())
+            reading = (rows, time.perf_counter(), ray_process_cpu(), machine_busy_s(), time.time())
             if self.start is None:
                 self.start = reading
             else:
                 self.last = reading
+                return
 
     def per_iteration(self) -> dict:
         """Ray's processes' CPU seconds per measured iteration (in all, and by process name: one that started
@@ -108,15 +110,23 @@ class RayProcessCPU:
         process on it: our job's and anyone else's); empty if fewer than two rows were seen."""
         if self.start is None or self.last is None or self.last[0] <= self.start[0]:
             return {}
-        n = self.last[0] - self.start[0]
+        n, first_wall = self.last[0] - self.start[0], self.start[4]
         by_name: dict[str, float] = {}
-        for pid, (name, cpu) in self.last[2].items():
-            before = self.start[2].get(pid, (name, 0.0))[1]
-            by_name[name] = by_name.get(name, 0.0) + (cpu - before) / n
+        started, missed = set(), set()
+        for pid, (name, cpu, created) in self.last[2].items():
+            if pid in self.start[2]:
+                cpu -= self.start[2][pid][1]
+            elif created >= first_wall - 0.5:  # started in the window: all of its CPU is
+                started.add(name)
+            else:  # there before but not read then (a zombie, say): its CPU in the window is unknown
+                missed.add(name)
+                continue
+            by_name[name] = by_name.get(name, 0.0) + cpu / n
         return {
             "ray_processes_cpu_s": sum(by_name.values()),
             "ray_processes_by_name_cpu_s": dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
-            "started_during": sorted({name for pid, (name, _) in self.last[2].items() if pid not in self.start[2]}),
+            "started_during": sorted(started),
+            "not_read_at_the_start": sorted(missed),
             "machine_busy_cpu_s": (self.last[3] - self.start[3]) / n,
             "iterations_seen": float(n),
             "wall_s": (self.last[1] - self.start[1]) / n,

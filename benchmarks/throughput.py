@@ -86,7 +86,7 @@ def bench(
     before = machine()
     t0 = time.perf_counter()
     # the first measured row closes the last warm-up iteration: Ray's processes are read from there on
-    with RayProcessCPU(Path(cfg.output_dir) / cfg.logging.metrics_file, warmup) as ray_cpu:
+    with RayProcessCPU(Path(cfg.output_dir) / cfg.logging.metrics_file, warmup, warmup + iters) as ray_cpu:
         summary = run(cfg)
     total_s = time.perf_counter() - t0
     rows = [json.loads(line) for line in Path(summary["metrics_path"]).read_text().splitlines() if line.strip()]
@@ -199,7 +199,7 @@ def cpu_summary(rows: list[dict], ray_cpu: dict) -> dict:
     per_it.pop("orchestration_frac", None)
     if "ray_processes_cpu_s" in ray_cpu:
         per_it["ray_processes"] = ray_cpu["ray_processes_cpu_s"]
-        out_extra = {k: ray_cpu[k] for k in ("ray_processes_by_name_cpu_s", "started_during")}
+        out_extra = {k: ray_cpu[k] for k in ("ray_processes_by_name_cpu_s", "started_during", "not_read_at_the_start")}
     else:
         out_extra = {}
     orchestration = sum(v for k, v in per_it.items() if k.endswith("_outside") or k in ("driver", "ray_processes"))

@@ -40,7 +40,7 @@ def test_the_watcher_charges_a_child_process_cpu_to_the_rows_written_meanwhile(t
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("{}\n" * 9)  # an older run's rows: not read until the file has started again
     spin = "import time\nend = time.process_time() + 1.0\nwhile time.process_time() < end: pass\ntime.sleep(30)"
-    with RayProcessCPU(metrics, first_row=2, poll_s=0.01) as watch:
+    with RayProcessCPU(metrics, first_row=2, last_row=6, poll_s=0.01) as watch:
         time.sleep(0.1)
         metrics.write_text("")  # the run replaces the file
         time.sleep(0.1)
@@ -50,7 +50,11 @@ def test_the_watcher_charges_a_child_process_cpu_to_the_rows_written_meanwhile(t
         try:
             time.sleep(2.0)
             with open(metrics, "a") as f:
-                f.write("{}\n" * 4)  # four measured iterations
+                f.write("{}\n" * 3)  # three of four measured iterations: not read yet
+            time.sleep(0.2)
+            assert watch.last is None
+            with open(metrics, "a") as f:
+                f.write("{}\n")
             time.sleep(0.2)
         finally:
             child.kill()
