@@ -64,3 +64,14 @@ def test_the_watcher_charges_a_child_process_cpu_to_the_rows_written_meanwhile(t
     assert 0.24 <= got["ray_processes_cpu_s"] <= 0.5  # ~1 s of CPU over 4 iterations
     assert got["machine_busy_cpu_s"] >= got["ray_processes_cpu_s"] * 0.9
     assert got["started_during"] == [Path(sys.executable).name]
+
+
+def test_ray_call_cpu_measures_both_ends_of_real_calls():
+    import ray
+    from ray_call_cpu import measure
+
+    res = measure(actors=1, seconds=0.5, payload_kb=4)
+    assert not ray.is_initialized()  # it stops the Ray it started
+    assert res["calls"] > 10 and res["calls_per_s"] > 20
+    assert 0 < res["driver_cpu_ms_per_call"] < 50
+    assert res["actor_cpu_ms_per_call"] > 0 and res["idle_actor_cpu_ms_per_s"] >= 0
