@@ -34,7 +34,17 @@ FAULTS = {  # name -> the process killed
     "driver": "driver",
 }
 # what a fault may change: how long things took and how often something was restarted
-NOT_COMPARED = ("time/", "compute/", "critical/", "overhead", "memory/", "overlapped/", "restarts/", "throughput/")
+NOT_COMPARED = (
+    "time/",
+    "compute/",
+    "cpu/",
+    "critical/",
+    "overhead",
+    "memory/",
+    "overlapped/",
+    "restarts/",
+    "throughput/",
+)
 # what the run printed about healing, for the "what the run did" column
 HEAL_LINES = re.compile(r"restarted \(\d+ so far\)|auto-resume \d+/\d+|was killed by \w+; resuming|resumed from \S+")
 

@@ -11,7 +11,16 @@ import pytest
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.data import schema as S
 
-NOT_COMPARED = ("time/", "compute/", "critical/", "overhead", "memory/", "overlapped/", "throughput/")  # timings
+NOT_COMPARED = (
+    "time/",
+    "compute/",
+    "cpu/",
+    "critical/",
+    "overhead",
+    "memory/",
+    "overlapped/",
+    "throughput/",
+)  # timings
 
 
 @pytest.fixture
