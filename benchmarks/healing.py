@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ROOT, load_line, machine, table, write_json  # noqa: E402
 
+from rlhf_dist.trainers.timing import TIMING_PREFIXES  # noqa: E402
+
 FAULTS = {  # name -> the process killed
     "rollout": "ray::RolloutWorker",
     "reward": "ray::RewardWorker",
@@ -34,17 +36,7 @@ FAULTS = {  # name -> the process killed
     "driver": "driver",
 }
 # what a fault may change: how long things took and how often something was restarted
-NOT_COMPARED = (
-    "time/",
-    "compute/",
-    "cpu/",
-    "critical/",
-    "overhead",
-    "memory/",
-    "overlapped/",
-    "restarts/",
-    "throughput/",
-)
+NOT_COMPARED = (*TIMING_PREFIXES, "restarts/")
 # what the run printed about healing, for the "what the run did" column
 HEAL_LINES = re.compile(r"restarted \(\d+ so far\)|auto-resume \d+/\d+|was killed by \w+; resuming|resumed from \S+")
 

@@ -10,17 +10,9 @@ import pytest
 
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.data import schema as S
+from rlhf_dist.trainers.timing import TIMING_PREFIXES
 
-NOT_COMPARED = (
-    "time/",
-    "compute/",
-    "cpu/",
-    "critical/",
-    "overhead",
-    "memory/",
-    "overlapped/",
-    "throughput/",
-)  # timings
+NOT_COMPARED = TIMING_PREFIXES
 
 
 @pytest.fixture

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 # A phase's critical path is its longest chain. The driver records them as it runs (orchestration/phases.py).
 Chains = dict[str, tuple[tuple[str, ...], ...]]
 NOT_PHASES = ("time/iteration", "time/wall")  # time/ columns that are sums, not phases
+# the prefixes of every column written here: they measure how long and how much, so they differ between two runs of
+# the same seed, where every other column is equal
+TIMING_PREFIXES = ("time/", "compute/", "cpu/", "critical/", "overhead", "memory/", "overlapped/", "throughput/")
 
 
 def phase_of(role: str, method: str, chains: Chains) -> str:
