@@ -20,16 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ROOT, load_line, machine, table, write_json  # noqa: E402
-
-
-def process_cpu(pid: int) -> float:
-    import psutil
-
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
+from ray_cpu import process_cpu  # noqa: E402
 
 
 def measure(actors: int, seconds: float, payload_kb: int) -> dict:
+    import psutil
     import pyarrow as pa
     import ray
 
@@ -48,12 +43,12 @@ def measure(actors: int, seconds: float, payload_kb: int) -> dict:
 
     try:
         handles = [Echo.remote() for _ in range(actors)]
-        pids = ray.get([h.pid.remote() for h in handles])
+        procs = [psutil.Process(pid) for pid in ray.get([h.pid.remote() for h in handles])]
         batch = pa.record_batch({"x": pa.array(range(payload_kb * 128), pa.int64())}) if payload_kb else None
         time.sleep(2.0)  # past the actors' start-up
 
         def window(calling: bool) -> dict:
-            before, driver0, t0 = [process_cpu(p) for p in pids], time.process_time(), time.perf_counter()
+            before, driver0, t0 = [process_cpu(p) for p in procs], time.process_time(), time.perf_counter()
             rounds = 0
             while time.perf_counter() - t0 < seconds:
                 if calling:
@@ -62,7 +57,7 @@ def measure(actors: int, seconds: float, payload_kb: int) -> dict:
                 else:
                     time.sleep(0.1)
             wall = time.perf_counter() - t0
-            actor_cpu = sum(process_cpu(p) for p in pids) - sum(before)
+            actor_cpu = sum(process_cpu(p) for p in procs) - sum(before)
             return {
                 "wall_s": wall,
                 "rounds": rounds,

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 
@@ -29,6 +30,12 @@ def is_ray_process(title: str) -> bool:
     return title.removeprefix("ray::").split(".", 1)[0].split(" ", 1)[0] in RAY_HELPERS
 
 
+def process_cpu(proc: psutil.Process) -> float:
+    """A process's CPU seconds so far, user and system."""
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
 def ray_process_cpu(root: int | None = None) -> dict[int, tuple[str, float, float]]:
     """``{pid: (name, CPU seconds so far, start time)}`` (user + system) of Ray's own processes among ``root``'s (this
     process's) descendants; the name is the executable's, or the ``ray::`` title."""
@@ -37,8 +44,7 @@ def ray_process_cpu(root: int | None = None) -> dict[int, tuple[str, float, floa
         try:
             title = " ".join(proc.cmdline()) or proc.name()
             if is_ray_process(title):
-                t = proc.cpu_times()
-                out[proc.pid] = (process_name(title), t.user + t.system, proc.create_time())
+                out[proc.pid] = (process_name(title), process_cpu(proc), proc.create_time())
         except psutil.Error:  # gone between listing and reading, or a zombie
             continue
     return out
@@ -61,11 +67,19 @@ def machine_busy_s() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
+class Reading(NamedTuple):
+    rows: int  # metrics rows written
+    wall: float  # time.perf_counter()
+    ray: dict  # ray_process_cpu()
+    machine_busy: float  # machine_busy_s()
+    time: float  # time.time(), to compare with processes' start times
+
+
 class RayProcessCPU:
     def __init__(self, metrics_path: str | os.PathLike, first_row: int, last_row: int, poll_s: float = 0.02) -> None:
         self.path, self.first_row, self.last_row, self.poll_s = Path(metrics_path), first_row, last_row, poll_s
-        self.start: tuple | None = None  # (rows, perf_counter, ray_process_cpu(), machine busy, time)
-        self.last: tuple | None = None
+        self.start: Reading | None = None
+        self.last: Reading | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="ray-cpu")
 
@@ -97,7 +111,7 @@ class RayProcessCPU:
             fresh = fresh or rows < self.first_row
             if not fresh or rows < self.first_row or (self.start is not None and rows < self.last_row):
                 continue
-            reading = (rows, time.perf_counter(), ray_process_cpu(), machine_busy_s(), time.time())
+            reading = Reading(rows, time.perf_counter(), ray_process_cpu(), machine_busy_s(), time.time())
             if self.start is None:
                 self.start = reading
             else:
@@ -108,15 +122,16 @@ class RayProcessCPU:
         """Ray's processes' CPU seconds per measured iteration (in all, and by process name: one that started
         after the first reading counts from its start), and the machine's busy CPU seconds per iteration (every
         process on it: our job's and anyone else's); empty if fewer than two rows were seen."""
-        if self.start is None or self.last is None or self.last[0] <= self.start[0]:
+        start, last = self.start, self.last
+        if start is None or last is None or last.rows <= start.rows:
             return {}
-        n, first_wall = self.last[0] - self.start[0], self.start[4]
+        n = last.rows - start.rows
         by_name: dict[str, float] = {}
         started, missed = set(), set()
-        for pid, (name, cpu, created) in self.last[2].items():
-            if pid in self.start[2]:
-                cpu -= self.start[2][pid][1]
-            elif created >= first_wall - 0.5:  # started in the window: all of its CPU is
+        for pid, (name, cpu, created) in last.ray.items():
+            if pid in start.ray:
+                cpu -= start.ray[pid][1]
+            elif created >= start.time - 0.5:  # started in the window: all of its CPU is
                 started.add(name)
             else:  # there before but not read then (a zombie, say): its CPU in the window is unknown
                 missed.add(name)
@@ -127,7 +142,7 @@ class RayProcessCPU:
             "ray_processes_by_name_cpu_s": dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
             "started_during": sorted(started),
             "not_read_at_the_start": sorted(missed),
-            "machine_busy_cpu_s": (self.last[3] - self.start[3]) / n,
+            "machine_busy_cpu_s": (last.machine_busy - start.machine_busy) / n,
             "iterations_seen": float(n),
-            "wall_s": (self.last[1] - self.start[1]) / n,
+            "wall_s": (last.wall - start.wall) / n,
         }

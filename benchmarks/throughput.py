@@ -193,6 +193,8 @@ def cpu_summary(rows: list[dict], ray_cpu: dict) -> dict:
     own processes added, and the orchestration's share of all of it: the driver outside its math, the actors outside
     their methods, Ray's processes. Where the cores are all busy, that share is what the orchestration takes from
     the compute, however its latencies are hidden."""
+    from rlhf_dist.trainers.timing import orchestration_cpu_share
+
     if not rows or "cpu/driver" not in rows[0]:
         return {}
     per_it = {k.removeprefix("cpu/"): mean(r.get(k, 0.0) for r in rows) for k in rows[0] if k.startswith("cpu/")}
@@ -202,10 +204,10 @@ def cpu_summary(rows: list[dict], ray_cpu: dict) -> dict:
         out_extra = {k: ray_cpu[k] for k in ("ray_processes_by_name_cpu_s", "started_during", "not_read_at_the_start")}
     else:
         out_extra = {}
-    orchestration = sum(v for k, v in per_it.items() if k.endswith("_outside") or k in ("driver", "ray_processes"))
     total = sum(per_it.values())
-    out = {"per_iteration_s": per_it, "total_s": total, "orchestration_s": orchestration, **out_extra}
-    out["orchestration_frac"] = orchestration / total if total > 0 else float("nan")
+    share = orchestration_cpu_share(per_it)
+    out = {"per_iteration_s": per_it, "total_s": total, "orchestration_s": share * total, **out_extra}
+    out["orchestration_frac"] = share
     if "machine_busy_cpu_s" in ray_cpu:  # anything above our own total is another job's
         out["machine_busy_s"] = ray_cpu["machine_busy_cpu_s"]
     return out

@@ -135,10 +135,20 @@ def cpu_metrics(
             row[f"cpu/{role}_outside"] = sum(outside)
     row["cpu/driver"] = driver_cpu_s - driver_math_cpu_s
     row["cpu/driver_math"] = driver_math_cpu_s
-    total = sum(row.values())
-    orchestration = row["cpu/driver"] + sum(v for k, v in row.items() if k.endswith("_outside"))
-    row["cpu/orchestration_frac"] = orchestration / total if total > 0 else float("nan")
+    row["cpu/orchestration_frac"] = orchestration_cpu_share({k.removeprefix("cpu/"): v for k, v in row.items()})
     return row
+
+
+# CPU that is orchestration rather than model compute: besides every actor's CPU outside its methods (``_outside``)
+ORCHESTRATION_CPU = ("driver", "ray_processes")
+
+
+def orchestration_cpu_share(cpu_s: dict[str, float]) -> float:
+    """Of CPU seconds by where they went (``cpu_metrics``' names without ``cpu/``; ``ray_processes`` where a local
+    Ray's own processes were read), the share that is orchestration."""
+    orchestration = sum(v for k, v in cpu_s.items() if k.endswith("_outside") or k in ORCHESTRATION_CPU)
+    total = sum(cpu_s.values())
+    return orchestration / total if total > 0 else float("nan")
 
 
 def peak_memory(stats_by_role: dict[str, list[dict]]) -> dict[str, float]:
